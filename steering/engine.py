@@ -1,0 +1,356 @@
+"""The steering engine: llm-steer as the mechanism, with per-request state, meaningful vectors,
+a direction cache and batch-row masks.
+
+llm-steer 2.0.1 (`llm_steer.Steer`) patches `model.model.layers[i].forward` so that every call
+adds `delta * rms(h[:, -1:])` to the layer's input hidden states `h` (B, T, H), where `delta` is
+`coeff * normalise(mean(captured))` (or whatever a `steering_method` returns). So `coeff` is in
+units of the hidden state's RMS at the last position: coeff 1 adds a vector as large as that
+hidden state. We keep that patching and fix what a shared server cannot live with:
+
+* state: `Steer.steers` is a class attribute shared by every instance; `_InstanceSteer` shadows
+  it per instance. Step counters are reset before each generation; vectors are installed in
+  descending layer order and removed in `finally`; `close()` drops every reference to the model.
+* meaning: llm-steer averages the layer input over the text's tokens *without* a BOS token, and
+  the first position's huge activation (an attention sink) dominates the mean, so every text
+  gives nearly the same vector. Mode "bos" prepends BOS and drops position 0; "bos-neutral"
+  also subtracts the mean vector of a few neutral texts. "stock" keeps llm-steer's capture.
+* speed: the normalised direction is computed once per (model, layer, text, mode) and cached;
+  `steering_method` hands llm-steer a precomputed (B, 1, H) delta instead of re-deriving it at
+  every decoding step.
+* batching: each installed vector carries one coefficient per batch row, so steered and
+  baseline rows (coefficient 0), or a sweep of coefficients, run as rows of one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from llm_steer import DecaySchedule, Steer, SteerElement
+
+from steering.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_MODES = ("bos", "bos-neutral", "stock")
+DEFAULT_CAPTURE_MODE = "bos-neutral"
+# The neutral texts whose mean vector "bos-neutral" subtracts: plain, topic-free sentences.
+NEUTRAL_TEXTS = (
+    "The",
+    "It is a thing.",
+    "Here is some text.",
+    "This is a sentence about something.",
+    "Okay, let me see.",
+)
+
+# Documented request limits (the API and UI quote them in their errors).
+MAX_VECTORS = 8
+MAX_TEXT_CHARS = 1000
+COEFF_CAP = 30.0
+DEFAULT_COEFF = 4.0
+CACHE_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """One steering vector of a request: a text, or a contrastive pair (positive - negative)."""
+
+    layer: int
+    coeff: float
+    text: str = ""
+    positive: str = ""
+    negative: str = ""
+    enabled: bool = True
+    decay: DecaySchedule | None = None
+
+    @property
+    def contrastive(self) -> bool:
+        return bool(self.positive or self.negative)
+
+    @property
+    def label(self) -> str:
+        return f"{self.positive} - {self.negative}" if self.contrastive else self.text
+
+
+def parse_vector(raw: dict, index: int, n_layers: int) -> VectorSpec:
+    """Turn a request's vector dict into a validated `VectorSpec` (raises `InputError`)."""
+    name = f"vectors[{index}]"
+    if not isinstance(raw, dict):
+        raise InputError(name, "each vector must be an object with text (or positive/negative), coeff, layer")
+    contrastive = "positive" in raw or "negative" in raw
+    texts = {}
+    for key in ("positive", "negative") if contrastive else ("text",):
+        texts[key] = check_text(raw.get(key), f"{name}.{key}")
+    coeff = check_coeff(raw.get("coeff", DEFAULT_COEFF), f"{name}.coeff")
+    layer = check_layer(raw.get("layer"), f"{name}.layer", n_layers)
+    decay = None
+    if raw.get("decay") not in (None, "", 0, 1, 1.0):
+        rate = _finite(raw["decay"], f"{name}.decay")
+        if not 0.0 < rate <= 1.0:
+            raise InputError(f"{name}.decay", f"must be in (0, 1] (multiplier per decoding step); got {rate}")
+        decay = DecaySchedule(rate=rate, min_multiplier=float(raw.get("decay_min", 0.0) or 0.0))
+    return VectorSpec(layer=layer, coeff=coeff, enabled=bool(raw.get("enabled", True)), decay=decay, **texts)
+
+
+def check_text(value, field_name: str, limit: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(field_name, f"must be a non-empty text of at most {limit} characters")
+    if len(value) > limit:
+        raise InputError(field_name, f"is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+def _finite(value, field_name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(field_name, f"must be a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(field_name, f"must be a finite number; got {value!r}")
+    return number
+
+
+def check_coeff(value, field_name: str) -> float:
+    number = _finite(value, field_name)
+    if abs(number) > COEFF_CAP:
+        raise InputError(field_name, f"must be between -{COEFF_CAP:g} and {COEFF_CAP:g}; got {number:g}")
+    return number
+
+
+def check_layer(value, field_name: str, n_layers: int) -> int:
+    if isinstance(value, bool) or value is None:
+        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}; got {value!r}") from None
+    if not number.is_integer() or not 0 <= number < n_layers:
+        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}; got {value!r}")
+    return int(number)
+
+
+class _InstanceSteer(Steer):
+    """llm-steer's `Steer` with per-instance state and an early-stopping capture."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.steers = {}  # shadows the class attribute: this instance's layers only
+
+    def _store_activations_forward(self, layer_idx: int):
+        stock = super()._store_activations_forward(layer_idx)
+
+        def capture_then_stop(*args, **kwargs):
+            if not self.stop_after_capture:
+                return stock(*args, **kwargs)
+            self.captured_tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            raise _CaptureDone  # the layers above cannot change this layer's input
+
+        return capture_then_stop
+
+    stop_after_capture = False
+
+
+class _CaptureDone(Exception):
+    pass
+
+
+@dataclass
+class _Installed:
+    """One llm-steer element of a batch: a direction and its coefficient per batch row."""
+
+    layer: int
+    direction: torch.Tensor  # (1, 1, H) float32, unit RMS
+    coeffs: torch.Tensor  # (B, 1, 1) float32
+    decay: DecaySchedule | None
+    label: str
+    delta: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.delta = self.coeffs * self.direction  # (B, 1, H): precomputed once per request
+
+    def steering_method(self, elem: SteerElement, step: int, layer_idx: int) -> torch.Tensor:
+        if self.decay is None:
+            return self.delta
+        return self.delta * self.decay(step)
+
+
+class SteeringEngine:
+    """Per-model steering: capture (cached), install for one request, remove, score."""
+
+    def __init__(self, model, tokenizer, identity: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.n_layers = len(model.model.layers)
+        self.device = next(model.parameters()).device
+        self.steer = _InstanceSteer(model, tokenizer)
+        self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.capture_passes = 0  # forward passes spent capturing (tests and benchmarks read it)
+        self._guard = threading.Lock()  # backstop: the manager's lock already serialises requests
+
+    # -- capture -------------------------------------------------------------------------------
+    def _bos_ids(self) -> list[int]:
+        """The document-start token prepended before a text.
+
+        `<|endoftext|>` (the pretraining document separator of SmolLM2 and Qwen) when the
+        vocabulary has it, else the tokenizer's BOS, else EOS. Measured on SmolLM2: after its BOS
+        `<|im_start|>` (a chat marker) the first text token becomes a second attention sink at
+        layer 7 (norm ~750 vs ~100) and "logical", "worm" and "Taylor Swift" get cosine 1.00;
+        after `<|endoftext|>` it does not.
+        """
+        tok = self.tokenizer
+        endoftext = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+        for candidate in (endoftext, tok.bos_token_id, tok.eos_token_id):
+            if candidate is not None:
+                return [candidate]
+        return []
+
+    def _capture(self, layer: int, ids: list[list[int]], *, early_stop: bool = True) -> torch.Tensor:
+        """Run texts (right-padded) to `layer` and return its input hidden states (B, T, H) in fp32."""
+        width = max(len(row) for row in ids)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=self.device)
+        steer = self.steer
+        steer.stop_after_capture = early_stop
+        steer._set_forward_fn(steer_mode_capture(), layer)
+        try:
+            with torch.inference_mode():
+                self.capture_passes += 1
+                try:
+                    self.model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                except _CaptureDone:
+                    pass
+            return steer.captured_tensor.float()
+        finally:
+            steer.stop_after_capture = False
+            steer.reset(layer)
+            steer.captured_tensor = None
+
+    def text_means(self, layer: int, texts: Sequence[str], mode: str) -> list[torch.Tensor]:
+        """Mean layer-input vector (H,) of each text, from the cache where possible."""
+        if mode not in CAPTURE_MODES:
+            raise InputError("capture_mode", f"must be one of {', '.join(CAPTURE_MODES)}; got {mode!r}")
+        keys = [(self.identity, layer, text, mode) for text in texts]
+        missing = list(dict.fromkeys(text for key, text in zip(keys, texts) if key not in self.cache))
+        if missing:
+            for text, vector in zip(missing, self._capture_means(layer, missing, mode)):
+                self.cache[(self.identity, layer, text, mode)] = vector
+        out = []
+        for key in keys:
+            self.cache.move_to_end(key)
+            out.append(self.cache[key])
+        while len(self.cache) > CACHE_ENTRIES:
+            self.cache.popitem(last=False)
+        return out
+
+    def _capture_means(self, layer: int, texts: list[str], mode: str) -> list[torch.Tensor]:
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        if mode == "stock":
+            # Exactly llm-steer's Steer.add: no special tokens, mean over every position, full pass.
+            return [self._capture(layer, [encode(t)], early_stop=False)[0].mean(dim=0) for t in texts]
+        rows = [self._bos_ids() + encode(t) for t in texts]
+        hidden = self._capture(layer, rows)  # (B, T, H)
+        means = []
+        for index, row in enumerate(rows):
+            # Position 0 (BOS) is the attention sink whose activation dwarfs the rest: drop it.
+            means.append(hidden[index, 1 : len(row)].mean(dim=0))
+        if mode == "bos-neutral":
+            neutral = torch.stack(self.text_means(layer, NEUTRAL_TEXTS, "bos")).mean(dim=0)
+            means = [m - neutral for m in means]
+        return means
+
+    def direction(self, spec: VectorSpec, mode: str) -> torch.Tensor:
+        """The unit-RMS direction (1, 1, H) of a vector, as llm-steer normalises it."""
+        if spec.contrastive:
+            pos, neg = self.text_means(spec.layer, [spec.positive, spec.negative], mode)
+            raw = pos - neg
+        else:
+            raw = self.text_means(spec.layer, [spec.text], mode)[0]
+        return self.steer._normalize_direction(raw.view(1, 1, -1)).float()
+
+    def similarity(self, texts: Sequence[str], layer: int, mode: str = DEFAULT_CAPTURE_MODE) -> list[list[float]]:
+        """Cosine matrix of the texts' vectors at `layer` (the Vectors heatmap)."""
+        vectors = torch.stack(self.text_means(layer, list(texts), mode))
+        unit = torch.nn.functional.normalize(vectors, dim=-1)
+        return (unit @ unit.T).clamp(-1, 1).tolist()
+
+    # -- installation --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def installed(self, rows: Sequence[Sequence[tuple[VectorSpec, float]]], mode: str) -> Iterator[list[int]]:
+        """Install the vectors of each batch row for the duration of the block.
+
+        `rows[b]` lists (vector, coefficient) pairs active in row b; a row with none is unsteered.
+        Yields the sorted layers used. Everything is removed in `finally`, whatever happens.
+        """
+        n_rows = len(rows)
+        grouped: dict[tuple, tuple[VectorSpec, torch.Tensor]] = {}
+        for b, row in enumerate(rows):
+            for spec, coeff in row:
+                if not spec.enabled:
+                    continue
+                key = (spec.layer, spec.text, spec.positive, spec.negative, spec.decay)
+                if key not in grouped:
+                    grouped[key] = (spec, torch.zeros(n_rows, 1, 1, device=self.device))
+                grouped[key][1][b] += coeff
+        with self._guard:
+            # Capture everything before installing anything: no capture runs through a steered layer.
+            elements = [
+                _Installed(spec.layer, self.direction(spec, mode), coeffs, spec.decay, spec.label)
+                for spec, coeffs in grouped.values()
+            ]
+            try:
+                for element in sorted(elements, key=lambda e: -e.layer):
+                    self.steer._add_steer_vector(
+                        element.layer,
+                        SteerElement(
+                            text=element.label, tensor=element.direction, coeff=0.0,
+                            steering_method=element.steering_method, coeff_schedule=element.decay,
+                        ),
+                    )
+                self.reset_steps()
+                yield sorted({e.layer for e in elements})
+            finally:
+                self.steer.reset_all()
+
+    def reset_steps(self) -> None:
+        """Zero llm-steer's per-layer step counters (decay schedules count from each generation)."""
+        for data in self.steer.steers.values():
+            data.step = 0
+
+    def is_clean(self) -> bool:
+        """True when nothing is installed: every layer runs its own forward."""
+        return not self.steer.steers and all("forward" not in layer.__dict__ or
+                                             getattr(layer.__dict__["forward"], "__self__", None) is layer
+                                             for layer in self.model.model.layers)
+
+    def close(self) -> None:
+        """Forget the model: called by the manager before it drops a model."""
+        with contextlib.suppress(Exception):
+            self.steer.reset_all()
+        self.cache.clear()
+        self.steer.model = None
+        self.steer.tokenizer = None
+        self.model = None
+        self.tokenizer = None
+
+
+def steer_mode_capture():
+    from llm_steer import ActivationMode
+
+    return ActivationMode.CAPTURE
+
+
+def engine_for(loaded) -> SteeringEngine:
+    """The engine attached to a loaded model (created on first use, closed by the manager)."""
+    engine = loaded.extras.get("engine")
+    if engine is None:
+        engine = SteeringEngine(loaded.model, loaded.tokenizer, loaded.identity)
+        loaded.extras["engine"] = engine
+    return engine
