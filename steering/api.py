@@ -154,7 +154,7 @@ def steer(
         vectors: steering vectors, each {"text", "coeff", "layer"} or a contrastive pair
             {"positive", "negative", "coeff", "layer"}; optional "enabled" (default true) and
             "decay" (per-step coefficient multiplier in (0, 1]). coeff is in units of the hidden
-            state's RMS at the last token, |coeff| <= 30; layer is 0 .. n_layers-1 of the loaded model.
+            state's RMS at the last token, |coeff| <= 20; layer is 0 .. n_layers-1 of the loaded model.
         max_new_tokens: tokens to generate, 1 to 512.
         temperature: 0 for greedy decoding, up to 2.
         top_p: nucleus sampling threshold in (0, 1].
@@ -187,7 +187,7 @@ def sweep(
         prompt: the user message.
         text: the steering text.
         layer: the layer to steer, 0 .. n_layers-1.
-        coeffs: 1 to 8 coefficients, each |coeff| <= 30.
+        coeffs: 1 to 8 coefficients, each |coeff| <= 20.
         max_new_tokens: tokens per row, 1 to 512.
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
 

@@ -52,8 +52,8 @@ NEUTRAL_TEXTS = (
 # Documented request limits (the API and UI quote them in their errors).
 MAX_VECTORS = 8
 MAX_TEXT_CHARS = 1000
-COEFF_CAP = 30.0
-DEFAULT_COEFF = 4.0
+COEFF_CAP = 20.0
+DEFAULT_COEFF = 0.5  # measured sensible range on SmolLM2: 0.25-0.75 (README, "Coefficients")
 CACHE_ENTRIES = 256
 
 

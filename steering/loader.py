@@ -284,22 +284,21 @@ class ModelManager:
         reading = self.probe()
         spec = catalog.get_spec(model)  # unknown ids raise here, before anything changes
         quant = self._resolve_quant(spec, quant, reading)
-        source = self._weights_source(spec, model)  # offline / gated raise here, nothing changed
-        if isinstance(source, ModelUnavailableError):
-            if not startup:
-                raise source
-            self._fallback_chain_locked(
-                asked=(model, quant), reason=str(source), stage="start-up", reading=reading
-            )
-            return
+        # Plan first: a model that will not fit is replaced without needing its weights at all.
         verdict, need_bytes = self._verdict(spec, quant, reading)
         if verdict != "stable" and not force and not spec.embedded:
             reason = (
-                f"{spec.id} in {quant} needs about {gpu.format_bytes(need_bytes)} but the card has "
-                f"{gpu.format_bytes(self._headroom(reading))} free; verdict '{verdict}' "
+                f"{spec.id} in {quant} needs about {gpu.format_bytes(need_bytes)} but "
+                f"{gpu.format_bytes(self._headroom(reading))} is free; verdict '{verdict}' "
                 f"(a {gpu.format_bytes(self.margin_bytes)} safety margin is kept). Use force to try anyway."
             )
             self._fallback_chain_locked(asked=(model, quant), reason=reason, stage="plan", reading=reading)
+            return
+        source = self._weights_source(spec, model)  # offline / gated: refused, nothing changed
+        if isinstance(source, ModelUnavailableError):
+            if not startup:
+                raise source
+            self._fallback_chain_locked(asked=(model, quant), reason=str(source), stage="start-up", reading=reading)
             return
         self._release_locked()
         failure = None

@@ -1,0 +1,251 @@
+"""The steering engine and batched generation on the real embedded SmolLM2 (CPU, fp32, greedy)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from llm_steer import DecaySchedule, Steer
+
+from steering import generate as G
+from steering.engine import CAPTURE_MODES, VectorSpec, check_coeff, check_layer, check_text, parse_vector
+from steering.errors import InputError
+
+PROMPT = "Tell me about your weekend."
+TOKENS = 12
+GREEDY = G.Sampling(max_new_tokens=TOKENS)
+FOUR = ["logical", "Taylor Swift", "worm", "the Golden Gate Bridge"]
+
+
+def _ids(engine, rows, sampling=GREEDY, **kwargs):
+    return G.run_rows(engine, PROMPT, rows, sampling, **kwargs).token_ids
+
+
+@pytest.fixture(scope="module")
+def baseline(smol_engine):
+    return _ids(smol_engine, [[]])[0]
+
+
+def _vec(text="dogs", coeff=1.0, layer=15, **kw):
+    return VectorSpec(layer=layer, coeff=coeff, text=text, **kw)
+
+
+def test_zero_coefficient_is_unsteered_and_removal_restores(smol_engine, baseline):
+    assert len(baseline) == TOKENS
+    zero = _ids(smol_engine, [[(_vec(), 0.0)]])[0]
+    assert zero == baseline
+    strong = _ids(smol_engine, [[(_vec(), 2.0)]])[0]
+    assert strong != baseline
+    assert smol_engine.is_clean()  # nothing left installed after the request
+    assert _ids(smol_engine, [[]])[0] == baseline  # removing the vector restores the output exactly
+
+
+def test_compare_rows_equal_separate_runs(smol_engine, baseline):
+    vec = _vec(coeff=0.75)
+    steered_alone = _ids(smol_engine, [[(vec, 0.75)]])[0]
+    both = _ids(smol_engine, G.compare_rows([vec], compare=True))
+    assert both[0] == steered_alone
+    assert both[1] == baseline
+    assert both[0] != both[1]
+
+
+def test_sweep_rows_equal_separate_runs(smol_engine):
+    coeffs = [0.0, 0.5, 1.5]
+    batch = _ids(smol_engine, G.sweep_rows("the ocean", 15, coeffs))
+    separate = [_ids(smol_engine, G.sweep_rows("the ocean", 15, [c]))[0] for c in coeffs]
+    assert batch == separate
+    assert len({tuple(r) for r in batch}) > 1  # the coefficients really differ in effect
+
+
+def test_sampling_reproducible_per_row(smol_engine):
+    sampled = G.Sampling(max_new_tokens=TOKENS, temperature=0.9, top_p=0.95, seed=7)
+    vec = _vec(coeff=0.5)
+    pair = _ids(smol_engine, G.compare_rows([vec], True), sampled)
+    alone = _ids(smol_engine, [[(vec, 0.5)]], sampled)[0]
+    again = _ids(smol_engine, G.compare_rows([vec], True), sampled)
+    assert pair == again  # same seed, same result
+    assert pair[0] == alone  # a row's draws do not depend on the other rows of its batch
+    other_seed = _ids(smol_engine, [[]], G.Sampling(max_new_tokens=TOKENS, temperature=0.9, seed=8))[0]
+    assert other_seed != pair[1]
+
+
+def _mean_offdiag(matrix):
+    n = len(matrix)
+    values = [matrix[i][j] for i in range(n) for j in range(i + 1, n)]
+    return sum(values) / len(values)
+
+
+def test_vectors_mean_their_text(smol_engine):
+    n = smol_engine.n_layers
+    for layer in (n // 4, n // 2, 3 * n // 4):
+        ours = _mean_offdiag(smol_engine.similarity(FOUR, layer))
+        stock = _mean_offdiag(smol_engine.similarity(FOUR, layer, "stock"))
+        assert ours <= 0.8, (layer, ours)
+        assert stock >= 0.9, (layer, stock)  # llm-steer's capture: every text looks the same
+
+
+def test_stock_mode_reproduces_llm_steer(smol, smol_engine):
+    model, tokenizer = smol
+    layer, coeff, text = 10, 0.6, "Taylor Swift"
+    stock = Steer(model, tokenizer)
+    try:
+        stock.add(layer, coeff, text)
+        reference_dir = stock._normalize_direction(stock.steers[layer].steer_vectors[0].tensor.mean(dim=1, keepdim=True))
+        ids = torch.tensor([G.prompt_ids(tokenizer, PROMPT)])
+        with torch.inference_mode():
+            reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS,
+                                       do_sample=False)[0, ids.shape[1]:].tolist()
+    finally:
+        stock.reset_all()
+    ours_dir = smol_engine.direction(_vec(text, coeff, layer), "stock")
+    assert torch.allclose(ours_dir, reference_dir.float(), atol=1e-4)
+    ours = _ids(smol_engine, [[(_vec(text, coeff, layer), coeff)]], capture_mode="stock")[0]
+    eos = tokenizer.eos_token_id
+    assert ours == [t for t in reference if t != eos][: len(ours)]
+
+
+def test_contrastive_direction_is_difference_of_means(smol_engine):
+    pair = VectorSpec(layer=12, coeff=1.0, positive="happy", negative="sad")
+    pos, neg = smol_engine.text_means(12, ["happy", "sad"], "bos-neutral")
+    expected = smol_engine.steer._normalize_direction((pos - neg).view(1, 1, -1))
+    assert torch.allclose(smol_engine.direction(pair, "bos-neutral"), expected)
+
+
+def test_decay_schedule_applies_and_steps_reset(smol_engine, baseline):
+    plain = _ids(smol_engine, [[(_vec(coeff=1.5), 1.5)]])[0]
+    decayed_vec = _vec(coeff=1.5, decay=DecaySchedule(rate=0.5))
+    decayed = _ids(smol_engine, [[(decayed_vec, 1.5)]])[0]
+    assert decayed != plain
+    # Step counters restart with each generation, so the same request gives the same tokens.
+    assert _ids(smol_engine, [[(decayed_vec, 1.5)]])[0] == decayed
+
+
+def test_cache_hits_skip_the_capture_pass(smol_engine):
+    smol_engine.cache.clear()
+    before = smol_engine.capture_passes
+    _ids(smol_engine, [[(_vec("volcanoes", 1.0, 9), 1.0)]])
+    first = smol_engine.capture_passes - before
+    assert first >= 1
+    _ids(smol_engine, [[(_vec("volcanoes", 1.0, 9), 1.0)]])
+    assert smol_engine.capture_passes - before == first  # second request: no forward pass to capture
+
+
+def test_streaming_yields_increments_and_stop_ends_within_a_step(smol_engine):
+    updates = list(G.stream_rows(smol_engine, PROMPT, [[], []], G.Sampling(max_new_tokens=10)))
+    assert len(updates) >= 5 and updates[-1].done
+    assert updates[-1].texts[0] == "".join(u.deltas[0] for u in updates)
+    stop = threading.Event()
+    seen = []
+    for update in G.stream_rows(smol_engine, PROMPT, [[]], G.Sampling(max_new_tokens=200), stop=stop):
+        seen.append(update)
+        if len(seen) == 3:
+            stop.set()
+    assert len(seen[-1].token_ids[0]) <= 5  # stopped within a step of the flag, not after 200 tokens
+    assert smol_engine.is_clean()
+
+
+def test_abandoned_stream_cleans_up(smol_engine, baseline):
+    stream = G.stream_rows(smol_engine, PROMPT, [[(_vec(), 2.0)]], G.Sampling(max_new_tokens=100))
+    next(stream)
+    stream.close()  # a client that goes away
+    assert smol_engine.is_clean()
+    assert _ids(smol_engine, [[]])[0] == baseline
+
+
+def test_scores(smol_engine):
+    rows = G.sweep_rows("dogs", 15, [0.0, 1.0])
+    effects = G.effect_scores(smol_engine, rows, "dogs")
+    assert effects[0] == pytest.approx(0.0, abs=1e-5)
+    assert effects[1] > 0.5  # steering towards "dogs" makes "dogs" more likely
+    gens = _ids(smol_engine, rows)
+    ppl = G.perplexities(smol_engine, PROMPT, gens)
+    assert all(p is not None and p >= 1.0 for p in ppl)
+
+
+def test_chat_template_and_raw_prompt(smol):
+    _, tokenizer = smol
+    templated = tokenizer.decode(G.prompt_ids(tokenizer, "hello"))
+    raw = tokenizer.decode(G.prompt_ids(tokenizer, "hello", raw=True))
+    assert "<|im_start|>user" in templated and "hello" in templated
+    assert "<|im_start|>" not in raw
+
+
+def test_threads_get_their_own_vectors(smol_engine):
+    """Concurrent requests through the manager's lock each see only their own vectors."""
+    from steering.loader import get_manager
+
+    manager = get_manager()
+    manager.load("SmolLM2-135M-Instruct", "fp32", user=False)
+    recipes = [[(_vec("dogs", 1.0, 15), 1.0)], [(_vec("the ocean", 1.5, 8), 1.5)], []]
+
+    def one(recipe):
+        return manager.run(lambda loaded: _ids(G_engine(loaded), [recipe])[0])
+
+    from steering.engine import engine_for as G_engine
+
+    serial = [one(r) for r in recipes]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, one(recipes[i % 3]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(6)] == serial + serial
+    assert len({tuple(s) for s in serial}) == 3
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"text": "", "coeff": 1, "layer": 3}, "vectors[0].text"),
+        ({"text": "   ", "coeff": 1, "layer": 3}, "vectors[0].text"),
+        ({"text": "x" * 1001, "coeff": 1, "layer": 3}, "vectors[0].text"),
+        ({"text": "dogs", "coeff": float("nan"), "layer": 3}, "vectors[0].coeff"),
+        ({"text": "dogs", "coeff": float("inf"), "layer": 3}, "vectors[0].coeff"),
+        ({"text": "dogs", "coeff": 1e6, "layer": 3}, "vectors[0].coeff"),
+        ({"text": "dogs", "coeff": 1, "layer": 30}, "vectors[0].layer"),
+        ({"text": "dogs", "coeff": 1, "layer": -1}, "vectors[0].layer"),
+        ({"text": "dogs", "coeff": 1, "layer": 2.5}, "vectors[0].layer"),
+        ({"positive": "happy", "negative": "", "coeff": 1, "layer": 3}, "vectors[0].negative"),
+        ({"text": "dogs", "coeff": 1, "layer": 3, "decay": 1.5}, "vectors[0].decay"),
+        ("dogs", "vectors[0]"),
+    ],
+)
+def test_bad_vectors_name_the_field_and_install_nothing(smol_engine, raw, field):
+    with pytest.raises(InputError) as info:
+        parse_vector(raw, 0, smol_engine.n_layers)
+    assert str(info.value).startswith(field)
+    assert info.value.field == field
+    assert smol_engine.is_clean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=100000, temperature=0, top_p=1, seed=0), "max_new_tokens"),
+        (dict(max_new_tokens=0, temperature=0, top_p=1, seed=0), "max_new_tokens"),
+        (dict(max_new_tokens=8, temperature=float("nan"), top_p=1, seed=0), "temperature"),
+        (dict(max_new_tokens=8, temperature=5, top_p=1, seed=0), "temperature"),
+        (dict(max_new_tokens=8, temperature=0, top_p=0, seed=0), "top_p"),
+        (dict(max_new_tokens=8, temperature=0, top_p=1, seed=-3), "seed"),
+    ],
+)
+def test_bad_sampling_names_the_field(kwargs, field):
+    with pytest.raises(InputError, match=f"^{field}"):
+        G.check_sampling(**kwargs)
+
+
+def test_other_limits(smol_engine):
+    with pytest.raises(InputError, match="^prompt"):
+        G.check_prompt("x" * (G.MAX_PROMPT_CHARS + 1))
+    with pytest.raises(InputError, match="^coeffs"):
+        G.sweep_rows("dogs", 3, [0.1] * (G.MAX_SWEEP_ROWS + 1))
+    with pytest.raises(InputError, match=r"^coeffs\[1\]"):
+        G.sweep_rows("dogs", 3, [0.1, math.inf])
+    with pytest.raises(InputError, match="^capture_mode"):
+        smol_engine.text_means(3, ["dogs"], "nope")
+    assert check_text("ok", "f") == "ok" and check_coeff("1.5", "c") == 1.5 and check_layer(3.0, "l", 30) == 3
+    assert set(CAPTURE_MODES) == {"bos", "bos-neutral", "stock"}
+    assert smol_engine.is_clean()
