@@ -1,0 +1,509 @@
+"""Memory need of (model, quantization, context tokens, batch rows), as a breakdown that sums up.
+
+Each term counts tensors that transformers 5.23 / bitsandbytes 0.50 / torch 2.13 allocate (as
+read from their code), computed from the architecture numbers in `steering.catalog.ModelSpec`.
+`weights` is verified on real models; the other terms are not yet measured on CUDA.
+
+- `weights`: parameters and buffers as loaded. bf16/fp16/fp32: 2/2/4 bytes per parameter. 4bit
+  (NF4, double quantization): each linear layer keeps 4-bit codes (n/2 bytes), one uint8 absmax
+  per 64-weight block, one fp32 absmax per 256 blocks, an fp32 offset and two small code tables;
+  that is ~4.13 bits per weight. Embeddings, an untied `lm_head`, norms and biases stay 16-bit.
+  8bit: int8 codes plus one fp32 scale per output row. The rotary `inv_freq` buffers stay fp32.
+  Checked exactly against tiny random Qwen2/Llama models on CPU (tests/test_estimate.py).
+- `kv_cache`: keys and values of every layer for `rows x context` tokens in the compute dtype.
+- `activations`: the largest set of tensors alive at once while prefilling `rows x context`
+  tokens through one decoder layer (prefill of the whole context is the worst case; decoding one
+  token per row needs far less). For the gated MLP that is three (tokens, intermediate) tensors,
+  or two plus the temporary of the running linear layer: in a 4-bit prefill of more than 4 token
+  rows bitsandbytes de-quantises the layer's weight to a 16-bit copy (Mistral-7B's 14336x4096 MLP weight: exactly
+  112 MiB, the allocation in the field notes' error); in 8-bit it keeps an int32 accumulator.
+  Attention on a GPU without a fused kernel for the dtype (bf16 below compute capability 8.0)
+  falls back to torch's math SDPA, which holds (rows, heads, T, T) scores and softmax in fp32.
+- `load_extra`: how far the load-time peak exceeds the generation peak (usually 0).
+  transformers' `caching_allocator_warmup` reserves the weights' own byte count up front and the
+  weights are then placed inside it, so it adds nothing beyond `weights`; on-the-fly
+  quantization adds the 16-bit staging copy of the largest linear layer (and, in 8-bit, the
+  fp16 copy bitsandbytes makes of it) while it is being quantized, one layer at a time.
+- `steering_capture`: captured hidden states that stay resident for cached steering vectors,
+  plus whatever the 1-row capture pass (full logits over the steering text) needs beyond the
+  generation peak (usually 0: it runs between generations, under the model lock).
+- `cuda_context`: the CUDA context, kernels and cuBLAS workspace (~450 MiB; 0 on CPU).
+
+The margin (default 1 GiB) is kept out of the sum: `verdict()` compares need + margin with the
+headroom. `plan()` runs every catalog model in every sensible quantization against one
+`DeviceReading` and picks one (`choose_quant()` / `resolve_quant()` serve the loader). What this
+says about Mistral-7B 4-bit on the reference card: docs/mistral-note.md. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+from steering.catalog import CATALOG, EMBEDDED_ID, FALLBACK_ID, ModelSpec, gated_message, get_spec
+from steering.gpu import DeviceReading, format_bytes
+
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "MARGIN_DEFAULT_BYTES",
+    "QUANTS",
+    "Estimate",
+    "activation_dtype_bytes",
+    "choose_quant",
+    "estimate",
+    "estimate_for",
+    "plan",
+    "resolve_quant",
+    "sensible_quants",
+    "kv_cache_bytes",
+    "largest_linear_16bit_bytes",
+    "measured_weights_bytes",
+    "unquantized_bytes",
+    "verdict",
+    "weights_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024**2
+GiB = 1024**3
+
+QUANTS = ("4bit", "8bit", "bf16", "fp16", "fp32")
+MARGIN_DEFAULT_BYTES = 1 * GiB
+CUDA_CONTEXT_BYTES = 450 * MiB
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+NF4_BLOCK = 64  # weights per absmax (transformers' BitsAndBytesConfig default)
+NESTED_BLOCK = 256  # absmax values per fp32 scale in double quantization
+NF4_CODE_BYTES = 16 * 4  # the NF4 code table (16 fp32), one per linear layer
+NESTED_CODE_BYTES = 256 * 4  # the dynamic map used for the nested absmax (256 fp32), per layer
+NF4_OFFSET_BYTES = 4  # fp32 mean of absmax subtracted before nesting, per layer
+
+# Assumptions about the steering workload (steering/engine.py caches captured vectors).
+STEERING_TEXT_TOKENS = 64
+STEERING_CACHED_VECTORS = 16
+# bitsandbytes' CUDA gemm_4bit uses its fused kernel only for a few token rows; above that it
+# de-quantises the weight (always above 1536 rows, `_gemm_4bit_custom_max_m`).
+BNB_FUSED_MAX_ROWS = 4
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTS)}; got {quant!r}")
+
+
+def activation_dtype_bytes(quant: str) -> int:
+    """Bytes per activation element: fp32 runs in fp32; everything else computes in 16-bit."""
+    return 4 if quant == "fp32" else 2
+
+
+def _layer_linears(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(out_features, in_features) of the seven linear layers of one decoder layer."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    q_out, kv_out = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    return [(q_out, h), (kv_out, h), (kv_out, h), (h, q_out), (i, h), (i, h), (h, i)]
+
+
+def _linear_params(spec: ModelSpec) -> int:
+    return spec.n_layers * sum(o * i for o, i in _layer_linears(spec))
+
+
+def _buffers_bytes(spec: ModelSpec) -> int:
+    # rotary `inv_freq` and `original_inv_freq`: head_dim/2 fp32 each, whatever the model dtype
+    return 2 * (spec.head_dim // 2) * 4
+
+
+def _nf4_linear_bytes(n: int) -> int:
+    blocks = math.ceil(n / NF4_BLOCK)
+    nested_scales = math.ceil(blocks / NESTED_BLOCK)
+    return math.ceil(n / 2) + blocks + 4 * nested_scales + NF4_OFFSET_BYTES + NF4_CODE_BYTES + NESTED_CODE_BYTES
+
+
+def unquantized_bytes(spec: ModelSpec, quant: str) -> int:
+    """Bytes of what 4bit/8bit leave in 16-bit: embeddings, untied lm_head, norms, biases."""
+    _check_quant(quant)
+    if quant not in ("4bit", "8bit"):
+        return spec.n_params * _DTYPE_BYTES[quant]
+    return (spec.n_params - _linear_params(spec)) * 2
+
+
+def weights_bytes(spec: ModelSpec, quant: str) -> int:
+    """Bytes the loaded weights occupy (parameters, quantization state and buffers)."""
+    _check_quant(quant)
+    if quant in _DTYPE_BYTES:
+        return spec.n_params * _DTYPE_BYTES[quant] + _buffers_bytes(spec)
+    linears = [o * i for o, i in _layer_linears(spec)]
+    if quant == "4bit":
+        quantized = sum(_nf4_linear_bytes(n) for n in linears)
+    else:  # 8bit: int8 codes + one fp32 scale per output row
+        quantized = sum(o * i + 4 * o for o, i in _layer_linears(spec))
+    return spec.n_layers * quantized + unquantized_bytes(spec, quant) + _buffers_bytes(spec)
+
+
+def measured_weights_bytes(model: object) -> int:
+    """Bytes a loaded transformers model really holds: every distinct tensor storage among its
+    parameters and buffers, plus bitsandbytes' quantization state (absmax, nested absmax, code
+    tables, int8 row scales), which `get_memory_footprint()` leaves out. Imports torch lazily."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def add(tensor: object) -> None:
+        if isinstance(tensor, torch.Tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    for param in model.parameters():
+        add(param)
+        add(getattr(param, "SCB", None))
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            for tensor in (state.absmax, state.code, state.offset):
+                add(tensor)
+            if state.state2 is not None:
+                add(state.state2.absmax)
+                add(state.state2.code)
+    for buffer in model.buffers():
+        add(buffer)
+    return sum(storages.values())
+
+
+def kv_cache_bytes(spec: ModelSpec, quant: str, tokens: int, rows: int) -> int:
+    """Keys and values of all layers: 2 x layers x rows x tokens x kv_heads x head_dim x dtype."""
+    per_token = 2 * spec.n_kv_heads * spec.head_dim * activation_dtype_bytes(quant)
+    return spec.n_layers * rows * tokens * per_token
+
+
+def largest_linear_16bit_bytes(spec: ModelSpec) -> int:
+    """A 16-bit copy of the model's largest linear weight: what a 4-bit prefill de-quantises and
+    what 4-bit loading stages on the device (Mistral-7B: 14336 x 4096 x 2 bytes = 112 MiB)."""
+    return max(o * i for o, i in _layer_linears(spec)) * 2
+
+
+def _linear_temp_bytes(quant: str, tokens: int, out_f: int, in_f: int, act: int) -> int:
+    """Temporary bytes a linear layer holds beyond its output while `tokens` rows go through it."""
+    if quant == "4bit" and tokens > BNB_FUSED_MAX_ROWS:
+        # de-quantised weight in the compute dtype + the fp32 absmax rebuilt from the nested one
+        return out_f * in_f * act + 2 * 4 * math.ceil(out_f * in_f / NF4_BLOCK)
+    if quant == "8bit":
+        # int8 copy of the input, its fp16 cast, and the int32 accumulator of the output
+        return tokens * in_f * 3 + tokens * out_f * 4
+    return 0
+
+
+def _prefill_peak_bytes(spec: ModelSpec, quant: str, tokens_per_row: int, rows: int, *, math_attention: bool) -> int:
+    """Largest set of activation tensors alive at once in a prefill of rows x tokens_per_row."""
+    a = activation_dtype_bytes(quant)
+    n = rows * tokens_per_row
+    h, i, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    nh = n * h * a  # one (tokens, hidden) tensor
+    ni = n * i * a  # one (tokens, intermediate) tensor
+    nq = n * spec.n_heads * d * a  # queries (tokens, heads, head_dim)
+    nkv = n * spec.n_kv_heads * d * a
+
+    def temp(out_f: int, in_f: int) -> int:
+        return _linear_temp_bytes(quant, n, out_f, in_f, a)
+
+    # Attention: the layer input and its normed copy stay alive (2 nh). Rotary embedding of q
+    # holds q, q*cos, rotate_half(q)*sin and the result (4 nq); SDPA with a padding mask gets
+    # keys/values repeated to every query head (2 nq) next to q and the output.
+    attention = 2 * nh + max(
+        nq + 2 * nkv + temp(spec.n_heads * d, h),
+        4 * nq + 3 * nkv,
+        4 * nq,
+        2 * nq + nh + temp(h, spec.n_heads * d),
+    )
+    if math_attention:
+        # torch's math SDPA: (rows, heads, T, T) scores and softmax in fp32, fp32 q/k/v copies
+        attention += 2 * rows * spec.n_heads * tokens_per_row**2 * 4 + 3 * n * spec.n_heads * d * 4
+    # MLP: layer input, residual and normed input alive (3 nh); then gate -> act -> up -> mul -> down
+    mlp = 3 * nh + max(
+        ni + temp(i, h),  # gate_proj running
+        2 * ni + temp(i, h),  # up_proj running next to act(gate)
+        3 * ni,  # act(gate) * up: both inputs and the product
+        ni + nh + temp(h, i),  # down_proj running
+    )
+    # RMSNorm in fp32: the fp32 copy and its square / normalised product (2 x n*h*4)
+    norm = 3 * nh + 2 * n * h * 4
+    # Alive across all layers: rotary cos/sin and the boolean padding mask (rows, 1, T, T)
+    shared = 2 * n * d * a + rows * tokens_per_row**2
+    return max(attention, mlp, norm) + shared
+
+
+def _sampling_bytes(spec: ModelSpec, quant: str, rows: int) -> int:
+    # generate() keeps the last position's logits and an fp32 copy; processors add one more
+    return rows * spec.vocab_size * (activation_dtype_bytes(quant) + 2 * 4)
+
+
+@dataclass
+class Estimate:
+    """Bytes a (model, quant, context, rows) needs; `need_bytes == sum(breakdown.values())`."""
+
+    model_id: str
+    quant: str
+    context_tokens: int
+    batch_rows: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def need_bytes(self) -> int:
+        return sum(self.breakdown.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "need_bytes": self.need_bytes}
+
+
+def estimate(
+    spec: ModelSpec,
+    quant: str,
+    context_tokens: int = 2048,
+    batch_rows: int = 2,
+    *,
+    on_gpu: bool = True,
+    compute_capability: tuple[int, int] | None = None,
+) -> Estimate:
+    """The memory a generation of `batch_rows` rows x `context_tokens` tokens needs.
+
+    Args:
+        spec: architecture numbers (from `steering.catalog.get_spec`).
+        quant: one of QUANTS.
+        context_tokens: prompt + new tokens per row; the prefill is assumed to cover all of it.
+        batch_rows: rows generated together (2: the steered and the baseline row of a compare).
+        on_gpu: False for a CPU run (no CUDA context; compared with system RAM).
+        compute_capability: of the GPU, to know whether bf16 gets a fused attention kernel
+            (needs 8.0+); None assumes it does.
+    """
+    _check_quant(quant)
+    if context_tokens < 1 or batch_rows < 1:
+        raise ValueError("context_tokens and batch_rows must be at least 1")
+    math_attention = bool(
+        on_gpu and quant == "bf16" and compute_capability is not None and tuple(compute_capability) < (8, 0)
+    )
+    weights = weights_bytes(spec, quant)
+    kv = kv_cache_bytes(spec, quant, context_tokens, batch_rows)
+    activations = _prefill_peak_bytes(spec, quant, context_tokens, batch_rows, math_attention=math_attention)
+    activations = max(activations, _sampling_bytes(spec, quant, batch_rows))
+    generation_peak = kv + activations
+
+    load_transient = _load_transient_bytes(spec, quant)
+    load_extra = max(0, load_transient - generation_peak)
+
+    act = activation_dtype_bytes(quant)
+    captured = STEERING_CACHED_VECTORS * STEERING_TEXT_TOKENS * spec.hidden_size * act
+    capture_pass = (
+        kv_cache_bytes(spec, quant, STEERING_TEXT_TOKENS, 1)
+        + _prefill_peak_bytes(spec, quant, STEERING_TEXT_TOKENS, 1, math_attention=math_attention)
+        + STEERING_TEXT_TOKENS * spec.vocab_size * act  # llm-steer calls model(tokens): all logits
+    )
+    capture_extra = max(0, capture_pass - max(generation_peak, load_transient))
+
+    breakdown = {
+        "weights": weights,
+        "kv_cache": kv,
+        "activations": activations,
+        "load_extra": load_extra,
+        "steering_capture": captured + capture_extra,
+        "cuda_context": CUDA_CONTEXT_BYTES if on_gpu else 0,
+    }
+    return Estimate(spec.id, quant, context_tokens, batch_rows, breakdown)
+
+
+def _load_transient_bytes(spec: ModelSpec, quant: str) -> int:
+    """Bytes held beyond the final weights while the largest linear layer is being loaded."""
+    if quant not in ("4bit", "8bit"):
+        return 0  # tensors land in their final storage; dtype casts happen on the CPU side
+    n = max(o * i for o, i in _layer_linears(spec))
+    if quant == "4bit":
+        # the 16-bit tensor on the device, the fp32 absmax and its offset-subtracted copy
+        return 2 * n + 2 * 4 * math.ceil(n / NF4_BLOCK)
+    # transformers keeps the 16-bit tensor on the device while bitsandbytes quantizes an fp16 copy
+    return 2 * n + 2 * n
+
+
+def verdict(need_bytes: int, headroom_bytes: int, margin_bytes: int = MARGIN_DEFAULT_BYTES) -> str:
+    """'stable' when need + margin fits the headroom, 'fragile' when only need fits, else 'wont_fit'."""
+    if need_bytes + margin_bytes <= headroom_bytes:
+        return "stable"
+    if need_bytes <= headroom_bytes:
+        return "fragile"
+    return "wont_fit"
+
+
+# --- the plan: every catalog model x sensible quantization against one device reading --------
+
+SMALL_MODEL_PARAMS = 500_000_000  # below this, fp32 is a sensible choice even on a GPU
+
+
+def sensible_quants(spec: ModelSpec, reading: DeviceReading) -> list[str]:
+    """Quantizations worth listing for `spec` on `reading`, highest precision first."""
+    if not reading.is_gpu:
+        return ["fp32", "bf16", "8bit", "4bit"]
+    sixteen = ["bf16"] if reading.supports_bf16 else ["fp16", "bf16"]  # fp16 is native below 8.0
+    wide = ["fp32"] if spec.n_params < SMALL_MODEL_PARAMS else []
+    return wide + sixteen + ["8bit", "4bit"]
+
+
+def estimate_for(
+    spec: ModelSpec, quant: str, reading: DeviceReading, context_tokens: int = 2048, batch_rows: int = 2
+) -> Estimate:
+    """`estimate()` with the device facts (GPU or CPU, compute capability) taken from `reading`."""
+    return estimate(
+        spec,
+        quant,
+        context_tokens,
+        batch_rows,
+        on_gpu=reading.is_gpu,
+        compute_capability=reading.compute_capability,
+    )
+
+
+def choose_quant(
+    spec: ModelSpec,
+    reading: DeviceReading,
+    *,
+    context_tokens: int = 2048,
+    margin_bytes: int = MARGIN_DEFAULT_BYTES,
+    batch_rows: int = 2,
+) -> str | None:
+    """The highest-precision quantization of `spec` that is stable on `reading`; None if none is."""
+    for quant in sensible_quants(spec, reading):
+        need = estimate_for(spec, quant, reading, context_tokens, batch_rows).need_bytes
+        if verdict(need, reading.headroom_bytes, margin_bytes) == "stable":
+            return quant
+    return None
+
+
+def resolve_quant(
+    spec: ModelSpec,
+    quant: str,
+    reading: DeviceReading,
+    *,
+    context_tokens: int = 2048,
+    margin_bytes: int = MARGIN_DEFAULT_BYTES,
+    batch_rows: int = 2,
+) -> str:
+    """`quant` itself, or for "auto" the best stable one (4bit when nothing is stable)."""
+    if quant != "auto":
+        _check_quant(quant)
+        return quant
+    chosen = choose_quant(
+        spec, reading, context_tokens=context_tokens, margin_bytes=margin_bytes, batch_rows=batch_rows
+    )
+    return chosen or "4bit"
+
+
+def plan(
+    reading: DeviceReading,
+    *,
+    model: str | None = None,
+    quant: str = "auto",
+    context_tokens: int = 2048,
+    margin_bytes: int = MARGIN_DEFAULT_BYTES,
+    batch_rows: int = 2,
+) -> dict:
+    """The `python -m steering plan --json` object: device, headroom, matrix and choice.
+
+    Raises `ModelUnavailableError` (from `get_spec`) when `model` cannot be resolved offline.
+    """
+    if quant != "auto":
+        _check_quant(quant)
+    headroom = reading.headroom_bytes
+    requested = get_spec(model) if model else None
+    specs = list(CATALOG)
+    if requested is not None and requested not in specs:
+        specs.append(requested)
+
+    rows: list[dict] = []
+    for spec in specs:
+        quants = sensible_quants(spec, reading)
+        if spec is requested and quant != "auto" and quant not in quants:
+            quants.append(quant)
+        for q in quants:
+            est = estimate_for(spec, q, reading, context_tokens, batch_rows)
+            rows.append(
+                {
+                    "id": spec.id,
+                    "quant": q,
+                    "need_bytes": est.need_bytes,
+                    "breakdown": dict(est.breakdown),
+                    "verdict": verdict(est.need_bytes, headroom, margin_bytes),
+                }
+            )
+    verdicts = {(r["id"], r["quant"]): r for r in rows}
+    choice = _choose(reading, requested, quant, verdicts, margin_bytes)
+    return {"device": reading.to_dict(), "headroom_bytes": headroom, "models": rows, "choice": choice}
+
+
+def _fits_text(row: dict, headroom: int, margin: int) -> str:
+    return f"needs {format_bytes(row['need_bytes'])} + {format_bytes(margin)} margin, headroom {format_bytes(headroom)}"
+
+
+def _choose(reading: DeviceReading, requested: ModelSpec | None, quant: str, rows: dict, margin: int) -> dict:
+    headroom = reading.headroom_bytes
+
+    def best(spec: ModelSpec) -> dict | None:
+        order = [quant] if quant != "auto" else sensible_quants(spec, reading)
+        for q in order:
+            row = rows.get((spec.id, q))
+            if row is not None and row["verdict"] == "stable":
+                return row
+        return None
+
+    if requested is not None:
+        row = best(requested)
+        gated = gated_message(requested)
+        if row is not None and gated is None:
+            return {
+                "id": requested.id,
+                "quant": row["quant"],
+                "reason": f"requested; stable: {_fits_text(row, headroom, margin)}",
+            }
+        why = gated or _why_not_stable(requested, quant, rows, headroom, margin)
+        return _fallback(reading, rows, margin, why)
+
+    if not reading.is_gpu:
+        return {
+            "id": EMBEDDED_ID,
+            "quant": "fp32",
+            "reason": f"CPU mode ({reading.reason}): the embedded model runs on the CPU",
+        }
+    skipped: list[str] = []
+    for spec in sorted(CATALOG, key=lambda s: s.n_params, reverse=True):
+        row = best(spec)
+        if row is None:
+            continue
+        if gated_message(spec) is not None:
+            skipped.append(f"{spec.id} is gated and HF_TOKEN is not set")
+            continue
+        note = f" ({'; '.join(skipped)})" if skipped else ""
+        return {
+            "id": spec.id,
+            "quant": row["quant"],
+            "reason": f"largest stable model of the matrix: {_fits_text(row, headroom, margin)}{note}",
+        }
+    return _fallback(reading, rows, margin, "no catalog model is stable here")
+
+
+def _why_not_stable(spec: ModelSpec, quant: str, rows: dict, headroom: int, margin: int) -> str:
+    # for "auto" the lowest-memory quantization (4bit) says by how much even the best case misses
+    row = rows[(spec.id, "4bit" if quant == "auto" else quant)]
+    what = (
+        f"{spec.id} is not stable here in any quantization" if quant == "auto" else f"{spec.id} {quant} is not stable"
+    )
+    return f"{what} ({row['quant']} is {row['verdict']}: {_fits_text(row, headroom, margin)})"
+
+
+def _fallback(reading: DeviceReading, rows: dict, margin: int, why: str) -> dict:
+    row = rows.get((FALLBACK_ID, "4bit"))
+    if row is not None and row["verdict"] == "stable":
+        return {
+            "id": FALLBACK_ID,
+            "quant": "4bit",
+            "reason": f"{why}; falling back to {FALLBACK_ID} 4bit: {_fits_text(row, reading.headroom_bytes, margin)}",
+        }
+    return {
+        "id": EMBEDDED_ID,
+        "quant": "fp32",
+        "reason": f"{why}; the fallback {FALLBACK_ID} 4bit does not fit with the margin either, "
+        "so the embedded model runs on the CPU",
+    }

@@ -1,0 +1,123 @@
+"""`python -m steering plan`: one JSON object with the right verdicts, a readable table, exit 2 on bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steering.__main__ import main
+from steering.catalog import FALLBACK_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ["--simulate-gpu", "8GiB", "--gui-overhead", "0.7GiB"]
+
+
+@pytest.fixture(autouse=True)
+def _all_devices_visible(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # simulated cards obey it like real ones
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.run(
+        [sys.executable, "-m", "steering", *args],
+        cwd=ROOT,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_plan_json_on_the_reference_card_is_one_object_with_the_required_verdicts():
+    done = run_cli("plan", *REFERENCE, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1  # exactly one line: one JSON object
+    result = json.loads(done.stdout)
+    assert set(result) == {"device", "headroom_bytes", "models", "choice"}
+    verdicts = {(row["id"], row["quant"]): row["verdict"] for row in result["models"]}
+    assert verdicts[(FALLBACK_ID, "4bit")] == "stable"
+    assert verdicts[(FALLBACK_ID, "bf16")] == "stable"
+    assert verdicts[("meta-llama/Llama-3.2-1B-Instruct", "bf16")] == "stable"
+    assert verdicts[("Qwen/Qwen2.5-7B-Instruct", "4bit")] != "stable"
+    assert result["device"]["mode"] == "simulated"
+    assert result["device"]["desktop_overhead_bytes"] == int(0.7 * 1024**3)
+    assert set(result["choice"]) == {"id", "quant", "reason"}
+
+
+def test_plan_does_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from steering.__main__ import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rc = main(['plan', '--simulate-gpu', '8GiB', '--json'])\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["0", "False"], done.stderr
+
+
+def test_vram_limit_becomes_the_headroom(capsys):
+    assert main(["plan", *REFERENCE, "--vram-limit", "3GiB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["headroom_bytes"] == 3 * 1024**3
+    assert result["device"]["vram_limit_bytes"] == 3 * 1024**3
+    verdicts = {(row["id"], row["quant"]): row["verdict"] for row in result["models"]}
+    assert verdicts[("mistralai/Mistral-7B-Instruct-v0.3", "4bit")] == "wont_fit"
+
+
+def test_margin_and_context_change_the_verdicts(capsys):
+    assert main(["plan", *REFERENCE, "--margin", "0", "--json"]) == 0
+    no_margin = json.loads(capsys.readouterr().out)
+    verdicts = {(row["id"], row["quant"]): row["verdict"] for row in no_margin["models"]}
+    assert verdicts[("Qwen/Qwen2.5-7B-Instruct", "4bit")] == "stable"  # fits without the 1 GiB margin
+    assert main(["plan", *REFERENCE, "--context", "16384", "--json"]) == 0
+    long = json.loads(capsys.readouterr().out)
+    verdicts = {(row["id"], row["quant"]): row["verdict"] for row in long["models"]}
+    assert verdicts[("mistralai/Mistral-7B-Instruct-v0.3", "4bit")] == "wont_fit"
+
+
+def test_human_table_shows_device_matrix_and_choice():
+    done = run_cli("plan", *REFERENCE)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "Simulated NVIDIA GeForce RTX 2070 SUPER" in out
+    assert "gnome-shell" in out and "firefox" in out and "desktop overhead 716.80 MiB" in out
+    for model in ("Mistral-7B-Instruct-v0.3", "Qwen2.5-7B-Instruct", "Llama-3.2-1B-Instruct", "SmolLM2-135M"):
+        assert model in out
+    assert "wont_fit" in out and "fragile" in out and "stable" in out
+    assert "\nChoice: " in out
+
+
+def test_model_flag_picks_that_model(capsys):
+    assert main(["plan", *REFERENCE, "--model", FALLBACK_ID, "--quant", "4bit", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert (choice["id"], choice["quant"]) == (FALLBACK_ID, "4bit")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plan", "--quant", "3bit"],
+        ["plan", "--simulate-gpu", "8XB"],
+        ["plan", "--vram-limit", "lots"],
+        ["plan", "--context", "0"],
+        ["plan", "--bogus"],
+        ["plan", "--gui-overhead", "1GiB"],
+        ["plan", "--simulate-gpu", "1GiB", "--gui-overhead", "2GiB"],
+        ["plan", "--model", "nobody/no-such-model"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "error" in done.stderr, done.stderr
