@@ -8,6 +8,7 @@ JSON-ready values. Domain errors from the core become `gr.Error` here, so a brow
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -118,11 +119,20 @@ def steer_stream(
         mapped = _remap(specs, n_layers, loaded)
         rows = generate.compare_rows(mapped, compare)
         base = {
-            "model": loaded.model_id, "quant": loaded.quant, "device": loaded.device,
-            "layers": sorted({s.layer for s in mapped if s.enabled}), "fallback": None, "done": False,
+            "model": loaded.model_id,
+            "quant": loaded.quant,
+            "device": loaded.device,
+            "layers": sorted({s.layer for s in mapped if s.enabled}),
+            "fallback": None,
+            "done": False,
         }
         for update in generate.stream_rows(
-            eng.engine_for(loaded), prompt, rows, sampling, stop=stop, raw_prompt=raw_prompt,
+            eng.engine_for(loaded),
+            prompt,
+            rows,
+            sampling,
+            stop=stop,
+            raw_prompt=raw_prompt,
             capture_mode=capture_mode,
         ):
             yield {
@@ -165,9 +175,9 @@ def steer(
         {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
         "fallback" (None, or the downgrade event when the model ran out of memory)}.
     """
-    result = None
-    for result in steer_stream(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare):
-        pass
+    result = collections.deque(
+        steer_stream(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare), maxlen=1
+    )[0]
     result.pop("done", None)
     return result
 
@@ -219,7 +229,8 @@ def sweep(
                 {"coeff": float(row[0][1]), "text": out, "effect": eff, "perplexity": p}
                 for row, out, eff, p in zip(mapped_rows, final.texts, effects, ppl)
             ],
-            "model": loaded.model_id, "layer": mapped_layer,
+            "model": loaded.model_id,
+            "layer": mapped_layer,
         }
 
     result = manager.run(work, what="sweep")

@@ -109,8 +109,12 @@ def convert(target: Path) -> Path:
 
         with safe_open(str(weights), framework="pt") as handle:
             n_tensors = len(list(handle.keys()))
-        marker = {"format": CACHE_FORMAT, "source": str(source), "weights_bytes": weights.stat().st_size,
-                  "n_tensors": n_tensors}
+        marker = {
+            "format": CACHE_FORMAT,
+            "source": str(source),
+            "weights_bytes": weights.stat().st_size,
+            "n_tensors": n_tensors,
+        }
         (staging / _MARKER).write_text(json.dumps(marker))
         if target.exists():
             shutil.rmtree(target)

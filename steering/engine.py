@@ -310,8 +310,11 @@ class SteeringEngine:
                     self.steer._add_steer_vector(
                         element.layer,
                         SteerElement(
-                            text=element.label, tensor=element.direction, coeff=0.0,
-                            steering_method=element.steering_method, coeff_schedule=element.decay,
+                            text=element.label,
+                            tensor=element.direction,
+                            coeff=0.0,
+                            steering_method=element.steering_method,
+                            coeff_schedule=element.decay,
                         ),
                     )
                 self.reset_steps()
@@ -326,9 +329,10 @@ class SteeringEngine:
 
     def is_clean(self) -> bool:
         """True when nothing is installed: every layer runs its own forward."""
-        return not self.steer.steers and all("forward" not in layer.__dict__ or
-                                             getattr(layer.__dict__["forward"], "__self__", None) is layer
-                                             for layer in self.model.model.layers)
+        return not self.steer.steers and all(
+            "forward" not in layer.__dict__ or getattr(layer.__dict__["forward"], "__self__", None) is layer
+            for layer in self.model.model.layers
+        )
 
     def close(self) -> None:
         """Forget the model: called by the manager before it drops a model."""

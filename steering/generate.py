@@ -15,6 +15,7 @@ arrive; a stop flag (a `threading.Event`) ends generation within one decoding st
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -179,7 +180,9 @@ def stream_rows(
             processors.append(TopPLogitsWarper(sampling.top_p))
         processors.append(_PerRowSampler(sampling.seed, n_rows, engine.device))
     config = GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens, do_sample=False, eos_token_id=eos,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
     )
     sink: queue.Queue = queue.Queue()
@@ -193,8 +196,11 @@ def stream_rows(
             try:
                 with torch.inference_mode():
                     model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                        logits_processor=processors, stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=config,
+                        logits_processor=processors,
+                        stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
                         streamer=_QueueStreamer(sink),
                     )
                 sink.put(("done", None))
@@ -230,10 +236,7 @@ def stream_rows(
 
 def run_rows(engine, prompt, rows, sampling, **kwargs) -> RowsUpdate:
     """`stream_rows` to the end; returns the final update."""
-    last = None
-    for last in stream_rows(engine, prompt, rows, sampling, **kwargs):
-        pass
-    return last
+    return collections.deque(stream_rows(engine, prompt, rows, sampling, **kwargs), maxlen=1)[0]
 
 
 def compare_rows(vectors: Sequence[VectorSpec], compare: bool) -> list[list[tuple[VectorSpec, float]]]:

@@ -324,13 +324,21 @@ class ModelManager:
         self._release_locked()
         if on_last_resort:
             # Already on the fallback: the next step down is the embedded model on CPU.
-            self._load_embedded_cpu(asked, f"out of memory during {stage} on the fallback: {failure}", reading)
+            self._load_embedded_cpu(
+                asked,
+                f"out of memory during {stage} on {asked[0]}, already the last step down: {failure}; "
+                "the embedded model now runs on CPU",
+                reading,
+                stage=stage,
+            )
             return
-        self._fallback_chain_locked(asked=asked, reason=f"out of memory during {stage}: {failure}",
-                                    stage=stage, reading=reading)
+        self._fallback_chain_locked(
+            asked=asked, reason=f"out of memory during {stage}: {failure}", stage=stage, reading=reading
+        )
 
-    def _fallback_chain_locked(self, *, asked: tuple[str, str], reason: str, stage: str,
-                               reading: gpu.DeviceReading) -> None:
+    def _fallback_chain_locked(
+        self, *, asked: tuple[str, str], reason: str, stage: str, reading: gpu.DeviceReading
+    ) -> None:
         """Load the fallback once; if it cannot be had, the embedded model on CPU. Never loops."""
         self._release_locked()
         failure = None
@@ -347,11 +355,16 @@ class ModelManager:
                 raise
             failure = _describe(exc)
         self._release_locked()
-        self._load_embedded_cpu(asked, f"{reason}; the fallback {self.fallback_model} could not be loaded "
-                                f"either ({failure})", reading, stage=stage)
+        self._load_embedded_cpu(
+            asked,
+            f"{reason}; the fallback {self.fallback_model} could not be loaded either ({failure})",
+            reading,
+            stage=stage,
+        )
 
-    def _load_embedded_cpu(self, asked: tuple[str, str], reason: str, reading: gpu.DeviceReading,
-                           stage: str = "fallback") -> None:
+    def _load_embedded_cpu(
+        self, asked: tuple[str, str], reason: str, reading: gpu.DeviceReading, stage: str = "fallback"
+    ) -> None:
         spec = catalog.get_spec(catalog.EMBEDDED_ID)
         self._materialize(spec, str(embedded.ensure_converted()), "fp32", device="cpu")
         self._record(asked, reason, stage, reading)
@@ -370,8 +383,15 @@ class ModelManager:
         }
         self.events.append(event)
         del self.events[:-50]  # a bounded log
-        logger.warning("downgraded: asked %s %s, loaded %s %s on %s: %s", asked[0], asked[1],
-                       loaded.model_id, loaded.quant, loaded.device, reason)
+        logger.warning(
+            "downgraded: asked %s %s, loaded %s %s on %s: %s",
+            asked[0],
+            asked[1],
+            loaded.model_id,
+            loaded.quant,
+            loaded.device,
+            reason,
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     def _cuda_available(self) -> bool:
@@ -380,26 +400,18 @@ class ModelManager:
         return torch.cuda.is_available()
 
     def _headroom(self, reading: gpu.DeviceReading) -> int:
-        if reading.is_gpu:
-            return reading.headroom_bytes
-        import psutil
-
-        return psutil.virtual_memory().available
+        return reading.headroom_bytes  # free VRAM within --vram-limit; available RAM in CPU mode
 
     def _verdict(self, spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading) -> tuple[str, int]:
-        est = estimate.estimate(spec, quant, self.context_tokens, 2, on_gpu=reading.is_gpu)
-        return estimate.verdict(est.need_bytes, self._headroom(reading), self.margin_bytes), est.need_bytes
+        need = estimate.estimate_for(spec, quant, reading, self.context_tokens).need_bytes
+        return estimate.verdict(need, reading.headroom_bytes, self.margin_bytes), need
 
     def _resolve_quant(self, spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading) -> str:
-        if quant != "auto":
-            return quant
-        if spec.embedded or not reading.is_gpu:
-            return "fp32" if spec.embedded else "bf16"
-        half = "bf16" if reading.supports_bf16 else "fp16"
-        for candidate in (half, "8bit", "4bit"):
-            if self._verdict(spec, candidate, reading)[0] == "stable":
-                return candidate
-        return "4bit"
+        if quant == "auto" and spec.embedded:
+            return "fp32" if not reading.is_gpu else ("bf16" if reading.supports_bf16 else "fp16")
+        return estimate.resolve_quant(
+            spec, quant, reading, context_tokens=self.context_tokens, margin_bytes=self.margin_bytes
+        )
 
     def _network_ok(self) -> bool:
         now = time.monotonic()
@@ -418,8 +430,11 @@ class ModelManager:
 
         cached = try_to_load_from_cache(spec.id, "config.json")
         if isinstance(cached, str):
-            weights = [name for name in ("model.safetensors", "model.safetensors.index.json")
-                       if isinstance(try_to_load_from_cache(spec.id, name), str)]
+            weights = [
+                name
+                for name in ("model.safetensors", "model.safetensors.index.json")
+                if isinstance(try_to_load_from_cache(spec.id, name), str)
+            ]
             if weights:
                 return spec.id
         if spec.gated and not catalog.hf_token_available():
@@ -450,7 +465,9 @@ class ModelManager:
         }
         if quant == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=half,
             )
             kwargs["dtype"] = half
@@ -468,15 +485,27 @@ class ModelManager:
             tokenizer.pad_token = tokenizer.eos_token
         self._generation += 1
         self._current = LoadedModel(
-            model_id=spec.id, quant=quant, device=device, model=model, tokenizer=tokenizer, spec=spec,
-            load_seconds=time.perf_counter() - started, generation=self._generation,
+            model_id=spec.id,
+            quant=quant,
+            device=device,
+            model=model,
+            tokenizer=tokenizer,
+            spec=spec,
+            load_seconds=time.perf_counter() - started,
+            generation=self._generation,
         )
         if on_cuda:
             from steering import log_expandable_segments_status
 
             log_expandable_segments_status()
-        logger.info("loaded %s (%s) on %s in %.1f s, %d layers", spec.id, quant, device,
-                    self._current.load_seconds, self._current.n_layers)
+        logger.info(
+            "loaded %s (%s) on %s in %.1f s, %d layers",
+            spec.id,
+            quant,
+            device,
+            self._current.load_seconds,
+            self._current.n_layers,
+        )
 
     def _release_locked(self) -> None:
         loaded, self._current = self._current, None

@@ -75,10 +75,20 @@ def _tiny(kind: str, embedded_dir: Path, target: Path) -> Path:
 
     torch.manual_seed(0)
     common = dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
     )
+    if kind == "llama":
+        common["num_hidden_layers"] = 6  # differs from the 4-layer Qwen2 so layer remapping shows
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:

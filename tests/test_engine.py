@@ -92,11 +92,14 @@ def test_stock_mode_reproduces_llm_steer(smol, smol_engine):
     stock = Steer(model, tokenizer)
     try:
         stock.add(layer, coeff, text)
-        reference_dir = stock._normalize_direction(stock.steers[layer].steer_vectors[0].tensor.mean(dim=1, keepdim=True))
+        reference_dir = stock._normalize_direction(
+            stock.steers[layer].steer_vectors[0].tensor.mean(dim=1, keepdim=True)
+        )
         ids = torch.tensor([G.prompt_ids(tokenizer, PROMPT)])
         with torch.inference_mode():
-            reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS,
-                                       do_sample=False)[0, ids.shape[1]:].tolist()
+            reference = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False
+            )[0, ids.shape[1] :].tolist()
     finally:
         stock.reset_all()
     ours_dir = smol_engine.direction(_vec(text, coeff, layer), "stock")

@@ -1,0 +1,314 @@
+"""Pure conversions between the API's JSON values and what the UI's components show.
+
+`steering/ui.py` wires components to handlers; everything here is plain Python (no gradio, no
+torch) so it can be tested without a server: the vectors table <-> the `/steer` vector dicts,
+recipe files, the status line, the fallback notice, the sweep table and plot data, the memory
+tab's tables and the cosine heatmap.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+
+from steering.errors import InputError
+from steering.gpu import format_bytes
+
+# The vectors table: one row per steering vector. A row with `positive`/`negative` is a
+# contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
+VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled")
+SWEEP_COLUMNS = ("coeff", "effect", "perplexity", "text")
+RECIPE_FORMAT = "steering-lab-recipe"
+RECIPE_VERSION = 1
+DEFAULT_SETTINGS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+# Built-in recipes, measured on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer
+# coefficient 0.5 keeps the text fluent while it drifts to the topic, and 1.0 already degenerates
+# into repeating the steering word. A layer of None means "the loaded model's default layer"
+# (n_layers // 2), so the recipes also apply to other models.
+EXAMPLES: dict[str, dict] = {
+    "Dogs": {
+        "prompt": "Tell me about your weekend.",
+        "vectors": [{"text": "dogs", "coeff": 0.5, "layer": None}],
+    },
+    "Happy, not sad": {
+        "prompt": "Tell me about your weekend.",
+        "vectors": [
+            {
+                "positive": "I am so happy and joyful",
+                "negative": "I am so sad and miserable",
+                "coeff": 0.6,
+                "layer": None,
+            }
+        ],
+    },
+    "Golden Gate Bridge": {
+        "prompt": "What should I do on my holiday?",
+        "vectors": [{"text": "the Golden Gate Bridge", "coeff": 0.5, "layer": None}],
+    },
+}
+
+
+def _blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):  # pandas' empty cell
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value) if not _blank(value) else True  # an empty cell means "on"
+
+
+def rows_to_vectors(rows: Sequence[Sequence] | None, default_layer: int) -> list[dict]:
+    """The vectors table (list of rows in `VECTOR_COLUMNS` order) -> `/steer` vector dicts.
+
+    Empty rows are skipped; an empty layer cell takes `default_layer` (the layer slider) and an
+    empty coefficient cell is left out so the engine's documented default applies. Values are
+    passed through unchanged otherwise: the API validates them and names the field on error.
+    """
+    vectors = []
+    for row in rows or []:
+        padded = list(row)[: len(VECTOR_COLUMNS)] + [None] * (len(VECTOR_COLUMNS) - len(row))
+        cells = dict(zip(VECTOR_COLUMNS, padded, strict=True))
+        text, positive, negative = (cells[k] for k in ("text", "positive", "negative"))
+        if all(_blank(v) for v in (text, positive, negative)):
+            continue
+        if _blank(positive) and _blank(negative):
+            vector = {"text": str(text)}
+        else:
+            vector = {
+                "positive": "" if _blank(positive) else str(positive),
+                "negative": "" if _blank(negative) else str(negative),
+            }
+        if not _blank(cells["coeff"]):
+            vector["coeff"] = cells["coeff"]
+        vector["layer"] = default_layer if _blank(cells["layer"]) else cells["layer"]
+        vector["enabled"] = _truthy(cells["enabled"])
+        vectors.append(vector)
+    return vectors
+
+
+def vectors_to_rows(vectors: Sequence[dict], default_layer: int) -> list[list]:
+    """`/steer` vector dicts -> vectors table rows (a missing or None layer -> `default_layer`)."""
+    rows = []
+    for vector in vectors:
+        layer = vector.get("layer")
+        rows.append(
+            [
+                vector.get("text", ""),
+                vector.get("positive", ""),
+                vector.get("negative", ""),
+                vector.get("coeff", ""),
+                default_layer if layer is None else layer,
+                bool(vector.get("enabled", True)),
+            ]
+        )
+    return rows
+
+
+def vector_texts(vectors: Sequence[dict]) -> list[str]:
+    """The distinct texts of the enabled vectors, in order (a pair contributes both of its texts)."""
+    texts: list[str] = []
+    for vector in vectors:
+        if not vector.get("enabled", True):
+            continue
+        for key in ("text", "positive", "negative"):
+            value = vector.get(key)
+            if isinstance(value, str) and value.strip() and value not in texts:
+                texts.append(value)
+    return texts
+
+
+def parse_coeffs(text: str) -> list[float]:
+    """'0, 0.5, 1 2' -> [0.0, 0.5, 1.0, 2.0]; raises InputError naming `coeffs`."""
+    parts = [p for p in str(text or "").replace(",", " ").split() if p]
+    if not parts:
+        raise InputError("coeffs", "give 1 to 8 numbers separated by commas, e.g. 0, 0.5, 1, 2")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise InputError("coeffs", f"must be numbers separated by commas; got {text!r}") from None
+
+
+# -- recipes -----------------------------------------------------------------------------------
+def make_recipe(prompt: str, vectors: list[dict], settings: dict) -> dict:
+    """A recipe: everything needed to repeat a run. Its `vectors` are `/steer`'s vector dicts."""
+    known = {k: settings[k] for k in DEFAULT_SETTINGS if k in settings}
+    return {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "prompt": prompt,
+        "vectors": vectors,
+        "settings": {**DEFAULT_SETTINGS, **known},
+    }
+
+
+def parse_recipe(text: str) -> dict:
+    """Read a recipe file's text back; raises InputError naming `recipe` when it is not one."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError("recipe", f"is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
+        raise InputError("recipe", f'is not a Steering Lab recipe (expected "format": "{RECIPE_FORMAT}")')
+    vectors = data.get("vectors", [])
+    if not isinstance(vectors, list) or not all(isinstance(v, dict) for v in vectors):
+        raise InputError("recipe.vectors", "must be a list of vector objects")
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    return make_recipe(str(data.get("prompt", "")), vectors, settings)
+
+
+# -- status and memory -------------------------------------------------------------------------
+def status_line(status: dict) -> str:
+    """One Markdown line: model, quantization, device, layers, memory in use."""
+    if not status.get("model"):
+        return "No model loaded yet."
+    memory = status.get("memory") or {}
+    in_use = memory.get("cuda_allocated_bytes")
+    where = "VRAM allocated" if in_use is not None else "weights"
+    in_use = memory.get("model_bytes") if in_use is None else in_use
+    parts = [
+        f"**{status['model']}**",
+        str(status.get("quant")),
+        str(status.get("device")),
+        f"{status.get('n_layers')} layers (default {status.get('default_layer')})",
+        f"{where} {format_bytes(in_use)}",
+        f"process RSS {format_bytes(memory.get('process_rss_bytes'))}",
+    ]
+    if status.get("locked"):
+        parts.append("model switching locked")
+    return " · ".join(parts)
+
+
+def fallback_notice(event: dict | None) -> str:
+    """What was asked, what was loaded and why; empty when no downgrade happened."""
+    if not event:
+        return ""
+    asked, loaded = event.get("asked", {}), event.get("loaded", {})
+    return (
+        f"⚠️ **Fallback** ({event.get('time', '')}, during {event.get('stage', '?')}): asked for "
+        f"`{asked.get('model')}` ({asked.get('quant')}), loaded `{loaded.get('model')}` ({loaded.get('quant')}) "
+        f"on {loaded.get('device')}. Why: {event.get('reason', '')}"
+    )
+
+
+def card_markdown(device: dict) -> str:
+    """The card reading: name, mode, total/used/free, headroom, desktop overhead, limit."""
+    lines = [f"**{device.get('name') or 'unknown device'}** — mode `{device.get('mode')}`"]
+    if device.get("reason"):
+        lines.append(f"_{device['reason']}_")
+    lines.append(
+        f"total {format_bytes(device.get('total_bytes'))} · used {format_bytes(device.get('used_bytes'))} · "
+        f"free {format_bytes(device.get('free_bytes'))} · headroom for the app "
+        f"{format_bytes(device.get('headroom_bytes'))}"
+    )
+    extra = []
+    if device.get("desktop_overhead_bytes"):
+        extra.append(f"desktop overhead {format_bytes(device['desktop_overhead_bytes'])}")
+    if device.get("reserved_bytes"):
+        extra.append(f"driver reserved {format_bytes(device['reserved_bytes'])}")
+    if device.get("vram_limit_bytes") is not None:
+        extra.append(f"--vram-limit {format_bytes(device['vram_limit_bytes'])}")
+    if device.get("compute_capability"):
+        major, minor = device["compute_capability"]
+        extra.append(f"compute capability {major}.{minor} ({'bf16' if device.get('supports_bf16') else 'no bf16'})")
+    if extra:
+        lines.append(" · ".join(extra))
+    return "  \n".join(lines)
+
+
+def process_rows(device: dict) -> list[list]:
+    """Processes on the card: pid, name, memory, kind, and whether it is desktop overhead."""
+    return [
+        [
+            p["pid"],
+            p["name"],
+            format_bytes(p.get("used_bytes")),
+            p.get("kind", ""),
+            "desktop" if p.get("desktop") else "",
+        ]
+        for p in device.get("processes") or []
+    ]
+
+
+def plan_rows(plan: dict) -> list[list]:
+    """The compatibility matrix: model, quantization, need, verdict, and the biggest terms."""
+    rows = []
+    for row in plan.get("models", []):
+        top = sorted(row.get("breakdown", {}).items(), key=lambda kv: -kv[1])[:3]
+        rows.append(
+            [
+                row["id"],
+                row["quant"],
+                format_bytes(row["need_bytes"]),
+                row["verdict"],
+                ", ".join(f"{k} {format_bytes(v)}" for k, v in top),
+            ]
+        )
+    return rows
+
+
+def event_rows(events: Sequence[dict]) -> list[list]:
+    """The fallback event log, newest first."""
+    return [
+        [
+            e.get("time", ""),
+            e.get("stage", ""),
+            f"{e['asked']['model']} ({e['asked']['quant']})",
+            f"{e['loaded']['model']} ({e['loaded']['quant']}, {e['loaded']['device']})",
+            e.get("reason", ""),
+            format_bytes(e.get("free_before_bytes")),
+            format_bytes(e.get("free_after_bytes")),
+        ]
+        for e in reversed(list(events))
+    ]
+
+
+# -- sweep and similarity ----------------------------------------------------------------------
+def sweep_rows(result: dict) -> list[list]:
+    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded for reading."""
+    return [
+        [r["coeff"], round(r["effect"], 3), None if r["perplexity"] is None else round(r["perplexity"], 2), r["text"]]
+        for r in result.get("rows", [])
+    ]
+
+
+def sweep_points(result: dict) -> list[dict]:
+    """Long-format points for the sweep plot. Both series are in nats per token: `effect` is a
+    difference of mean log-probs, and ln(perplexity) is the mean negative log-likelihood."""
+    points = []
+    for r in result.get("rows", []):
+        points.append({"coeff": r["coeff"], "value": r["effect"], "metric": "effect"})
+        if r["perplexity"]:
+            points.append({"coeff": r["coeff"], "value": math.log(r["perplexity"]), "metric": "ln(perplexity)"})
+    return points
+
+
+def _cosine_colour(value: float) -> str:
+    """White at 0, blue towards +1, red towards -1."""
+    v = max(-1.0, min(1.0, float(value)))
+    fade = int(255 * (1 - abs(v)))
+    return f"rgb({fade},{fade},255)" if v >= 0 else f"rgb(255,{fade},{fade})"
+
+
+def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer: int) -> str:
+    """The cosine-similarity matrix as a coloured HTML table (no plotting library needed)."""
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
+    body = []
+    for text, row in zip(texts, matrix, strict=True):
+        cells = "".join(
+            f'<td style="background:{_cosine_colour(v)};color:#000;text-align:center;padding:4px 8px">{v:.2f}</td>'
+            for v in row
+        )
+        body.append(f"<tr><th style='text-align:right'>{html.escape(text)}</th>{cells}</tr>")
+    return (
+        f'<div class="heatmap"><p>Cosine similarity of the steering vectors at layer {layer} '
+        "(blue: similar, white: unrelated, red: opposite).</p>"
+        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></div>"
+    )

@@ -1,0 +1,225 @@
+"""The model manager on real models: plan-based downgrade, OOM recovery, switching, the embedded cache.
+
+No GPU exists here, so only what a GPU would do is simulated, at the boundary: NVML readings
+(`gpu.simulate_gpu`) and a real `torch.OutOfMemoryError` raised where transformers loads weights
+or where the model runs. Everything between is the code that runs on a real card.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+
+import psutil
+import pytest
+import torch
+import transformers
+
+from steering import api, catalog, embedded, gpu
+from steering.engine import engine_for
+from steering.errors import InputError, ModelLockedError, ModelUnavailableError
+from steering.loader import get_manager, hub_reachable, is_oom, map_layer
+
+OOM_TEXT = (
+    "CUDA out of memory. Tried to allocate 112.00 MiB. GPU 0 has a total capacity of 7.77 GiB "
+    "of which 37.19 MiB is free."
+)
+
+
+@pytest.fixture
+def manager(tiny_qwen_dir):
+    m = get_manager()
+    m.configure(fallback_model=str(tiny_qwen_dir), lock_model=False)
+    m.events.clear()
+    yield m
+    m.configure(fallback_model=catalog.FALLBACK_ID, lock_model=False)
+    m.events.clear()
+
+
+@pytest.fixture
+def oom_on_load(monkeypatch):
+    """Make transformers' loader raise a real CUDA-style OOM for the given sources."""
+    doomed: set[str] = set()
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(source, *args, **kwargs):
+        if str(source) in doomed:
+            raise torch.OutOfMemoryError(OOM_TEXT)
+        return original(source, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return doomed
+
+
+def _oom_once_in_forward(model):
+    """The next forward pass of `model` raises OOM (as a too-long prefill would on a real card)."""
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        del model.forward  # back to the class's forward: only this one call fails
+        raise torch.OutOfMemoryError(OOM_TEXT)
+
+    model.forward = forward
+    return original
+
+
+def test_default_on_cpu_is_the_embedded_model(manager):
+    status = manager.load_default()
+    assert status["model"] == catalog.EMBEDDED_ID
+    assert status["device"] == "cpu"
+    assert status["n_layers"] == 30 and status["default_layer"] == 15
+    assert status["memory"]["model_bytes"] > 100 * 2**20
+
+
+def test_map_layer_by_relative_depth():
+    assert map_layer(16, 32, 28) == 14
+    assert map_layer(15, 30, 4) == 2
+    assert map_layer(0, 32, 28) == 0 and map_layer(31, 32, 28) == 27
+    assert map_layer(7, 28, 28) == 7
+
+
+def test_is_oom_recognises_every_shape():
+    assert is_oom(torch.OutOfMemoryError(OOM_TEXT))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert is_oom(ValueError("Some modules are dispatched on the CPU or the disk. Make sure you have enough GPU RAM"))
+    try:
+        try:
+            raise torch.OutOfMemoryError(OOM_TEXT)
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("while loading") from inner
+    except RuntimeError as outer:
+        assert is_oom(outer)
+    assert not is_oom(ValueError("bad config"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_refusals_change_nothing(manager, monkeypatch):
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    before = manager.current.identity
+    with pytest.raises(ModelUnavailableError):
+        manager.load("no-such-org/no-such-model")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(ModelUnavailableError, match="gated"):
+        manager.load("meta-llama/Llama-3.2-1B-Instruct", "bf16")
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="offline"):
+        manager.load("Qwen/Qwen2.5-1.5B-Instruct", "fp32", force=True)
+    assert time.monotonic() - started < 5  # noticed offline at once, not after 26 s of retries
+    with pytest.raises(InputError, match="^quant"):
+        manager.load(catalog.EMBEDDED_ID, "3bit")
+    with pytest.raises(InputError, match="^model"):
+        manager.load("   ")
+    assert manager.current.identity == before and manager.events == []
+
+
+def test_lock_model_refuses_user_switches(manager, tiny_qwen_dir):
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    manager.configure(lock_model=True)
+    with pytest.raises(ModelLockedError):
+        manager.load(str(tiny_qwen_dir), "fp32")
+    assert manager.current.model_id == catalog.EMBEDDED_ID
+
+
+def test_plan_downgrades_a_7b_model_on_the_reference_card(manager, tiny_qwen_dir):
+    with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
+        status = manager.load("Qwen/Qwen2.5-7B-Instruct", "4bit")
+    fallback = catalog.get_spec(str(tiny_qwen_dir)).id
+    assert status["model"] == fallback and status["quant"] == "4bit"
+    [event] = status["events"]
+    assert event["stage"] == "plan"
+    assert event["asked"] == {"model": "Qwen/Qwen2.5-7B-Instruct", "quant": "4bit"}
+    assert event["loaded"]["model"] == fallback
+    assert "Qwen/Qwen2.5-7B-Instruct" in event["reason"] and "verdict" in event["reason"]
+    # The 4-bit fallback really is bitsandbytes NF4 with double quantization, and it answers.
+    linear = manager.current.model.model.layers[0].mlp.down_proj
+    assert type(linear).__name__ == "Linear4bit"
+    assert linear.weight.quant_state.nested
+    result = api.steer("Hello", [{"text": "dogs", "coeff": 0.5, "layer": 1}], max_new_tokens=4)
+    assert result["model"] == fallback and isinstance(result["steered"], str)
+
+
+def test_oom_while_loading_ends_on_the_fallback(manager, oom_on_load, tiny_llama_dir, tiny_qwen_dir):
+    oom_on_load.add(str(tiny_llama_dir))
+    status = manager.load(str(tiny_llama_dir), "fp32")
+    assert status["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
+    [event] = status["events"]
+    assert event["stage"] == "load" and "out of memory" in event["reason"]
+    assert event["free_before_bytes"] > 0 and event["free_after_bytes"] > 0
+    assert api.steer("Hi", [{"text": "cats", "coeff": 0.5, "layer": 2}], max_new_tokens=3)["steered"] is not None
+
+
+def test_oom_during_generation_downgrades_remaps_layers_and_retries_once(manager, tiny_llama_dir, tiny_qwen_dir):
+    manager.load(str(tiny_llama_dir), "fp32")
+    asked = manager.current.model_id
+    assert manager.current.n_layers == 6
+    _oom_once_in_forward(manager.current.model)
+    result = api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 5}], max_new_tokens=4)
+    fallback = catalog.get_spec(str(tiny_qwen_dir)).id
+    assert result["model"] == fallback
+    assert result["layers"] == [3] == [map_layer(5, 6, 4)]  # same relative depth on the 4-layer fallback
+    assert result["fallback"]["stage"] == "generation"
+    assert result["fallback"]["asked"]["model"] == asked
+    assert len(manager.events) == 1
+
+
+def test_oom_on_the_embedded_model_reloads_it_on_cpu_not_the_bigger_fallback(manager):
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    _oom_once_in_forward(manager.current.model)
+    result = api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 15}], max_new_tokens=4)
+    assert result["model"] == catalog.EMBEDDED_ID and result["device"] == "cpu"
+    assert "last step down" in result["fallback"]["reason"]
+
+
+def test_failing_fallback_ends_on_the_embedded_model(manager, oom_on_load, tiny_llama_dir, tiny_qwen_dir):
+    oom_on_load.update({str(tiny_llama_dir), str(tiny_qwen_dir)})
+    status = manager.load(str(tiny_llama_dir), "fp32")
+    assert status["model"] == catalog.EMBEDDED_ID and status["device"] == "cpu"
+    [event] = status["events"]
+    assert "could not be loaded either" in event["reason"]
+    assert api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 15}], max_new_tokens=3)["model"] == (
+        catalog.EMBEDDED_ID
+    )
+
+
+def _rss_after_gc() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def test_switching_frees_the_old_model_and_its_steering_state(manager, tiny_qwen_dir):
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    loaded = manager.current
+    engine = engine_for(loaded)
+    engine.text_means(10, ["dogs"], "bos")
+    assert engine.cache
+    model_ref, engine_ref = weakref.ref(loaded.model), weakref.ref(engine)
+    del loaded, engine
+    first_rss = _rss_after_gc()
+    for _ in range(5):
+        manager.load(str(tiny_qwen_dir), "fp32")
+        manager.load(catalog.EMBEDDED_ID, "fp32")
+    gc.collect()
+    assert model_ref() is None and engine_ref() is None  # llm-steer holds no reference to the old model
+    assert not engine_for(manager.current).cache  # a new model starts with an empty direction cache
+    growth = _rss_after_gc() - first_rss
+    assert growth < 150 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB over five switches"
+
+
+def test_hub_probe_is_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    assert hub_reachable() is False
+    assert time.monotonic() - started < 0.5
+
+
+def test_damaged_cache_is_detected_and_rebuilt(corrupt_copy, monkeypatch):
+    assert not embedded.cache_is_valid(corrupt_copy)
+    monkeypatch.setenv("STEERING_CACHE_DIR", str(corrupt_copy.parent))
+    assert embedded.embedded_dir() == corrupt_copy
+    rebuilt = embedded.ensure_converted()
+    assert rebuilt == corrupt_copy and embedded.cache_is_valid(rebuilt)
+    assert not [p for p in rebuilt.parent.iterdir() if p.name.startswith(".convert-")]  # no staging left
+    model = transformers.AutoModelForCausalLM.from_pretrained(rebuilt)
+    assert model.config.num_hidden_layers == 30
