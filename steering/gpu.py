@@ -184,6 +184,9 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+_logged_reasons: set[str] = set()
+
+
 def _cpu_reading(reason: str, cuda_index: int | None, vram_limit_bytes: int | None) -> DeviceReading:
     total_bytes = free_bytes = 0
     try:
@@ -193,7 +196,9 @@ def _cpu_reading(reason: str, cuda_index: int | None, vram_limit_bytes: int | No
         total_bytes, free_bytes = int(memory.total), int(memory.available)
     except Exception as exc:  # psutil missing or /proc unreadable: report zeros, keep going
         logger.warning("cannot read system memory: %s", exc)
-    logger.info("CPU mode: %s", reason)
+    if reason not in _logged_reasons:  # the probe runs on every status refresh: say it once
+        _logged_reasons.add(reason)
+        logger.info("CPU mode: %s", reason)
     return DeviceReading(
         mode="cpu",
         reason=reason,

@@ -182,7 +182,7 @@ class ModelManager:
         memory = {
             "device": reading.to_dict(),
             "process_rss_bytes": psutil.Process().memory_info().rss,
-            "model_bytes": _model_bytes(loaded.model) if loaded else 0,
+            "model_bytes": estimate.measured_weights_bytes(loaded.model) if loaded else 0,
         }
         if loaded and loaded.device.startswith("cuda"):
             import torch
@@ -529,12 +529,6 @@ class ModelManager:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300]
-
-
-def _model_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers()
-    )
 
 
 def get_manager() -> ModelManager:

@@ -223,3 +223,15 @@ def test_damaged_cache_is_detected_and_rebuilt(corrupt_copy, monkeypatch):
     assert not [p for p in rebuilt.parent.iterdir() if p.name.startswith(".convert-")]  # no staging left
     model = transformers.AutoModelForCausalLM.from_pretrained(rebuilt)
     assert model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("quant", ["fp32", "bf16", "4bit"])
+def test_weights_estimate_matches_the_loaded_embedded_model(manager, quant):
+    from steering import estimate
+
+    status = manager.load(catalog.EMBEDDED_ID, quant)
+    assert status["quant"] == quant
+    measured = estimate.measured_weights_bytes(manager.current.model)
+    estimated = estimate.weights_bytes(catalog.get_spec(catalog.EMBEDDED_ID), quant)
+    assert abs(estimated - measured) <= 0.05 * measured, (quant, estimated, measured)
+    assert status["memory"]["model_bytes"] > 0
