@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ import gradio as gr
 from steering import api, catalog, engine, generate, views
 from steering.errors import InputError
 from steering.loader import QUANT_CHOICES, get_manager
-
-logger = logging.getLogger(__name__)
 
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # everything that runs the model
 INFO = {"concurrency_id": "info", "concurrency_limit": 4}  # readings: never wait behind a generation
@@ -62,15 +59,19 @@ def _user_error(exc: InputError) -> gr.Error:
 
 # -- handlers: read the model view -------------------------------------------------------------
 def _model_view(status: dict) -> tuple:
+    """Status line, fallback notice, both layer sliders (range and default follow the model), model."""
     n_layers = status.get("n_layers") or 1
     default = status.get("default_layer") or 0
     event = status["events"][-1] if status.get("events") else None
-    layer = gr.Slider(minimum=0, maximum=n_layers - 1, value=default)
+
+    def layer_range() -> gr.Slider:
+        return gr.Slider(minimum=0, maximum=n_layers - 1, value=default)
+
     return (
         views.status_line(status),
         views.fallback_notice(event),
-        layer,
-        gr.Slider(minimum=0, maximum=n_layers - 1, value=default),
+        layer_range(),
+        layer_range(),
         gr.Dropdown(value=status.get("model")),
     )
 
@@ -99,7 +100,7 @@ def add_vector_row(rows: list, text: str, positive: str, negative: str, coeff: f
 
 
 def remove_vector_row(rows: list, row_number: float | None) -> list:
-    """Remove row `row_number` (1-based); the last row when it is empty."""
+    """Remove row `row_number` (1-based); 0 or empty removes the last row."""
     kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0)]
     if not kept:
         return []
@@ -111,6 +112,7 @@ def remove_vector_row(rows: list, row_number: float | None) -> list:
 
 
 def clear_vector_rows() -> list:
+    """Empty the vectors table."""
     return []
 
 
@@ -301,7 +303,9 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
                             elem_id="vectors-table",
                         )
                         with gr.Row():
-                            remove_row_number = gr.Number(None, precision=0, label="Row to remove (empty: last)")
+                            remove_row_number = gr.Number(
+                                0, precision=0, minimum=0, label="Row to remove (0: the last)"
+                            )
                             remove_row_btn = gr.Button("Remove row")
                             clear_rows_btn = gr.Button("Clear")
                         with gr.Accordion("Decoding", open=False, elem_id="decoding"):
@@ -336,7 +340,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
                             baseline_box = gr.Textbox(
                                 label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
                             )
-                        run_info_md = gr.Markdown("")
+                        run_info_md = gr.Markdown("", elem_id="run-info")
             with gr.Tab("Sweep"):
                 gr.Markdown(
                     "One steering text at several coefficients, all rows of one batch. **effect**: how much more "

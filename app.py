@@ -1,0 +1,174 @@
+"""Steering Lab entry point: flags -> model manager -> UI -> launch. Thin on purpose.
+
+    python app.py                                   # local browser on http://127.0.0.1:7860
+    python app.py --share --auth alice:secret       # a temporary public link, with a password
+    python app.py --model Qwen/Qwen2.5-1.5B-Instruct --quant 4bit --vram-limit 6GiB
+    python app.py --simulate-gpu 8GiB --gui-overhead 0.7GiB   # plan as if on the reference card
+
+The initial model is loaded before the server starts, so the first request does not pay for it.
+SIGTERM (and Ctrl-C) close the server and release the model, then exit with status 0.
+"""
+
+# ruff: noqa: E402  (the environment must be set before the imports below)
+from __future__ import annotations
+
+import os
+
+# Before gradio is imported anywhere: no usage analytics (a value the user set is respected).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import argparse
+import importlib.util
+import logging
+import signal
+import sys
+import threading
+
+import steering  # noqa: F401  (sets the CUDA allocator options before torch is imported)
+from steering import gpu
+from steering.loader import QUANT_CHOICES
+
+logger = logging.getLogger("steering.app")
+
+AUTH_ENV = "STEERING_AUTH"
+
+
+def _size(text: str) -> int:
+    try:
+        return gpu.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS, e.g. alice:s3cret")
+    return user, password
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Steering Lab: activation steering in the browser.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    parser.add_argument("--auth", type=_auth, metavar="USER:PASS", help=f"require a login (or set {AUTH_ENV})")
+    parser.add_argument("--model", help="model to load at start (default: the best that fits; on CPU the embedded)")
+    parser.add_argument("--quant", default="auto", choices=QUANT_CHOICES, help="quantization for --model")
+    parser.add_argument("--vram-limit", type=_size, metavar="SIZE", help="cap on VRAM the app may use, e.g. 6GiB")
+    parser.add_argument("--fallback-model", metavar="ID", help="model to load when one does not fit or runs out")
+    parser.add_argument("--lock-model", action="store_true", help="disable model switching (public demos)")
+    parser.add_argument("--mcp", action="store_true", help="also serve the endpoints as MCP tools (gradio[mcp])")
+    dev = parser.add_argument_group("development and testing")
+    dev.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan as if on a card of this size")
+    dev.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the simulated card")
+    args = parser.parse_args(argv)
+    if args.auth is None and os.environ.get(AUTH_ENV):
+        try:
+            args.auth = _auth(os.environ[AUTH_ENV])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{AUTH_ENV}: {exc}")
+    if args.gui_overhead is not None and args.simulate_gpu is None:
+        parser.error("--gui-overhead needs --simulate-gpu")
+    return args
+
+
+def startup_warnings(args: argparse.Namespace, *, mcp_installed: bool) -> list[str]:
+    """What an operator should know before the server starts."""
+    warnings = []
+    if args.share and not args.auth:
+        warnings.append(f"--share without --auth (or {AUTH_ENV}): anyone with the link can use this app and its model")
+    if args.mcp and not mcp_installed:
+        warnings.append("--mcp needs the MCP extra: pip install 'gradio[mcp]==6.31.0'. Serving without MCP tools.")
+    return warnings
+
+
+class _SameMessageOnce(logging.Filter):
+    """Drop a record whose text was already logged: the GPU probe runs on every status read and
+    would otherwise repeat "CPU mode: ..." in every request's log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self._seen:
+            return False
+        self._seen.add(text)
+        return True
+
+
+def configure_logging() -> None:
+    """One stream, line-buffered, one line per record; called once at start-up."""
+    sys.stdout.reconfigure(line_buffering=True)  # Gradio prints its URLs to stdout
+    sys.stderr.reconfigure(line_buffering=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "httpcore", "urllib3"):  # a line per HTTP request of Gradio's own
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("steering.gpu").addFilter(_SameMessageOnce())
+
+
+def _load_initial_model(args: argparse.Namespace) -> None:
+    from steering.loader import get_manager
+
+    manager = get_manager()
+    manager.configure(fallback_model=args.fallback_model, vram_limit_bytes=args.vram_limit, lock_model=args.lock_model)
+    if args.model:
+        # user=False: the start-up choice is the operator's, so --lock-model does not refuse it.
+        status = manager.load(args.model, args.quant, user=False)
+    else:
+        status = manager.load_default()
+    logger.info("serving %s (%s) on %s", status["model"], status["quant"], status["device"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    if args.simulate_gpu is not None:
+        try:
+            gpu.use_nvml(gpu.simulate_gpu(args.simulate_gpu, args.gui_overhead or 0))
+        except ValueError as exc:
+            logger.error("--simulate-gpu: %s", exc)
+            return 2
+    mcp = args.mcp and importlib.util.find_spec("mcp") is not None
+    for warning in startup_warnings(args, mcp_installed=mcp or not args.mcp):
+        logger.warning("%s", warning)
+
+    _load_initial_model(args)
+    from steering.loader import get_manager
+    from steering.ui import UIConfig, build_demo
+
+    demo = build_demo(UIConfig(lock_model=args.lock_model))
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            auth=args.auth,
+            prevent_thread_lock=True,
+            mcp_server=mcp,
+            show_error=not args.share,  # exception texts only where no stranger can read them
+        )
+        if args.share and demo.share_url is None:
+            logger.warning("share link could not be created (offline?); serving locally at %s", demo.local_url)
+        # Wake up regularly: the signal handler runs in this (main) thread between waits.
+        while not stop.wait(0.5):
+            pass
+        logger.info("shutting down")
+    finally:
+        demo.close()
+        get_manager().release()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Every client endpoint through the real `gradio_client` against a real launched server.
+
+One server per module (`build_demo` + `launch` in this process), serving the embedded SmolLM2 on
+CPU in fp32 with greedy decoding, so outputs are deterministic and can be compared exactly.
+Bad inputs must arrive as Gradio errors whose message names the field, and leave the server
+serving. The README's ```python client examples are executed against this server too.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from _server import ROOT, TOKENS, client, launched
+from gradio_client.exceptions import AppError
+
+from steering import catalog, engine, generate, views
+
+PROMPT = "Tell me about your weekend."
+LAYER = 15  # the embedded model's middle layer (30 layers)
+ENDPOINTS = {"/steer", "/sweep", "/similarity", "/load_model", "/status", "/plan"}
+
+
+@pytest.fixture(scope="module")
+def url(embedded_dir):
+    with launched() as local_url:
+        yield local_url
+
+
+@pytest.fixture(scope="module")
+def api(url):
+    return client(url)
+
+
+def steer(api, vectors, **kwargs):
+    kwargs.setdefault("max_new_tokens", TOKENS)
+    return api.predict(PROMPT, vectors, api_name="/steer", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def baseline(api):
+    """The unsteered text (the baseline row of a request with a zero-coefficient vector)."""
+    result = steer(api, [{"text": "dogs", "coeff": 0.0, "layer": LAYER}])
+    assert result["baseline"], "the baseline row produced no text"
+    return result
+
+
+def test_named_endpoints_are_exactly_the_public_api(api):
+    info = api.view_api(print_info=False, return_format="dict")
+    assert set(info["named_endpoints"]) == ENDPOINTS  # UI-only handlers are private
+    assert not info["unnamed_endpoints"]
+    steer_params = [p["parameter_name"] for p in info["named_endpoints"]["/steer"]["parameters"]]
+    assert steer_params == ["prompt", "vectors", "max_new_tokens", "temperature", "top_p", "seed", "compare"]
+    sweep_params = info["named_endpoints"]["/sweep"]["parameters"]
+    assert [(p["parameter_name"], p["python_type"]["type"]) for p in sweep_params][:4] == [
+        ("prompt", "str"),
+        ("text", "str"),
+        ("layer", "int"),
+        ("coeffs", "list[float]"),
+    ]
+    assert "steering vectors" in info["named_endpoints"]["/steer"]["description"]  # the docstring
+
+
+def test_rest_calls_cannot_skip_the_queue(url):
+    import httpx
+
+    response = httpx.post(url + "gradio_api/run/steer", json={"data": [PROMPT, []]}, timeout=10)
+    assert response.status_code == 404 and "join the queue" in response.text
+
+
+def test_status_reports_the_embedded_model(api):
+    status = api.predict(api_name="/status")
+    assert status["model"] == catalog.EMBEDDED_ID
+    assert (status["n_layers"], status["default_layer"], status["device"]) == (30, LAYER, "cpu")
+    assert status["memory"]["model_bytes"] > 100 * 2**20  # 135M parameters in fp32
+    assert isinstance(status["events"], list)
+
+
+def test_zero_coefficient_equals_baseline_and_a_strong_vector_differs(api, baseline):
+    assert baseline["steered"] == baseline["baseline"]
+    assert baseline["layers"] == [LAYER] and baseline["fallback"] is None
+    strong = steer(api, [{"text": "dogs", "coeff": 4.0, "layer": LAYER}])
+    assert strong["baseline"] == baseline["baseline"]  # the baseline row is untouched by steering
+    assert strong["steered"] != strong["baseline"]
+
+
+def test_compare_false_returns_no_baseline(api, baseline):
+    result = steer(api, [{"text": "dogs", "coeff": 0.0, "layer": LAYER}], compare=False)
+    assert result["baseline"] is None
+    assert result["steered"] == baseline["baseline"]  # same greedy tokens without the second row
+
+
+def test_two_concurrent_clients_each_get_their_own_serial_result(url, api, baseline):
+    recipes = {
+        "dogs": [{"text": "dogs", "coeff": 4.0, "layer": LAYER}],
+        "bridge": [{"text": "the Golden Gate Bridge", "coeff": -3.0, "layer": 20}],
+    }
+    serial = {name: steer(api, vectors)["steered"] for name, vectors in recipes.items()}
+    assert len({serial["dogs"], serial["bridge"], baseline["baseline"]}) == 3  # three distinct outputs
+    clients = {name: client(url) for name in recipes}
+    jobs = {name: clients[name].submit(PROMPT, recipes[name], TOKENS, api_name="/steer") for name in recipes}
+    results = {name: job.result(timeout=120) for name, job in jobs.items()}
+    assert {name: r["steered"] for name, r in results.items()} == serial
+    assert all(r["baseline"] == baseline["baseline"] for r in results.values())
+
+
+def test_sweep_rows_scores_and_zero_row(api, baseline):
+    result = api.predict(PROMPT, "dogs", LAYER, [0.0, 4.0], TOKENS, api_name="/sweep")
+    rows = result["rows"]
+    assert [r["coeff"] for r in rows] == [0.0, 4.0]
+    assert rows[0]["text"] == baseline["baseline"]  # coefficient 0 is the unsteered row
+    assert rows[0]["effect"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["text"] != rows[0]["text"]
+    assert rows[1]["effect"] > 0  # steering towards "dogs" makes the text "dogs" more likely
+    assert all(r["perplexity"] > 1.0 for r in rows)
+
+
+def test_similarity_matrix(api):
+    texts = ["dogs", "puppies", "the Golden Gate Bridge"]
+    matrix = api.predict(texts, LAYER, api_name="/similarity")["matrix"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert all(matrix[i][i] == pytest.approx(1.0, abs=1e-4) for i in range(3))
+    assert matrix[0][1] > matrix[0][2]  # dogs are closer to puppies than to a bridge
+
+
+def test_plan_matches_the_cli_shape(api):
+    plan = api.predict(2048, api_name="/plan")
+    assert set(plan) >= {"device", "headroom_bytes", "models", "choice"}
+    assert plan["device"]["mode"] == "cpu"
+    assert {m["id"] for m in plan["models"]} >= {spec.id for spec in catalog.CATALOG}
+    assert all(m["verdict"] in ("stable", "fragile", "wont_fit") for m in plan["models"])
+    assert plan["choice"]["id"] == catalog.EMBEDDED_ID
+
+
+def test_load_model_reloads_and_reports_status(api):
+    status = api.predict(catalog.EMBEDDED_ID, "auto", False, api_name="/load_model")
+    assert status["model"] == catalog.EMBEDDED_ID and status["n_layers"] == 30
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "args", "expected"),
+    [
+        ("/steer", ("", []), r"^prompt: .*non-empty"),
+        ("/steer", (PROMPT, [{"text": "dogs", "coeff": "nan", "layer": LAYER}]), r"vectors\[0\]\.coeff: .*finite"),
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "coeff": 1e6, "layer": LAYER}]),
+            rf"vectors\[0\]\.coeff: .*{engine.COEFF_CAP:g}",
+        ),
+        ("/steer", (PROMPT, [{"text": "dogs", "coeff": 1, "layer": 99}]), r"vectors\[0\]\.layer: .*0 to 29"),
+        ("/steer", (PROMPT, [{"text": " ", "coeff": 1, "layer": 1}]), r"vectors\[0\]\.text: .*non-empty"),
+        ("/steer", (PROMPT, [], 10**6), rf"max_new_tokens: .*1 to {generate.MAX_NEW_TOKENS}"),
+        ("/steer", (PROMPT, [{"text": "x", "coeff": 1, "layer": 1}] * 9), rf"^vectors: .*at most {engine.MAX_VECTORS}"),
+        ("/steer", (PROMPT, [], 8, 5.0), r"^temperature: .*between 0 and 2"),
+        ("/sweep", (PROMPT, "dogs", LAYER, [0.0] * 9), r"^coeffs: .*1 to 8"),
+        ("/sweep", (PROMPT, "dogs", -1, [0.0]), r"^layer: .*0 to 29"),
+        ("/similarity", (["dogs"], LAYER), r"^texts: .*2 to 8"),
+        ("/load_model", ("no-such/model-anywhere",), r"no-such/model-anywhere is not in the catalog"),
+        ("/load_model", (catalog.EMBEDDED_ID, "3bit"), r"^quant: .*auto, 4bit"),
+        ("/plan", (5,), r"^context: .*128 to 32768"),
+    ],
+    ids=[
+        "empty-prompt",
+        "nan-coeff",
+        "huge-coeff",
+        "layer-range",
+        "blank-text",
+        "max-tokens",
+        "too-many-vectors",
+        "temperature",
+        "sweep-coeffs",
+        "sweep-layer",
+        "similarity-texts",
+        "unknown-model",
+        "quant",
+        "plan-context",
+    ],
+)
+def test_bad_input_is_an_error_naming_the_field(api, endpoint, args, expected):
+    with pytest.raises(AppError) as caught:
+        api.predict(*args, api_name=endpoint)
+    assert re.search(expected, str(caught.value)), str(caught.value)
+
+
+def test_server_keeps_serving_after_errors(api, baseline):
+    with pytest.raises(AppError):
+        steer(api, [{"text": "dogs", "coeff": "inf", "layer": LAYER}])
+    again = steer(api, [{"text": "dogs", "coeff": 0.0, "layer": LAYER}])
+    assert again["steered"] == again["baseline"] == baseline["baseline"]  # nothing left installed
+
+
+def test_builtin_examples_steer_the_embedded_model(api, baseline):
+    for name, example in views.EXAMPLES.items():
+        vectors = [{**v, "layer": LAYER if v["layer"] is None else v["layer"]} for v in example["vectors"]]
+        result = api.predict(example["prompt"], vectors, TOKENS, api_name="/steer")
+        assert result["steered"] and result["steered"] != result["baseline"], name
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_client_examples_run(url):
+    blocks = _readme_python_blocks()
+    assert blocks, "README.md has no ```python examples"
+    assert "http://127.0.0.1:7860/" in blocks[0]  # the examples start by connecting to the default URL
+    namespace: dict = {}
+    for block in blocks:  # one namespace: later examples reuse the `client` of the first
+        exec(compile(block.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["result"]["steered"]
+
+
+def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
+    """What the Stop button does: Gradio closes the UI's streaming generator; its `finally` sets
+    the stop flag, so generation ends at once instead of running to 200 tokens."""
+    from steering.ui import generate_outputs
+
+    rows = [["dogs", "", "", 0.5, LAYER, True]]
+    stream = generate_outputs(PROMPT, rows, LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
+    steered, baseline, info = next(stream)
+    assert isinstance(steered, str) and "generating" in info
+    started = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - started < 5.0  # 200 tokens x 2 rows would take far longer on CPU
+    short = steer(api, [], max_new_tokens=2)  # the model lock was released: the server generates
+    assert short["steered"]

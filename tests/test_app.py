@@ -1,0 +1,114 @@
+"""`python app.py` as a user runs it: a real subprocess, a real port, real `gradio_client` calls.
+
+Two processes per module run: a plain one (serves /steer, stops cleanly on SIGTERM) and a
+"public demo" one with `--share --auth --lock-model --mcp`, checked offline: the share link fails
+with one clear log line while the local URL keeps serving, a client without the password is
+refused, model switching is refused, and the missing MCP extra is reported plainly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+
+import httpx
+import pytest
+from _server import TOKENS, AppProcess, app_env, client
+from gradio_client.exceptions import AppError
+
+from steering import catalog
+
+SHARE_LINE = "share link could not be created (offline?); serving locally at"
+
+
+@pytest.fixture(scope="module")
+def plain_app(embedded_dir, tmp_path_factory):
+    app = AppProcess([], env=app_env(tmp_path_factory.mktemp("plain-app")))
+    try:
+        app.wait_serving()
+        yield app
+    finally:
+        app.kill()
+
+
+@pytest.fixture(scope="module")
+def public_app(embedded_dir, tmp_path_factory):
+    env = app_env(tmp_path_factory.mktemp("public-app"))
+    # An unreachable share server: the link fails here even on a machine that is online.
+    env["GRADIO_SHARE_SERVER_ADDRESS"] = "127.0.0.1:9"
+    app = AppProcess(["--share", "--auth", "alice:s3cret", "--lock-model", "--mcp"], env=env)
+    try:
+        app.wait_serving()
+        yield app
+    finally:
+        app.kill()
+
+
+def test_app_serves_steer_and_logs_one_line_per_request(plain_app):
+    api = client(plain_app.url)
+    result = api.predict(
+        "Tell me about your weekend.", [{"text": "dogs", "coeff": 0.0, "layer": 15}], TOKENS, api_name="/steer"
+    )
+    assert result["model"] == catalog.EMBEDDED_ID
+    assert result["steered"] and result["steered"] == result["baseline"]
+    assert "request steer " in plain_app.log
+    assert "Tell me about your weekend" not in plain_app.log  # prompts are not logged
+
+
+def test_app_stops_cleanly_on_sigterm(plain_app):
+    code, seconds = plain_app.terminate()
+    assert code in (0, -signal.SIGTERM), plain_app.log
+    assert seconds < 10, f"took {seconds:.1f} s to stop"
+    assert "shutting down" in plain_app.log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(plain_app.url, timeout=2)
+
+
+def test_offline_share_logs_one_clear_line_and_serves_locally(public_app):
+    public_app.wait_for_line(SHARE_LINE)  # the share attempt comes after the local server is up
+    lines = [line for line in public_app.lines if SHARE_LINE in line]
+    assert len(lines) == 1, public_app.log
+    assert lines[0].endswith(f"127.0.0.1:{public_app.port}/")
+    assert httpx.get(public_app.url + "gradio_api/info", timeout=10).status_code == 401  # serving, with a login
+
+
+def test_auth_refuses_a_client_without_credentials(public_app):
+    with pytest.raises(Exception) as caught:
+        client(public_app.url)
+    assert "auth" in str(caught.value).lower() or "login" in str(caught.value).lower(), caught.value
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the point is that it is refused
+        client(public_app.url, auth=("alice", "wrong"))
+    status = client(public_app.url, auth=("alice", "s3cret")).predict(api_name="/status")
+    assert status["model"] == catalog.EMBEDDED_ID and status["locked"] is True
+
+
+def test_lock_model_refuses_load_model_with_a_clear_error(public_app):
+    api = client(public_app.url, auth=("alice", "s3cret"))
+    with pytest.raises(AppError, match="--lock-model"):
+        api.predict(catalog.EMBEDDED_ID, "auto", False, api_name="/load_model")
+    assert api.predict(api_name="/status")["model"] == catalog.EMBEDDED_ID  # still serving the same model
+
+
+def test_missing_mcp_extra_is_reported_plainly(public_app):
+    if importlib.util.find_spec("mcp") is None:
+        assert "--mcp needs the MCP extra: pip install 'gradio[mcp]" in public_app.log
+    assert "--share without --auth" not in public_app.log  # auth was given
+    assert "Traceback" not in public_app.log
+
+
+def test_flags_auth_env_and_share_warning(monkeypatch):
+    import app
+
+    monkeypatch.setenv("STEERING_AUTH", "bob:pw:with:colons")
+    args = app.parse_args(["--share", "--vram-limit", "6GiB"])
+    assert args.auth == ("bob", "pw:with:colons") and args.vram_limit == 6 * 2**30
+    assert app.startup_warnings(args, mcp_installed=True) == []
+    monkeypatch.delenv("STEERING_AUTH")
+    args = app.parse_args(["--share", "--mcp"])
+    warnings = app.startup_warnings(args, mcp_installed=False)
+    assert any(w.startswith("--share without --auth") for w in warnings)
+    assert any("gradio[mcp]" in w for w in warnings)
+    for bad in (["--auth", "nopassword"], ["--vram-limit", "lots"], ["--gui-overhead", "1GiB"]):
+        with pytest.raises(SystemExit) as caught:
+            app.parse_args(bad)
+        assert caught.value.code == 2

@@ -1,0 +1,168 @@
+"""The UI's conversions and handlers without a server: `steering/views.py` (pure) and the
+`steering/ui.py` handlers that need no generation. The Memory tab is read on a simulated 8 GB
+card with a desktop on it, through the real probe, plan and manager."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gradio as gr
+import pytest
+from _server import ensure_embedded_loaded
+
+from steering import gpu, ui, views
+from steering.errors import InputError
+
+
+def test_table_rows_become_steer_vectors():
+    rows = [
+        ["dogs", "", "", 0.5, 12, True],
+        ["", "happy", "sad", "1.5", "", "false"],  # contrastive; empty layer -> the slider's layer
+        ["", "", "", "", "", True],  # an empty row is skipped
+        ["cats", None, float("nan"), "", None, None],  # pandas-style empty cells; no coeff -> default
+    ]
+    assert views.rows_to_vectors(rows, default_layer=15) == [
+        {"text": "dogs", "coeff": 0.5, "layer": 12, "enabled": True},
+        {"positive": "happy", "negative": "sad", "coeff": "1.5", "layer": 15, "enabled": False},
+        {"text": "cats", "layer": 15, "enabled": True},
+    ]
+
+
+def test_vectors_round_trip_through_the_table():
+    vectors = [
+        {"text": "dogs", "coeff": 0.5, "layer": 3, "enabled": True},
+        {"positive": "a", "negative": "b", "coeff": -1.0, "layer": 7, "enabled": False},
+    ]
+    assert views.rows_to_vectors(views.vectors_to_rows(vectors, 15), 15) == vectors
+    assert views.vectors_to_rows([{"text": "x", "coeff": 1, "layer": None}], 15)[0][4] == 15
+    assert views.vector_texts(vectors + [{"text": "dogs"}]) == ["dogs"]  # disabled pair left out, no repeats
+
+
+def test_coefficients_text():
+    assert views.parse_coeffs("0, 0.5 1,-2") == [0.0, 0.5, 1.0, -2.0]
+    for bad in ("", "one, two"):
+        with pytest.raises(InputError, match="^coeffs: "):
+            views.parse_coeffs(bad)
+
+
+def test_recipe_round_trip_and_rejects(tmp_path):
+    rows = [["dogs", "", "", 0.5, 15, True]]
+    path = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3)
+    recipe = json.loads(open(path).read())
+    assert recipe["format"] == views.RECIPE_FORMAT and recipe["vectors"][0]["text"] == "dogs"
+    prompt, loaded_rows, tokens, temperature, top_p, seed = ui.load_recipe(path, 15)
+    assert (prompt, loaded_rows, tokens, temperature, top_p, seed) == ("Hi there", rows, 32, 0.7, 0.9, 3)
+    for text, field in (
+        ("{not json", "recipe"),
+        ('{"format": "other"}', "recipe"),
+        (json.dumps({"format": views.RECIPE_FORMAT, "vectors": "x"}), "recipe.vectors"),
+    ):
+        with pytest.raises(InputError, match=f"^{field}: "):
+            views.parse_recipe(text)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(gr.Error) as caught:
+        ui.load_recipe(str(bad), 15)
+    assert caught.value.message.startswith("recipe: ")
+
+
+def test_add_and_remove_rows():
+    rows, *cleared = ui.add_vector_row([], "dogs", "", "", 0.5, 15)
+    rows, *_ = ui.add_vector_row(rows, "", "happy", "sad", 1.0, 10)
+    assert rows == [["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 1.0, 10, True]]
+    assert cleared == ["", "", ""]
+    with pytest.raises(gr.Error) as caught:
+        ui.add_vector_row(rows, " ", "", "", 0.5, 15)
+    assert caught.value.message.startswith("text: ")
+    assert ui.remove_vector_row(rows, 0) == rows[:1]  # 0: the last row
+    assert ui.remove_vector_row(rows, 1) == rows[1:]
+    with pytest.raises(gr.Error) as caught:
+        ui.remove_vector_row(rows, 5)
+    assert caught.value.message.startswith("row: ")
+
+
+def test_status_line_and_fallback_notice():
+    status = {
+        "model": "m",
+        "quant": "4bit",
+        "device": "cuda:0",
+        "n_layers": 28,
+        "default_layer": 14,
+        "locked": True,
+        "memory": {"cuda_allocated_bytes": 3 * gpu.GiB, "process_rss_bytes": gpu.GiB},
+    }
+    line = views.status_line(status)
+    assert "**m** · 4bit · cuda:0 · 28 layers (default 14) · VRAM allocated 3.00 GiB" in line
+    assert "locked" in line
+    event = {
+        "time": "t",
+        "stage": "generation",
+        "asked": {"model": "big", "quant": "4bit"},
+        "loaded": {"model": "small", "quant": "4bit", "device": "cuda:0"},
+        "reason": "out of memory",
+    }
+    notice = views.fallback_notice(event)
+    assert "`big` (4bit)" in notice and "`small` (4bit)" in notice and "out of memory" in notice
+    assert views.fallback_notice(None) == ""
+
+
+def test_heatmap_and_sweep_views():
+    html = views.heatmap_html(["<b>x</b>", "y"], [[1.0, -0.5], [-0.5, 1.0]], 15)
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html  # texts are escaped
+    assert "rgb(0,0,255)" in html and "rgb(255,127,127)" in html  # +1 blue, -0.5 light red
+    result = {"rows": [{"coeff": 0.0, "text": "a", "effect": 0.0, "perplexity": math.e}]}
+    assert views.sweep_points(result) == [
+        {"coeff": 0.0, "value": 0.0, "metric": "effect"},
+        {"coeff": 0.0, "value": pytest.approx(1.0), "metric": "ln(perplexity)"},
+    ]
+    assert views.sweep_rows(result) == [[0.0, 0.0, 2.72, "a"]]
+
+
+def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
+    ensure_embedded_loaded()
+    with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
+        card, processes, plan, events = ui.refresh_memory(2048)
+    assert "mode `simulated`" in card and "desktop overhead 716.80 MiB" in card
+    assert [p[1].rsplit("/", 1)[-1] for p in processes] == ["Xorg", "gnome-shell", "firefox"]
+    assert all(p[4] == "desktop" for p in processes)
+    verdicts = {(row[0], row[1]): row[3] for row in plan}
+    assert verdicts[("Qwen/Qwen2.5-1.5B-Instruct", "4bit")] == "stable"
+    assert verdicts[("Qwen/Qwen2.5-7B-Instruct", "4bit")] != "stable"
+    assert isinstance(events, list)
+
+
+def test_builtin_example_fills_the_form(embedded_dir):
+    ensure_embedded_loaded()
+    prompt, rows, *settings = ui.apply_example("Golden Gate Bridge")
+    assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.5, 15, True]]  # the middle of 30 layers
+    assert settings == [64, 0.0, 1.0, 0]
+    with pytest.raises(gr.Error) as caught:
+        ui.apply_example("nope")
+    assert caught.value.message.startswith("example: ")
+
+
+def test_model_handlers_share_one_queue_slot_and_lock_disables_switching(embedded_dir):
+    ensure_embedded_loaded()
+    demo = ui.build_demo(ui.UIConfig(lock_model=True))
+    fns = {f.name: f for f in demo.fns.values() if f.name}
+    runs_model = [
+        "steer",
+        "sweep",
+        "similarity",
+        "load_model",
+        "load_selected_model",
+        "generate_outputs",
+        "run_sweep",
+        "show_similarity",
+    ]
+    assert all((fns[n].concurrency_id, fns[n].concurrency_limit) == ("model", 1) for n in runs_model)
+    public = {n for n, f in fns.items() if f.api_visibility == "public"}
+    assert public == {"steer", "sweep", "similarity", "load_model", "status", "plan"}
+    assert demo._queue.max_size == 32 and demo.api_open is False
+    assert _load_button(demo).interactive is False
+    assert _load_button(ui.build_demo(ui.UIConfig())).interactive is not False
+
+
+def _load_button(demo) -> gr.Button:
+    return next(b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Load")
