@@ -26,7 +26,7 @@ import threading
 
 import steering  # noqa: F401  (sets the CUDA allocator options before torch is imported)
 from steering import gpu
-from steering.loader import QUANT_CHOICES
+from steering.loader import QUANT_CHOICES, get_manager
 
 logger = logging.getLogger("steering.app")
 
@@ -83,22 +83,6 @@ def startup_warnings(args: argparse.Namespace, *, mcp_installed: bool) -> list[s
     return warnings
 
 
-class _SameMessageOnce(logging.Filter):
-    """Drop a record whose text was already logged: the GPU probe runs on every status read and
-    would otherwise repeat "CPU mode: ..." in every request's log."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if text in self._seen:
-            return False
-        self._seen.add(text)
-        return True
-
-
 def configure_logging() -> None:
     """One stream, line-buffered, one line per record; called once at start-up."""
     sys.stdout.reconfigure(line_buffering=True)  # Gradio prints its URLs to stdout
@@ -106,12 +90,9 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "httpcore", "urllib3"):  # a line per HTTP request of Gradio's own
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("steering.gpu").addFilter(_SameMessageOnce())
 
 
 def _load_initial_model(args: argparse.Namespace) -> None:
-    from steering.loader import get_manager
-
     manager = get_manager()
     manager.configure(fallback_model=args.fallback_model, vram_limit_bytes=args.vram_limit, lock_model=args.lock_model)
     if args.model:
@@ -131,13 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             logger.error("--simulate-gpu: %s", exc)
             return 2
-    mcp = args.mcp and importlib.util.find_spec("mcp") is not None
-    for warning in startup_warnings(args, mcp_installed=mcp or not args.mcp):
+    mcp_installed = importlib.util.find_spec("mcp") is not None  # the gradio[mcp] extra
+    for warning in startup_warnings(args, mcp_installed=mcp_installed):
         logger.warning("%s", warning)
 
     _load_initial_model(args)
-    from steering.loader import get_manager
-    from steering.ui import UIConfig, build_demo
+    from steering.ui import UIConfig, build_demo  # imports gradio (and torch): after the flags are checked
 
     demo = build_demo(UIConfig(lock_model=args.lock_model))
     stop = threading.Event()
@@ -155,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             share=args.share,
             auth=args.auth,
             prevent_thread_lock=True,
-            mcp_server=mcp,
+            mcp_server=args.mcp and mcp_installed,
             show_error=not args.share,  # exception texts only where no stranger can read them
         )
         if args.share and demo.share_url is None:
