@@ -175,8 +175,9 @@ def steer(
         {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
         "fallback" (None, or the downgrade event when the model ran out of memory)}.
     """
+    # The undecorated generator: this function's own wrapper already logs and translates errors.
     result = collections.deque(
-        steer_stream(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare), maxlen=1
+        steer_stream.__wrapped__(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare), maxlen=1
     )[0]
     result.pop("done", None)
     return result

@@ -408,7 +408,10 @@ class ModelManager:
 
     def _resolve_quant(self, spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading) -> str:
         if quant == "auto" and spec.embedded:
-            return "fp32" if not reading.is_gpu else ("bf16" if reading.supports_bf16 else "fp16")
+            # fp32 wherever it really runs on the CPU (a simulated card plans, but runs on CPU too).
+            if not self._cuda_available():
+                return "fp32"
+            return "bf16" if reading.supports_bf16 else "fp16"
         return estimate.resolve_quant(
             spec, quant, reading, context_tokens=self.context_tokens, margin_bytes=self.margin_bytes
         )
