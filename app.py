@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model to load at start (default: the best that fits; on CPU the embedded)")
     parser.add_argument("--quant", default="auto", choices=QUANT_CHOICES, help="quantization for --model")
     parser.add_argument("--vram-limit", type=_size, metavar="SIZE", help="cap on VRAM the app may use, e.g. 6GiB")
+    parser.add_argument("--margin", type=_size, metavar="SIZE", help="safety margin the plan keeps free (default 1GiB)")
+    parser.add_argument("--context", type=int, metavar="N", help="context tokens per row to plan for (default 2048)")
     parser.add_argument("--fallback-model", metavar="ID", help="model to load when one does not fit or runs out")
     parser.add_argument("--lock-model", action="store_true", help="disable model switching (public demos)")
     parser.add_argument("--mcp", action="store_true", help="also serve the endpoints as MCP tools (gradio[mcp])")
@@ -94,7 +96,13 @@ def configure_logging() -> None:
 
 def _load_initial_model(args: argparse.Namespace) -> None:
     manager = get_manager()
-    manager.configure(fallback_model=args.fallback_model, vram_limit_bytes=args.vram_limit, lock_model=args.lock_model)
+    manager.configure(
+        fallback_model=args.fallback_model,
+        vram_limit_bytes=args.vram_limit,
+        margin_bytes=args.margin,
+        context_tokens=args.context,
+        lock_model=args.lock_model,
+    )
     if args.model:
         # user=False: the start-up choice is the operator's, so --lock-model does not refuse it.
         status = manager.load(args.model, args.quant, user=False)
