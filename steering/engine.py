@@ -24,6 +24,7 @@ hidden state. We keep that patching and fix what a shared server cannot live wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -195,6 +196,7 @@ class SteeringEngine:
         self._guard = threading.Lock()  # backstop: the manager's lock already serialises requests
 
     # -- capture -------------------------------------------------------------------------------
+    @functools.cached_property
     def _bos_ids(self) -> list[int]:
         """The document-start token prepended before a text.
 
@@ -204,7 +206,7 @@ class SteeringEngine:
         layer 7 (norm ~750 vs ~100) and "logical", "worm" and "Taylor Swift" get cosine 1.00;
         after `<|endoftext|>` it does not.
         """
-        tok = self.tokenizer
+        tok = self.tokenizer  # cached: get_vocab() builds a 49k-entry dict (~33 ms) on every call
         endoftext = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
         for candidate in (endoftext, tok.bos_token_id, tok.eos_token_id):
             if candidate is not None:
@@ -255,7 +257,7 @@ class SteeringEngine:
         if mode == "stock":
             # Exactly llm-steer's Steer.add: no special tokens, mean over every position, full pass.
             return [self._capture(layer, [encode(t)], early_stop=False)[0].mean(dim=0) for t in texts]
-        rows = [self._bos_ids() + encode(t) for t in texts]
+        rows = [self._bos_ids + encode(t) for t in texts]
         hidden = self._capture(layer, rows)  # (B, T, H)
         means = []
         for index, row in enumerate(rows):
