@@ -92,7 +92,7 @@ def parse_vector(raw: dict, index: int, n_layers: int) -> VectorSpec:
     layer = check_layer(raw.get("layer"), f"{name}.layer", n_layers)
     decay = None
     if raw.get("decay") not in (None, "", 0, 1, 1.0):
-        rate = _finite(raw["decay"], f"{name}.decay")
+        rate = check_finite(raw["decay"], f"{name}.decay")
         if not 0.0 < rate <= 1.0:
             raise InputError(f"{name}.decay", f"must be in (0, 1] (multiplier per decoding step); got {rate}")
         decay = DecaySchedule(rate=rate, min_multiplier=float(raw.get("decay_min", 0.0) or 0.0))
@@ -107,7 +107,7 @@ def check_text(value, field_name: str, limit: int = MAX_TEXT_CHARS) -> str:
     return value
 
 
-def _finite(value, field_name: str) -> float:
+def check_finite(value, field_name: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -118,7 +118,7 @@ def _finite(value, field_name: str) -> float:
 
 
 def check_coeff(value, field_name: str) -> float:
-    number = _finite(value, field_name)
+    number = check_finite(value, field_name)
     if abs(number) > COEFF_CAP:
         raise InputError(field_name, f"must be between -{COEFF_CAP:g} and {COEFF_CAP:g}; got {number:g}")
     return number

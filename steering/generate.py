@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec, check_coeff, check_text
+from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec, check_coeff, check_finite, check_text
 from steering.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -61,25 +61,16 @@ class Sampling:
 def check_sampling(max_new_tokens, temperature, top_p, seed) -> Sampling:
     """Validate decoding settings (raises `InputError` naming the field and the range)."""
 
-    def number(value, name):
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise InputError(name, f"must be a number; got {value!r}") from None
-        if not math.isfinite(out):
-            raise InputError(name, f"must be a finite number; got {value!r}")
-        return out
-
-    tokens = number(max_new_tokens, "max_new_tokens")
+    tokens = check_finite(max_new_tokens, "max_new_tokens")
     if not tokens.is_integer() or not 1 <= tokens <= MAX_NEW_TOKENS:
         raise InputError("max_new_tokens", f"must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
-    temp = number(temperature, "temperature")
+    temp = check_finite(temperature, "temperature")
     if not 0.0 <= temp <= 2.0:
         raise InputError("temperature", f"must be between 0 and 2 (0 = greedy); got {temperature!r}")
-    nucleus = number(top_p, "top_p")
+    nucleus = check_finite(top_p, "top_p")
     if not 0.0 < nucleus <= 1.0:
         raise InputError("top_p", f"must be in (0, 1]; got {top_p!r}")
-    seed_value = number(seed, "seed")
+    seed_value = check_finite(seed, "seed")
     if not seed_value.is_integer() or not 0 <= seed_value <= MAX_SEED:
         raise InputError("seed", f"must be an integer from 0 to {MAX_SEED}; got {seed!r}")
     return Sampling(int(tokens), temp, nucleus, int(seed_value))
