@@ -13,13 +13,17 @@ On the embedded SmolLM2-135M (CPU, fp32, greedy) it prints
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from steering import embedded
-from steering import generate as G
-from steering.engine import CAPTURE_MODES, SteeringEngine
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from steering import embedded  # noqa: E402
+from steering import generate as G  # noqa: E402
+from steering.engine import CAPTURE_MODES, SteeringEngine  # noqa: E402
 
 TEXTS = ["logical", "Taylor Swift", "worm", "the Golden Gate Bridge"]
 COEFFS = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]
