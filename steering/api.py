@@ -83,8 +83,9 @@ def _remap(specs: list[eng.VectorSpec], from_layers: int, loaded: LoadedModel) -
 
 
 def _last_event_since(count: int) -> dict | None:
-    events = get_manager().events
-    return events[-1] if len(events) > count else None
+    """The newest downgrade event if one was recorded after `event_count` was `count`."""
+    manager = get_manager()
+    return manager.events[-1] if manager.event_count > count else None
 
 
 def _current_layers() -> int:
@@ -113,7 +114,7 @@ def steer_stream(
     manager = get_manager()
     n_layers = _current_layers()
     specs = _parse_vectors(vectors, n_layers)
-    events_before = len(manager.events)
+    events_before = manager.event_count
 
     def work(loaded: LoadedModel) -> Iterator[dict]:
         mapped = _remap(specs, n_layers, loaded)
@@ -216,7 +217,7 @@ def sweep(
     layer = eng.check_layer(layer, "layer", n_layers)
     rows = generate.sweep_rows(text, layer, coeffs)
     manager = get_manager()
-    events_before = len(manager.events)
+    events_before = manager.event_count
 
     def work(loaded: LoadedModel) -> dict:
         mapped_layer = map_layer(layer, n_layers, loaded.n_layers)
@@ -304,12 +305,10 @@ def plan(context: int = 2048) -> dict:
     Returns:
         the same object as `python -m steering plan --json`: device, headroom_bytes, models, choice.
     """
-    try:
-        context = int(context)
-    except (TypeError, ValueError):
-        raise InputError("context", "must be an integer from 128 to 32768") from None
-    if not 128 <= context <= 32768:
-        raise InputError("context", f"must be an integer from 128 to 32768; got {context}")
+    number = eng.check_finite(context, "context")
+    if not number.is_integer() or not 128 <= number <= 32768:
+        raise InputError("context", f"must be an integer from 128 to 32768; got {context!r}")
+    context = int(number)
     manager = get_manager()
     reading = gpu.probe(manager.cuda_index, vram_limit_bytes=manager.vram_limit_bytes)
     return estimate.plan(reading, context_tokens=context, margin_bytes=manager.margin_bytes)

@@ -95,7 +95,10 @@ def parse_vector(raw: dict, index: int, n_layers: int) -> VectorSpec:
         rate = check_finite(raw["decay"], f"{name}.decay")
         if not 0.0 < rate <= 1.0:
             raise InputError(f"{name}.decay", f"must be in (0, 1] (multiplier per decoding step); got {rate}")
-        decay = DecaySchedule(rate=rate, min_multiplier=float(raw.get("decay_min", 0.0) or 0.0))
+        floor = check_finite(raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
+        if not 0.0 <= floor <= 1.0:
+            raise InputError(f"{name}.decay_min", f"must be in [0, 1] (the multiplier's floor); got {floor}")
+        decay = DecaySchedule(rate=rate, min_multiplier=floor)
     return VectorSpec(layer=layer, coeff=coeff, enabled=bool(raw.get("enabled", True)), decay=decay, **texts)
 
 

@@ -133,6 +133,7 @@ class ModelManager:
         self._generation = 0
         self._network: tuple[float, bool] | None = None
         self.events: list[dict] = []
+        self.event_count = 0  # grows forever, while `events` keeps only the last 50
         self.fallback_model = catalog.FALLBACK_ID
         self.fallback_quant = "4bit"
         self.vram_limit_bytes: int | None = None
@@ -175,14 +176,19 @@ class ModelManager:
 
     def status(self) -> dict:
         """The JSON-ready status the UI's status line and the `/status` endpoint show."""
+        # No lock: status must answer while a load holds it. Take one reference to the model, so
+        # a concurrent release cannot pull it away half-way; a released model reads as "loading".
         loaded = self._current
+        model = loaded.model if loaded is not None else None
+        if model is None:
+            loaded = None
         reading = self.probe()
         import psutil
 
         memory = {
             "device": reading.to_dict(),
             "process_rss_bytes": psutil.Process().memory_info().rss,
-            "model_bytes": estimate.measured_weights_bytes(loaded.model) if loaded else 0,
+            "model_bytes": estimate.measured_weights_bytes(model) if model is not None else 0,
         }
         if loaded and loaded.device.startswith("cuda"):
             import torch
@@ -193,12 +199,13 @@ class ModelManager:
             "model": loaded.model_id if loaded else None,
             "quant": loaded.quant if loaded else None,
             "device": loaded.device if loaded else None,
-            "n_layers": loaded.n_layers if loaded else None,
-            "default_layer": loaded.default_layer if loaded else None,
+            "n_layers": len(model.model.layers) if loaded else None,
+            "default_layer": len(model.model.layers) // 2 if loaded else None,
             "locked": self.locked,
             "fallback_model": self.fallback_model,
             "memory": memory,
             "events": list(self.events),
+            "event_count": self.event_count,
         }
 
     # -- the lock ------------------------------------------------------------------------------
@@ -262,7 +269,8 @@ class ModelManager:
     def load_default(self) -> dict:
         """Start-up choice: on a GPU the largest stable model of the matrix, elsewhere the embedded."""
         with self._lock:
-            self._load_default_locked()
+            if self._current is None:  # a load that finished while we waited is not replaced
+                self._load_default_locked()
         return self.status()
 
     def release(self) -> None:
@@ -292,6 +300,14 @@ class ModelManager:
                 f"{gpu.format_bytes(self._headroom(reading))} is free; verdict '{verdict}' "
                 f"(a {gpu.format_bytes(self.margin_bytes)} safety margin is kept). Use force to try anyway."
             )
+            if not startup and self._current is not None:
+                # Keep what is loaded unless the replacement can really be had.
+                fallback = self._weights_source(catalog.get_spec(self.fallback_model), self.fallback_model)
+                if isinstance(fallback, ModelUnavailableError):
+                    raise ModelUnavailableError(
+                        f"{reason} The fallback cannot be loaded either ({fallback}); "
+                        f"{self._current.model_id} stays loaded."
+                    )
             self._fallback_chain_locked(asked=(model, quant), reason=reason, stage="plan", reading=reading)
             return
         source = self._weights_source(spec, model)  # offline / gated: refused, nothing changed
@@ -305,20 +321,17 @@ class ModelManager:
         try:
             self._materialize(spec, source, quant)
             return
-        except Exception as exc:
-            if not is_oom(exc):
-                self._release_locked()
-                raise
-            failure = _describe(exc)
+        except Exception as exc:  # the old model is gone already: never end with none loaded
+            failure = ("out of memory while loading: " if is_oom(exc) else "could not load it: ") + _describe(exc)
         self._release_locked()
-        self._fallback_chain_locked(
-            asked=(model, quant), reason=f"out of memory while loading: {failure}", stage="load", reading=reading
-        )
+        self._fallback_chain_locked(asked=(model, quant), reason=failure, stage="load", reading=reading)
 
     def _recover_locked(self, failure: str, *, stage: str) -> None:
         asked = (self._current.model_id, self._current.quant) if self._current else ("?", "?")
         on_last_resort = self._current is not None and (
-            self._current.spec.embedded or self._current.model_id == catalog.get_spec(self.fallback_model).id
+            self._current.spec.embedded
+            or (self._current.model_id, self._current.quant)
+            == (catalog.get_spec(self.fallback_model).id, self.fallback_quant)
         )
         reading = self.probe()
         self._release_locked()
@@ -350,9 +363,8 @@ class ModelManager:
             self._materialize(spec, source, self.fallback_quant)
             self._record(asked, reason, stage, reading)
             return
-        except Exception as exc:
-            if not (is_oom(exc) or isinstance(exc, ModelUnavailableError)):
-                raise
+        except Exception as exc:  # OOM, unavailable, a broken cache, a bitsandbytes error...
+            logger.warning("fallback %s failed: %s", self.fallback_model, _describe(exc))
             failure = _describe(exc)
         self._release_locked()
         self._load_embedded_cpu(
@@ -382,6 +394,7 @@ class ModelManager:
             "free_after_bytes": self._headroom(after),
         }
         self.events.append(event)
+        self.event_count += 1
         del self.events[:-50]  # a bounded log
         logger.warning(
             "downgraded: asked %s %s, loaded %s %s on %s: %s",

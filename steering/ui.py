@@ -63,6 +63,8 @@ def _model_view(status: dict) -> tuple:
     n_layers = status.get("n_layers") or 1
     default = status.get("default_layer") or 0
     event = status["events"][-1] if status.get("events") else None
+    if event and (event["loaded"]["model"], event["loaded"]["quant"]) != (status.get("model"), status.get("quant")):
+        event = None  # an old downgrade that no longer describes what is loaded
 
     def layer_range() -> gr.Slider:
         return gr.Slider(minimum=0, maximum=n_layers - 1, value=default)

@@ -235,3 +235,32 @@ def test_weights_estimate_matches_the_loaded_embedded_model(manager, quant):
     estimated = estimate.weights_bytes(catalog.get_spec(catalog.EMBEDDED_ID), quant)
     assert abs(estimated - measured) <= 0.05 * measured, (quant, estimated, measured)
     assert status["memory"]["model_bytes"] > 0
+
+
+def test_default_load_never_replaces_a_loaded_model(manager, tiny_qwen_dir):
+    manager.load(str(tiny_qwen_dir), "fp32")
+    assert manager.load_default()["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
+
+
+def test_too_big_model_with_unavailable_fallback_keeps_the_current_one(manager):
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    before = manager.event_count
+    manager.configure(fallback_model=catalog.FALLBACK_ID)  # not cached here, and offline
+    with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
+        with pytest.raises(ModelUnavailableError, match="stays loaded"):
+            manager.load("Qwen/Qwen2.5-7B-Instruct", "4bit")
+    assert manager.current.model_id == catalog.EMBEDDED_ID
+    assert manager.event_count == before
+
+
+def test_a_broken_model_folder_ends_on_the_fallback_with_an_event(manager, tmp_path, tiny_llama_dir, tiny_qwen_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    before = manager.event_count
+    status = manager.load(str(broken), "fp32")
+    assert status["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
+    assert "could not load it" in status["events"][-1]["reason"]
+    assert status["event_count"] == before + 1
