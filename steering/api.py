@@ -215,7 +215,7 @@ def sweep(
         raise InputError("coeffs", f"must be a list of 1 to {generate.MAX_SWEEP_ROWS} numbers")
     n_layers = _current_layers()
     layer = eng.check_layer(layer, "layer", n_layers)
-    rows = generate.sweep_rows(text, layer, coeffs)
+    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before queueing for the model
     manager = get_manager()
     events_before = manager.event_count
 
@@ -237,7 +237,6 @@ def sweep(
 
     result = manager.run(work, what="sweep")
     result["fallback"] = _last_event_since(events_before)
-    del rows
     return result
 
 
