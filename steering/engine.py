@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from llm_steer import DecaySchedule, Steer, SteerElement
+from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
 
 from steering.errors import InputError
 
@@ -224,7 +224,7 @@ class SteeringEngine:
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=self.device)
         steer = self.steer
         steer.stop_after_capture = early_stop
-        steer._set_forward_fn(steer_mode_capture(), layer)
+        steer._set_forward_fn(ActivationMode.CAPTURE, layer)
         try:
             with torch.inference_mode():
                 self.capture_passes += 1
@@ -348,12 +348,6 @@ class SteeringEngine:
         self.steer.tokenizer = None
         self.model = None
         self.tokenizer = None
-
-
-def steer_mode_capture():
-    from llm_steer import ActivationMode
-
-    return ActivationMode.CAPTURE
 
 
 def engine_for(loaded) -> SteeringEngine:

@@ -25,7 +25,3 @@ class ModelUnavailableError(SteeringError):
 
 class ModelLockedError(SteeringError):
     """Model switching is disabled (`--lock-model`)."""
-
-
-class GenerationStopped(SteeringError):
-    """The stop flag ended a generation early (not an error for the user; used internally)."""
