@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ def _user_errors(fn: Callable) -> Callable:
         logger.info("%s refused: %s", fn.__name__, exc)
         return gr.Error(str(exc), print_exception=False)
 
-    if _is_generator(fn):
+    if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
@@ -57,12 +58,6 @@ def _user_errors(fn: Callable) -> Callable:
             logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
 
     return wrapper
-
-
-def _is_generator(fn: Callable) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 def _parse_vectors(vectors, n_layers: int) -> list[eng.VectorSpec]:

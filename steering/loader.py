@@ -297,7 +297,7 @@ class ModelManager:
         if verdict != "stable" and not force and not spec.embedded:
             reason = (
                 f"{spec.id} in {quant} needs about {gpu.format_bytes(need_bytes)} but "
-                f"{gpu.format_bytes(self._headroom(reading))} is free; verdict '{verdict}' "
+                f"{gpu.format_bytes(reading.headroom_bytes)} is free; verdict '{verdict}' "
                 f"(a {gpu.format_bytes(self.margin_bytes)} safety margin is kept). Use force to try anyway."
             )
             if not startup and self._current is not None:
@@ -390,8 +390,8 @@ class ModelManager:
             "asked": {"model": asked[0], "quant": asked[1]},
             "loaded": {"model": loaded.model_id, "quant": loaded.quant, "device": loaded.device},
             "reason": reason,
-            "free_before_bytes": self._headroom(before),
-            "free_after_bytes": self._headroom(after),
+            "free_before_bytes": before.headroom_bytes,
+            "free_after_bytes": after.headroom_bytes,
         }
         self.events.append(event)
         self.event_count += 1
@@ -411,9 +411,6 @@ class ModelManager:
         import torch
 
         return torch.cuda.is_available()
-
-    def _headroom(self, reading: gpu.DeviceReading) -> int:
-        return reading.headroom_bytes  # free VRAM within --vram-limit; available RAM in CPU mode
 
     def _verdict(self, spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading) -> tuple[str, int]:
         need = estimate.estimate_for(spec, quant, reading, self.context_tokens).need_bytes
