@@ -355,7 +355,7 @@ def measure(
     from steering import catalog, estimate
     from steering.engine import VectorSpec, engine_for
     from steering.generate import Sampling, compare_rows, run_rows
-    from steering.loader import is_oom
+    from steering.loaded import is_oom
 
     spec = catalog.get_spec(str(folder))
     reading = manager.probe()
@@ -366,13 +366,13 @@ def measure(
     manager.release()
     meter.settle()
     base_alloc, base_res = meter.allocated(), meter.reserved()
-    events = len(manager.events)
+    events = manager.events.count
     meter.reset_peak()
     started = time.perf_counter()
     manager.load(str(folder), quant, force=True)
     row["load_s"] = time.perf_counter() - started
-    if len(manager.events) > events:
-        row["error"] = f"downgraded while loading: {manager.events[-1]['reason']}"
+    if manager.events.since(events):
+        row["error"] = f"downgraded while loading: {manager.events.since(events)[-1]['reason']}"
         return row
     load_alloc, load_res = meter.peaks()
     failure = None
@@ -466,10 +466,10 @@ def provoke_downgrade(manager, oversized: Path, *, force: bool) -> dict:
             "error": f"the plan calls it stable on {reading.name} ({reading.mode})",
             "loaded": {"model": None, "quant": None, "device": None},
         }  # fmt: skip
-    events = len(manager.events)
+    events = manager.events.count
     started = time.perf_counter()
     status = manager.load(str(oversized), "bf16", force=force)
-    new = manager.events[events:]
+    new = manager.events.since(events)
     return {
         "forced": force,
         "plan_verdict": verdict,

@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from steering import estimate, gpu
+from steering import catalog, estimate, gpu
 from steering.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ def add_plan_arguments(plan_parser: argparse.ArgumentParser) -> None:
     plan_parser.add_argument("--cuda-index", type=int, default=0, help="CUDA device index (default 0)")
     plan_parser.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan for a simulated card")
     plan_parser.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the simulated card")
+    plan_parser.add_argument(
+        "--fallback-model",
+        metavar="ID",
+        default=catalog.FALLBACK_ID,
+        help=f"model the app downgrades to, in {catalog.FALLBACK_QUANT} (default {catalog.FALLBACK_ID})",
+    )
     plan_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -80,6 +86,7 @@ def run_plan(args: argparse.Namespace) -> int:
             context_tokens=args.context,
             margin_bytes=args.margin,
             batch_rows=args.rows,
+            fallback=(args.fallback_model, catalog.FALLBACK_QUANT),
         )
     except ModelUnavailableError as exc:
         print(f"python -m steering plan: error: {exc}", file=sys.stderr)

@@ -1,156 +1,128 @@
 """The typed functions behind every UI event and client API endpoint.
 
-Each public function validates its input, runs the model work through the one model manager
-(which serialises it and recovers from out-of-memory by loading the fallback), and returns plain
-JSON-ready values. Domain errors from the core become `gr.Error` here, so a browser user and a
-`gradio_client` caller read the same sentence, naming the field and the allowed range.
+Each public function validates what it can before it waits for the model, then runs the model
+work through one path (`_run` / `_stream`): the model manager's lock is taken once, layers are
+checked against the model that will answer, the work runs, and the answer carries the fallback
+event of this request's own attempt (None unless it ran out of memory and was retried on the
+fallback). Values are plain JSON. Errors are the core's `SteeringError`s, whose message names the
+field and the allowed range; `steering/ui.py` translates them for Gradio. No gradio here.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import inspect
-import logging
-import threading
-import time
-from collections.abc import Callable, Iterator
-
-import gradio as gr
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from threading import Event
 
 from steering import engine as eng
-from steering import estimate, generate, gpu
-from steering.errors import InputError, SteeringError
-from steering.loader import LoadedModel, get_manager, map_layer
+from steering import generate, limits
+from steering.errors import InputError
+from steering.loaded import decoder_layers
+from steering.loader import Attempt, get_manager
 
-logger = logging.getLogger(__name__)
-
-
-def _user_errors(fn: Callable) -> Callable:
-    """Translate domain errors into `gr.Error` and log one line per request (no prompts)."""
-
-    def report(exc: Exception):
-        logger.info("%s refused: %s", fn.__name__, exc)
-        return gr.Error(str(exc), print_exception=False)
-
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                yield from fn(*args, **kwargs)
-            except SteeringError as exc:
-                raise report(exc) from None
-            finally:
-                logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
-
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        except SteeringError as exc:
-            raise report(exc) from None
-        finally:
-            logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
-
-    return wrapper
+_D = {name: limit.default for name, limit in limits.LIMITS.items()}  # defaults of the signatures below
 
 
-def _parse_vectors(vectors, n_layers: int) -> list[eng.VectorSpec]:
-    if not isinstance(vectors, list):
-        raise InputError("vectors", "must be a list of vector objects")
-    if len(vectors) > eng.MAX_VECTORS:
-        raise InputError("vectors", f"at most {eng.MAX_VECTORS} vectors per request; got {len(vectors)}")
+# -- the one path of every model request --------------------------------------------------------
+def _check_layers(attempt: Attempt, layers: Sequence[tuple[str, int]]) -> None:
+    """Each (field, layer) against the model the request was first given to (under the lock)."""
+    for field, layer in layers:
+        limits.check_layer(layer, field, attempt.validated_layers)
+
+
+def _run(what: str, layers: Sequence[tuple[str, int]], work: Callable[[Attempt], dict]) -> dict:
+    """Run `work` on the model under its lock; the result gains this request's own `fallback`."""
+
+    def attempt(a: Attempt) -> dict:
+        _check_layers(a, layers)
+        return {**work(a), "fallback": a.event}
+
+    return get_manager().run(attempt, what=what)
+
+
+def _stream(what: str, layers: Sequence[tuple[str, int]], work: Callable[[Attempt], Iterator[dict]]) -> Iterator[dict]:
+    """`_run` for streaming work: every update carries this request's own `fallback`."""
+
+    def attempt(a: Attempt) -> Iterator[dict]:
+        _check_layers(a, layers)
+        for update in work(a):
+            yield {**update, "fallback": a.event}
+
+    yield from get_manager().stream(attempt, what=what)
+
+
+def _known_layers() -> int | None:
+    """The loaded model's layer count, read without the lock (None while none is loaded): bad
+    layers are refused before waiting; `_check_layers` decides again against the answering model."""
+    loaded = get_manager().current
+    model = loaded.model if loaded is not None else None
+    return len(decoder_layers(model)) if model is not None else None
+
+
+def _parse_vectors(vectors) -> list[eng.VectorSpec]:
+    limits.check_count("vectors", vectors, "vectors")
+    n_layers = _known_layers()
     return [eng.parse_vector(raw, i, n_layers) for i, raw in enumerate(vectors)]
 
 
-def _remap(specs: list[eng.VectorSpec], from_layers: int, loaded: LoadedModel) -> list[eng.VectorSpec]:
-    """Vectors validated against one model, moved by relative depth onto the model that answers."""
-    if loaded.n_layers == from_layers:
-        return specs
-    from dataclasses import replace
-
-    return [replace(s, layer=map_layer(s.layer, from_layers, loaded.n_layers)) for s in specs]
+def _check_capture_mode(mode) -> str:
+    if mode not in eng.CAPTURE_MODES:
+        raise InputError("capture_mode", f"must be one of {', '.join(eng.CAPTURE_MODES)}; got {mode!r}")
+    return mode
 
 
-def _last_event_since(count: int) -> dict | None:
-    """The newest downgrade event if one was recorded after `event_count` was `count`."""
-    manager = get_manager()
-    return manager.events[-1] if manager.event_count > count else None
-
-
-def _current_layers() -> int:
-    manager = get_manager()
-    with manager.session() as loaded:
-        return loaded.n_layers
-
-
-@_user_errors
+# -- endpoints ----------------------------------------------------------------------------------
 def steer_stream(
     prompt: str,
     vectors: list[dict],
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    max_new_tokens: int = _D["max_new_tokens"],
+    temperature: float = _D["temperature"],
+    top_p: float = _D["top_p"],
+    seed: int = _D["seed"],
     compare: bool = True,
     *,
-    stop: threading.Event | None = None,
+    stop: Event | None = None,
     capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
     raw_prompt: bool = False,
 ) -> Iterator[dict]:
     """Streaming form of `steer`: yields the result dict with the texts so far, then the final one."""
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
-    manager = get_manager()
-    n_layers = _current_layers()
-    specs = _parse_vectors(vectors, n_layers)
-    events_before = manager.event_count
+    specs = _parse_vectors(vectors)
+    capture_mode = _check_capture_mode(capture_mode)
 
-    def work(loaded: LoadedModel) -> Iterator[dict]:
-        mapped = _remap(specs, n_layers, loaded)
-        rows = generate.compare_rows(mapped, compare)
+    def work(attempt: Attempt) -> Iterator[dict]:
+        loaded = attempt.loaded
+        mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
         base = {
             "model": loaded.model_id,
             "quant": loaded.quant,
             "device": loaded.device,
             "layers": sorted({s.layer for s in mapped if s.enabled}),
-            "fallback": None,
-            "done": False,
         }
         for update in generate.stream_rows(
             eng.engine_for(loaded),
             prompt,
-            rows,
+            generate.compare_rows(mapped, compare),
             sampling,
             stop=stop,
             raw_prompt=raw_prompt,
             capture_mode=capture_mode,
         ):
-            yield {
-                **base,
-                "steered": update.texts[0],
-                "baseline": update.texts[1] if compare else None,
-                "done": update.done,
-            }
+            baseline = update.texts[1] if compare else None
+            yield {**base, "steered": update.texts[0], "baseline": baseline, "done": update.done}
 
-    for result in manager.stream(work, what="generation"):
-        result["fallback"] = _last_event_since(events_before)
-        yield result
+    yield from _stream("generation", [(f"vectors[{i}].layer", s.layer) for i, s in enumerate(specs)], work)
 
 
-@_user_errors
 def steer(
     prompt: str,
     vectors: list[dict],
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    max_new_tokens: int = _D["max_new_tokens"],
+    temperature: float = _D["temperature"],
+    top_p: float = _D["top_p"],
+    seed: int = _D["seed"],
     compare: bool = True,
 ) -> dict:
     """Generate with steering vectors, and (by default) the unsteered baseline beside it.
@@ -169,24 +141,21 @@ def steer(
 
     Returns:
         {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
-        "fallback" (None, or the downgrade event when the model ran out of memory)}.
+        "fallback" (None, or the downgrade event when this request ran out of memory)}.
     """
-    # The undecorated generator: this function's own wrapper already logs and translates errors.
-    result = collections.deque(
-        steer_stream.__wrapped__(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare), maxlen=1
-    )[0]
+    stream = steer_stream(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare)
+    result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
 
 
-@_user_errors
 def sweep(
     prompt: str,
     text: str,
     layer: int,
     coeffs: list[float],
-    max_new_tokens: int = 48,
-    seed: int = 0,
+    max_new_tokens: int = _D["sweep_max_new_tokens"],
+    seed: int = _D["seed"],
 ) -> dict:
     """Generate once per coefficient of one steering text, all as rows of one batch, with scores.
 
@@ -199,43 +168,34 @@ def sweep(
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
 
     Returns:
-        {"rows": [{"coeff", "text", "effect", "perplexity"}], "model", "layer"}. effect: mean
-        per-token log-prob of the steering text after a neutral prompt, steered minus unsteered
-        (higher = the model leans towards the text). perplexity: of the generated text under the
-        unsteered model (lower = more fluent).
+        {"rows": [{"coeff", "text", "effect", "perplexity"}], "model", "layer", "fallback"}.
+        effect: mean per-token log-prob of the steering text after a neutral prompt, steered minus
+        unsteered (higher = the model leans towards the text). perplexity: of the generated text
+        under the unsteered model (lower = more fluent).
     """
     prompt = generate.check_prompt(prompt)
-    sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed)
-    if not isinstance(coeffs, list):
-        raise InputError("coeffs", f"must be a list of 1 to {generate.MAX_SWEEP_ROWS} numbers")
-    n_layers = _current_layers()
-    layer = eng.check_layer(layer, "layer", n_layers)
-    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before queueing for the model
-    manager = get_manager()
-    events_before = manager.event_count
+    sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
+    layer = limits.check_layer(layer, "layer", _known_layers())
+    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before waiting for the model
 
-    def work(loaded: LoadedModel) -> dict:
-        mapped_layer = map_layer(layer, n_layers, loaded.n_layers)
-        mapped_rows = generate.sweep_rows(text, mapped_layer, coeffs)
-        engine = eng.engine_for(loaded)
-        final = generate.run_rows(engine, prompt, mapped_rows, sampling)
-        effects = generate.effect_scores(engine, mapped_rows, text)
+    def work(attempt: Attempt) -> dict:
+        rows = generate.sweep_rows(text, attempt.layer(layer), coeffs)
+        engine = eng.engine_for(attempt.loaded)
+        final = generate.run_rows(engine, prompt, rows, sampling)
+        effects = generate.effect_scores(engine, rows, text)
         ppl = generate.perplexities(engine, prompt, final.token_ids)
         return {
             "rows": [
                 {"coeff": float(row[0][1]), "text": out, "effect": eff, "perplexity": p}
-                for row, out, eff, p in zip(mapped_rows, final.texts, effects, ppl)
+                for row, out, eff, p in zip(rows, final.texts, effects, ppl)
             ],
-            "model": loaded.model_id,
-            "layer": mapped_layer,
+            "model": attempt.loaded.model_id,
+            "layer": attempt.layer(layer),
         }
 
-    result = manager.run(work, what="sweep")
-    result["fallback"] = _last_event_since(events_before)
-    return result
+    return _run("sweep", [("layer", layer)], work)
 
 
-@_user_errors
 def similarity(texts: list[str], layer: int) -> dict:
     """Cosine similarity of the steering vectors of several texts at one layer.
 
@@ -244,22 +204,20 @@ def similarity(texts: list[str], layer: int) -> dict:
         layer: the layer to capture at, 0 .. n_layers-1.
 
     Returns:
-        {"texts", "layer", "matrix": list of lists of cosines in [-1, 1]}.
+        {"texts", "layer", "matrix": list of lists of cosines in [-1, 1], "model", "fallback"}.
     """
-    if not isinstance(texts, list) or not 2 <= len(texts) <= eng.MAX_VECTORS:
-        raise InputError("texts", f"give 2 to {eng.MAX_VECTORS} texts")
-    texts = [eng.check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-    n_layers = _current_layers()
-    layer = eng.check_layer(layer, "layer", n_layers)
+    limits.check_count("similarity_texts", texts, "texts")
+    texts = [limits.check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+    layer = limits.check_layer(layer, "layer", _known_layers())
 
-    def work(loaded: LoadedModel) -> dict:
-        mapped = map_layer(layer, n_layers, loaded.n_layers)
-        return {"texts": texts, "layer": mapped, "matrix": eng.engine_for(loaded).similarity(texts, mapped)}
+    def work(attempt: Attempt) -> dict:
+        mapped = attempt.layer(layer)
+        matrix = eng.engine_for(attempt.loaded).similarity(texts, mapped)
+        return {"texts": texts, "layer": mapped, "matrix": matrix, "model": attempt.loaded.model_id}
 
-    return get_manager().run(work, what="similarity")
+    return _run("similarity", [("layer", layer)], work)
 
 
-@_user_errors
 def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
     """Load a model (the previous one is freed first) and return the status.
 
@@ -276,7 +234,6 @@ def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
     return get_manager().load(model, quant, force)
 
 
-@_user_errors
 def status() -> dict:
     """What is loaded and how memory stands.
 
@@ -289,20 +246,14 @@ def status() -> dict:
     return manager.status()
 
 
-@_user_errors
-def plan(context: int = 2048) -> dict:
+def plan(context: int = _D["context"]) -> dict:
     """The memory plan of this machine: need and verdict of every model and quantization.
 
     Args:
         context: context length in tokens to plan for, 128 to 32768.
 
     Returns:
-        the same object as `python -m steering plan --json`: device, headroom_bytes, models, choice.
+        the same object as `python -m steering plan --json`: device, headroom_bytes, models, choice
+        (with this server's fallback model).
     """
-    number = eng.check_finite(context, "context")
-    if not number.is_integer() or not 128 <= number <= 32768:
-        raise InputError("context", f"must be an integer from 128 to 32768; got {context!r}")
-    context = int(number)
-    manager = get_manager()
-    reading = gpu.probe(manager.cuda_index, vram_limit_bytes=manager.vram_limit_bytes)
-    return estimate.plan(reading, context_tokens=context, margin_bytes=manager.margin_bytes)
+    return get_manager().plan(limits.check("context", context))

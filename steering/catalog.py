@@ -22,6 +22,7 @@ __all__ = [
     "CATALOG",
     "EMBEDDED_ID",
     "FALLBACK_ID",
+    "FALLBACK_QUANT",
     "ModelSpec",
     "count_params",
     "find_in_catalog",
@@ -34,7 +35,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
+# The downgrade target's default; the configured one (`--fallback-model`) travels as a parameter.
 FALLBACK_ID = "Qwen/Qwen2.5-1.5B-Instruct"
+FALLBACK_QUANT = "4bit"
 
 # Decoder families whose parameter layout count_params() knows exactly (llama-style blocks:
 # q/k/v/o attention, gated MLP, two RMSNorms per layer). Others are counted as if llama-style.

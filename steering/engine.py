@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
 
+from steering import limits
 from steering.errors import InputError
+from steering.limits import check_layer, check_text
+from steering.loaded import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,6 @@ NEUTRAL_TEXTS = (
     "Okay, let me see.",
 )
 
-# Documented request limits (the API and UI quote them in their errors).
-MAX_VECTORS = 8
-MAX_TEXT_CHARS = 1000
-COEFF_CAP = 20.0
-DEFAULT_COEFF = 0.5  # measured sensible range on SmolLM2: 0.25-0.75 (README, "Coefficients")
 CACHE_ENTRIES = 256
 
 
@@ -79,8 +76,12 @@ class VectorSpec:
         return f"{self.positive} - {self.negative}" if self.contrastive else self.text
 
 
-def parse_vector(raw: dict, index: int, n_layers: int) -> VectorSpec:
-    """Turn a request's vector dict into a validated `VectorSpec` (raises `InputError`)."""
+def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
+    """Turn a request's vector dict into a validated `VectorSpec` (raises `InputError`).
+
+    With `n_layers` None the layer is only checked to be a non-negative integer: the api checks
+    its range again, under the model lock, against the model that will answer.
+    """
     name = f"vectors[{index}]"
     if not isinstance(raw, dict):
         raise InputError(name, "each vector must be an object with text (or positive/negative), coeff, layer")
@@ -88,55 +89,14 @@ def parse_vector(raw: dict, index: int, n_layers: int) -> VectorSpec:
     texts = {}
     for key in ("positive", "negative") if contrastive else ("text",):
         texts[key] = check_text(raw.get(key), f"{name}.{key}")
-    coeff = check_coeff(raw.get("coeff", DEFAULT_COEFF), f"{name}.coeff")
+    coeff = limits.check("coeff", raw.get("coeff", limits.DEFAULT_COEFF), f"{name}.coeff")
     layer = check_layer(raw.get("layer"), f"{name}.layer", n_layers)
     decay = None
     if raw.get("decay") not in (None, "", 0, 1, 1.0):
-        rate = check_finite(raw["decay"], f"{name}.decay")
-        if not 0.0 < rate <= 1.0:
-            raise InputError(f"{name}.decay", f"must be in (0, 1] (multiplier per decoding step); got {rate}")
-        floor = check_finite(raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
-        if not 0.0 <= floor <= 1.0:
-            raise InputError(f"{name}.decay_min", f"must be in [0, 1] (the multiplier's floor); got {floor}")
+        rate = limits.check("decay", raw["decay"], f"{name}.decay")
+        floor = limits.check("decay_min", raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
         decay = DecaySchedule(rate=rate, min_multiplier=floor)
     return VectorSpec(layer=layer, coeff=coeff, enabled=bool(raw.get("enabled", True)), decay=decay, **texts)
-
-
-def check_text(value, field_name: str, limit: int = MAX_TEXT_CHARS) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(field_name, f"must be a non-empty text of at most {limit} characters")
-    if len(value) > limit:
-        raise InputError(field_name, f"is {len(value)} characters; the limit is {limit}")
-    return value
-
-
-def check_finite(value, field_name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(field_name, f"must be a number; got {value!r}") from None
-    if not math.isfinite(number):
-        raise InputError(field_name, f"must be a finite number; got {value!r}")
-    return number
-
-
-def check_coeff(value, field_name: str) -> float:
-    number = check_finite(value, field_name)
-    if abs(number) > COEFF_CAP:
-        raise InputError(field_name, f"must be between -{COEFF_CAP:g} and {COEFF_CAP:g}; got {number:g}")
-    return number
-
-
-def check_layer(value, field_name: str, n_layers: int) -> int:
-    if isinstance(value, bool) or value is None:
-        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}; got {value!r}") from None
-    if not number.is_integer() or not 0 <= number < n_layers:
-        raise InputError(field_name, f"must be an integer from 0 to {n_layers - 1}; got {value!r}")
-    return int(number)
 
 
 class _InstanceSteer(Steer):
@@ -191,7 +151,7 @@ class SteeringEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.identity = identity
-        self.n_layers = len(model.model.layers)
+        self.n_layers = len(decoder_layers(model))
         self.device = next(model.parameters()).device
         self.steer = _InstanceSteer(model, tokenizer)
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -336,7 +296,7 @@ class SteeringEngine:
         """True when nothing is installed: every layer runs its own forward."""
         return not self.steer.steers and all(
             "forward" not in layer.__dict__ or getattr(layer.__dict__["forward"], "__self__", None) is layer
-            for layer in self.model.model.layers
+            for layer in decoder_layers(self.model)
         )
 
     def close(self) -> None:

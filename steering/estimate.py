@@ -41,7 +41,8 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 
-from steering.catalog import CATALOG, EMBEDDED_ID, FALLBACK_ID, ModelSpec, gated_message, get_spec
+from steering.catalog import CATALOG, EMBEDDED_ID, FALLBACK_ID, FALLBACK_QUANT, ModelSpec, gated_message, get_spec
+from steering.errors import ModelUnavailableError
 from steering.gpu import DeviceReading, format_bytes
 
 __all__ = [
@@ -160,9 +161,12 @@ def measured_weights_bytes(model: object) -> int:
         if state is not None:
             for tensor in (state.absmax, state.code, state.offset):
                 add(tensor)
-            if state.state2 is not None:
-                add(state.state2.absmax)
-                add(state.state2.code)
+            # bitsandbytes' CPU kernels repack a state on its first forward pass (the nested
+            # absmax is expanded and `state2` deleted), so the attribute may be gone.
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                add(nested.absmax)
+                add(nested.code)
     for buffer in model.buffers():
         add(buffer)
     return sum(storages.values())
@@ -400,24 +404,34 @@ def plan(
     context_tokens: int = 2048,
     margin_bytes: int = MARGIN_DEFAULT_BYTES,
     batch_rows: int = 2,
+    fallback: tuple[str, str] = (FALLBACK_ID, FALLBACK_QUANT),
 ) -> dict:
     """The `python -m steering plan --json` object: device, headroom, matrix and choice.
 
+    `fallback` is the (model, quantization) the app downgrades to (`--fallback-model`): the
+    choice names it when the requested model, or every catalog model, is not stable.
     Raises `ModelUnavailableError` (from `get_spec`) when `model` cannot be resolved offline.
     """
     if quant != "auto":
         _check_quant(quant)
+    _check_quant(fallback[1])
     headroom = reading.headroom_bytes
     requested = get_spec(model) if model else None
+    try:
+        fallback_spec: ModelSpec | str = get_spec(fallback[0])
+    except ModelUnavailableError as exc:  # the plan still answers; the choice says why
+        fallback_spec = f"the fallback {fallback[0]} cannot be had ({exc})"
     specs = list(CATALOG)
-    if requested is not None and requested not in specs:
-        specs.append(requested)
+    for extra in (requested, fallback_spec):
+        if isinstance(extra, ModelSpec) and extra not in specs:
+            specs.append(extra)
 
     rows: list[dict] = []
     for spec in specs:
         quants = sensible_quants(spec, reading)
-        if spec is requested and quant != "auto" and quant not in quants:
-            quants.append(quant)
+        for extra_quant, owner in ((quant, requested), (fallback[1], fallback_spec)):
+            if spec is owner and extra_quant != "auto" and extra_quant not in quants:
+                quants.append(extra_quant)
         for q in quants:
             est = estimate_for(spec, q, reading, context_tokens, batch_rows)
             rows.append(
@@ -430,7 +444,7 @@ def plan(
                 }
             )
     verdicts = {(r["id"], r["quant"]): r for r in rows}
-    choice = _choose(reading, requested, quant, verdicts, margin_bytes)
+    choice = _choose(reading, requested, quant, verdicts, margin_bytes, (fallback_spec, fallback[1]))
     return {"device": reading.to_dict(), "headroom_bytes": headroom, "models": rows, "choice": choice}
 
 
@@ -438,7 +452,14 @@ def _fits_text(row: dict, headroom: int, margin: int) -> str:
     return f"needs {format_bytes(row['need_bytes'])} + {format_bytes(margin)} margin, headroom {format_bytes(headroom)}"
 
 
-def _choose(reading: DeviceReading, requested: ModelSpec | None, quant: str, rows: dict, margin: int) -> dict:
+def _choose(
+    reading: DeviceReading,
+    requested: ModelSpec | None,
+    quant: str,
+    rows: dict,
+    margin: int,
+    fallback: tuple[ModelSpec | str, str],
+) -> dict:
     headroom = reading.headroom_bytes
 
     def best(spec: ModelSpec) -> dict | None:
@@ -459,7 +480,7 @@ def _choose(reading: DeviceReading, requested: ModelSpec | None, quant: str, row
                 "reason": f"requested; stable: {_fits_text(row, headroom, margin)}",
             }
         why = gated or _why_not_stable(requested, quant, rows, headroom, margin)
-        return _fallback(reading, rows, margin, why)
+        return _fallback(reading, rows, margin, why, fallback)
 
     if not reading.is_gpu:
         return {
@@ -481,7 +502,7 @@ def _choose(reading: DeviceReading, requested: ModelSpec | None, quant: str, row
             "quant": row["quant"],
             "reason": f"largest stable model of the matrix: {_fits_text(row, headroom, margin)}{note}",
         }
-    return _fallback(reading, rows, margin, "no catalog model is stable here")
+    return _fallback(reading, rows, margin, "no catalog model is stable here", fallback)
 
 
 def _why_not_stable(spec: ModelSpec, quant: str, rows: dict, headroom: int, margin: int) -> str:
@@ -493,17 +514,23 @@ def _why_not_stable(spec: ModelSpec, quant: str, rows: dict, headroom: int, marg
     return f"{what} ({row['quant']} is {row['verdict']}: {_fits_text(row, headroom, margin)})"
 
 
-def _fallback(reading: DeviceReading, rows: dict, margin: int, why: str) -> dict:
-    row = rows.get((FALLBACK_ID, "4bit"))
+def _fallback(reading: DeviceReading, rows: dict, margin: int, why: str, fallback: tuple[ModelSpec | str, str]) -> dict:
+    spec, quant = fallback
+    embedded = {"id": EMBEDDED_ID, "quant": "fp32"}
+    if isinstance(spec, str):  # the configured fallback cannot be resolved here
+        return {**embedded, "reason": f"{why}; {spec}, so the embedded model runs on the CPU"}
+    row = rows.get((spec.id, quant))
     if row is not None and row["verdict"] == "stable":
+        # The plan is about memory: a gated fallback is still named, with what it needs to load.
+        gated = gated_message(spec)
         return {
-            "id": FALLBACK_ID,
-            "quant": "4bit",
-            "reason": f"{why}; falling back to {FALLBACK_ID} 4bit: {_fits_text(row, reading.headroom_bytes, margin)}",
+            "id": spec.id,
+            "quant": quant,
+            "reason": f"{why}; falling back to {spec.id} {quant}: {_fits_text(row, reading.headroom_bytes, margin)}"
+            + (f" ({gated})" if gated else ""),
         }
     return {
-        "id": EMBEDDED_ID,
-        "quant": "fp32",
-        "reason": f"{why}; the fallback {FALLBACK_ID} 4bit does not fit with the margin either, "
+        **embedded,
+        "reason": f"{why}; the fallback {spec.id} {quant} does not fit with the margin either, "
         "so the embedded model runs on the CPU",
     }

@@ -35,15 +35,11 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec, check_coeff, check_finite, check_text
-from steering.errors import InputError
+from steering import limits
+from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 4000
-MAX_NEW_TOKENS = 512
-MAX_SWEEP_ROWS = 8
-MAX_SEED = 2**31 - 1
 # The fixed neutral point at which `effect` measures how likely the steering text has become.
 NEUTRAL_PROMPT = "Say something."
 
@@ -52,32 +48,24 @@ NEUTRAL_PROMPT = "Say something."
 class Sampling:
     """Decoding settings of one request. temperature 0 means greedy."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = limits.LIMITS["max_new_tokens"].default
+    temperature: float = limits.LIMITS["temperature"].default
+    top_p: float = limits.LIMITS["top_p"].default
+    seed: int = limits.LIMITS["seed"].default
 
 
-def check_sampling(max_new_tokens, temperature, top_p, seed) -> Sampling:
+def check_sampling(max_new_tokens, temperature, top_p, seed, *, tokens_limit: str = "max_new_tokens") -> Sampling:
     """Validate decoding settings (raises `InputError` naming the field and the range)."""
-
-    tokens = check_finite(max_new_tokens, "max_new_tokens")
-    if not tokens.is_integer() or not 1 <= tokens <= MAX_NEW_TOKENS:
-        raise InputError("max_new_tokens", f"must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
-    temp = check_finite(temperature, "temperature")
-    if not 0.0 <= temp <= 2.0:
-        raise InputError("temperature", f"must be between 0 and 2 (0 = greedy); got {temperature!r}")
-    nucleus = check_finite(top_p, "top_p")
-    if not 0.0 < nucleus <= 1.0:
-        raise InputError("top_p", f"must be in (0, 1]; got {top_p!r}")
-    seed_value = check_finite(seed, "seed")
-    if not seed_value.is_integer() or not 0 <= seed_value <= MAX_SEED:
-        raise InputError("seed", f"must be an integer from 0 to {MAX_SEED}; got {seed!r}")
-    return Sampling(int(tokens), temp, nucleus, int(seed_value))
+    return Sampling(
+        limits.check(tokens_limit, max_new_tokens, "max_new_tokens"),
+        limits.check("temperature", temperature),
+        limits.check("top_p", top_p),
+        limits.check("seed", seed),
+    )
 
 
 def check_prompt(prompt) -> str:
-    return check_text(prompt, "prompt", MAX_PROMPT_CHARS)
+    return limits.check_text(prompt, "prompt", "prompt_chars")
 
 
 def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
@@ -238,10 +226,9 @@ def compare_rows(vectors: Sequence[VectorSpec], compare: bool) -> list[list[tupl
 
 def sweep_rows(text: str, layer: int, coeffs: Sequence[float]) -> list[list[tuple[VectorSpec, float]]]:
     """One row per coefficient of one vector."""
-    check_text(text, "text")
-    if not 1 <= len(coeffs) <= MAX_SWEEP_ROWS:
-        raise InputError("coeffs", f"give 1 to {MAX_SWEEP_ROWS} coefficients; got {len(coeffs)}")
-    values = [check_coeff(c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
+    limits.check_text(text, "text")
+    limits.check_count("sweep_coeffs", coeffs, "coeffs")
+    values = [limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
     spec = VectorSpec(layer=layer, coeff=1.0, text=text)
     return [[(spec, c)] for c in values]
 

@@ -1,9 +1,12 @@
-"""The Gradio app: `build_demo(config) -> gr.Blocks`. Layout first, event wiring last.
+"""The Gradio app: `build_demo(config) -> gr.Blocks`. One builder per panel, event wiring last.
 
 The UI is a thin layer over `steering/api.py`: every handler here converts component values
 (`steering/views.py` does the pure conversions) and calls one api function. No model logic and
 no model or tensor in `gr.State`. The six client endpoints are the api functions themselves,
-registered with `gr.api` so their typed signatures and docstrings make the API page.
+registered with `gr.api` so their typed signatures and docstrings make the API page. This is the
+edge where the core's `SteeringError`s become `gr.Error`s (and where each request logs one line).
+
+Sliders and number boxes take their range and default from `steering/limits.py`.
 
 Concurrency: Gradio's limits are per handler, so every handler that runs the model shares the
 concurrency id "model" with limit 1 (the manager's lock is the backstop). Status and memory
@@ -16,20 +19,36 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
-from steering import api, catalog, engine, generate, views
-from steering.errors import InputError
+from steering import api, catalog, engine, limits, views
+from steering.errors import SteeringError
 from steering.loader import QUANT_CHOICES, get_manager
+
+logger = logging.getLogger(__name__)
 
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # everything that runs the model
 INFO = {"concurrency_id": "info", "concurrency_limit": 4}  # readings: never wait behind a generation
 UI_ONLY = {"concurrency_limit": None, "api_visibility": "private"}  # table edits: no model, no waiting
+PRIVATE = {"api_visibility": "private"}
+
+# The client endpoints: api function, name, concurrency group.
+ENDPOINTS = (
+    (api.steer, "steer", MODEL),
+    (api.sweep, "sweep", MODEL),
+    (api.similarity, "similarity", MODEL),
+    (api.load_model, "load_model", MODEL),
+    (api.status, "status", INFO),
+    (api.plan, "plan", INFO),
+)
 
 
 @dataclass(frozen=True)
@@ -41,20 +60,52 @@ class UIConfig:
     title: str = "Steering Lab"
 
 
-def _endpoint(fn):
-    """`fn` with its string annotations evaluated, so `gr.api` sees real types (api.py uses
-    `from __future__ import annotations`) and the API page shows `dict` instead of `Any`."""
+# -- the edge: domain errors -> gr.Error, one log line per request ------------------------------
+def _user_error(exc: SteeringError) -> gr.Error:
+    return gr.Error(str(exc), print_exception=False)
+
+
+def user_errors(fn):
+    """`fn` with the core's errors shown to the user and one log line per call (never a prompt)."""
+
+    def refused(exc: SteeringError) -> gr.Error:
+        logger.info("%s refused: %s", fn.__name__, exc)
+        return _user_error(exc)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                yield from fn(*args, **kwargs)
+            except SteeringError as exc:
+                raise refused(exc) from None
+            finally:
+                logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
+
+        return stream
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        return fn(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except SteeringError as exc:
+            raise refused(exc) from None
+        finally:
+            logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
 
-    call.__signature__ = inspect.signature(fn, eval_str=True)
     return call
 
 
-def _user_error(exc: InputError) -> gr.Error:
-    return gr.Error(str(exc), print_exception=False)
+def _endpoint(fn):
+    """An api function as a client endpoint: errors translated, and its string annotations
+    evaluated so `gr.api` sees real types (api.py uses `from __future__ import annotations`) and
+    the API page shows `dict` instead of `Any`."""
+    call = user_errors(fn)
+    call.__signature__ = inspect.signature(fn, eval_str=True)
+    return call
 
 
 # -- handlers: read the model view -------------------------------------------------------------
@@ -78,11 +129,13 @@ def _model_view(status: dict) -> tuple:
     )
 
 
+@user_errors
 def refresh_model_view() -> tuple:
     """Status line, fallback notice and layer ranges of the loaded model (on page load)."""
     return _model_view(api.status())
 
 
+@user_errors
 def load_selected_model(model: str, quant: str, force: bool, progress=gr.Progress(track_tqdm=True)) -> tuple:
     """Load the chosen model; the layer sliders follow its depth."""
     progress(0, desc=f"Loading {model}")
@@ -95,8 +148,8 @@ def add_vector_row(rows: list, text: str, positive: str, negative: str, coeff: f
     if not (text or "").strip() and not (positive or "").strip() and not (negative or "").strip():
         raise gr.Error("text: type a steering text (or a positive and a negative text) first", print_exception=False)
     kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0)]
-    if len(kept) >= engine.MAX_VECTORS:
-        raise gr.Error(f"vectors: at most {engine.MAX_VECTORS} vectors", print_exception=False)
+    if len(kept) >= limits.MAX_VECTORS:
+        raise gr.Error(f"vectors: at most {limits.MAX_VECTORS} vectors", print_exception=False)
     kept.append([text or "", positive or "", negative or "", coeff, int(layer), True])
     return kept, "", "", ""
 
@@ -119,6 +172,7 @@ def clear_vector_rows() -> list:
 
 
 # -- handlers: generation ----------------------------------------------------------------------
+@user_errors
 def generate_outputs(prompt, rows, layer, max_new_tokens, temperature, top_p, seed, capture_mode, raw_prompt):
     """Stream steered and baseline text side by side (both rows of one batch).
 
@@ -151,28 +205,29 @@ def generate_outputs(prompt, rows, layer, max_new_tokens, temperature, top_p, se
         stream.close()
 
 
+@user_errors
 def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed) -> tuple:
     """One row per coefficient: outputs, effect and perplexity, and their plot."""
-    try:
-        coeffs = views.parse_coeffs(coeffs_text)
-    except InputError as exc:
-        raise _user_error(exc) from None
-    result = api.sweep(prompt, text, layer, coeffs, max_new_tokens, seed)
+    result = api.sweep(prompt, text, layer, views.parse_coeffs(coeffs_text), max_new_tokens, seed)
     import pandas as pd  # a gradio dependency; LinePlot takes a DataFrame
 
     points = pd.DataFrame(views.sweep_points(result), columns=["coeff", "value", "metric"])
-    return views.sweep_rows(result), points, f"{result['model']} · layer {result['layer']}"
+    info = f"{result['model']} · layer {result['layer']}"
+    notice = views.fallback_notice(result.get("fallback"))
+    return views.sweep_rows(result), points, info + (f"  \n{notice}" if notice else "")
 
 
+@user_errors
 def show_similarity(rows, layer) -> str:
     """The cosine heatmap of the table's (enabled) texts at the layer slider's layer."""
     texts = views.vector_texts(views.rows_to_vectors(rows, int(layer)))
     if len(texts) < 2:
         raise gr.Error("texts: the vectors table needs at least 2 different texts to compare", print_exception=False)
-    result = api.similarity(texts[: engine.MAX_VECTORS], int(layer))
+    result = api.similarity(texts[: limits.MAX_VECTORS], int(layer))
     return views.heatmap_html(result["texts"], result["matrix"], result["layer"])
 
 
+@user_errors
 def refresh_memory(context) -> tuple:
     """The card reading, processes, this machine's compatibility matrix and the fallback log."""
     status, plan = api.status(), api.plan(context)
@@ -210,17 +265,17 @@ def _apply(recipe: dict, default_layer: int) -> tuple:
     return recipe["prompt"], rows, s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"]
 
 
+@user_errors
 def load_recipe(file_path, layer) -> tuple:
     """Fill the prompt, vectors table and settings from an uploaded recipe."""
     try:
-        recipe = views.parse_recipe(Path(file_path).read_text(encoding="utf-8"))
-    except InputError as exc:
-        raise _user_error(exc) from None
+        text = Path(file_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, TypeError) as exc:
         raise gr.Error(f"recipe: cannot read the uploaded file ({exc})", print_exception=False) from None
-    return _apply(recipe, int(layer))
+    return _apply(views.parse_recipe(text), int(layer))
 
 
+@user_errors
 def apply_example(name: str) -> tuple:
     """A built-in recipe, its layers set to the loaded model's middle layer."""
     if name not in views.EXAMPLES:
@@ -230,7 +285,253 @@ def apply_example(name: str) -> tuple:
     return _apply(recipe, api.status()["default_layer"])
 
 
-# -- layout ------------------------------------------------------------------------------------
+# -- controls bound to a declared limit --------------------------------------------------------
+def _limited(name: str) -> dict:
+    """Range, default and the `limit-NAME` class of a control for the limit `name`."""
+    limit = limits.LIMITS[name]
+    step = 1 if limit.integer else 0.05
+    low = limit.minimum + step if limit.min_exclusive else limit.minimum
+    kwargs = {"minimum": low, "maximum": limit.maximum, "value": limit.default, "elem_classes": [f"limit-{name}"]}
+    return {**kwargs, "precision": 0} if limit.integer else kwargs
+
+
+def _slider(name: str, label: str, **kwargs) -> gr.Slider:
+    limit = limits.LIMITS[name]
+    return gr.Slider(step=1 if limit.integer else 0.05, label=label, **_limited(name), **kwargs)
+
+
+def _layer_slider(n_layers: int, label: str) -> gr.Slider:
+    return gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, precision=0, label=label)
+
+
+# -- layout: one builder per panel -------------------------------------------------------------
+def _model_panel(loaded, locked: bool) -> SimpleNamespace:
+    model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
+    with gr.Accordion("Model", open=True):
+        with gr.Row():
+            dropdown = gr.Dropdown(
+                model_choices,
+                value=loaded.model_id if loaded else catalog.EMBEDDED_ID,
+                label="Model",
+                info="A matrix model, any cached Hugging Face id, or a local folder",
+                allow_custom_value=True,
+                interactive=not locked,
+                scale=3,
+            )
+            quant = gr.Radio(list(QUANT_CHOICES), value="auto", label="Quantization", interactive=not locked, scale=3)
+            force = gr.Checkbox(False, label="Force (skip the memory check)", interactive=not locked, scale=1)
+            load_btn = gr.Button("Load", variant="secondary", interactive=not locked, scale=1)
+        if locked:
+            gr.Markdown("_Model switching is disabled on this server (`--lock-model`)._")
+        status_md = gr.Markdown("Loading…", elem_id="status-line")
+        fallback_md = gr.Markdown("", elem_id="fallback-notice")
+    return SimpleNamespace(
+        dropdown=dropdown, quant=quant, force=force, load_btn=load_btn, status_md=status_md, fallback_md=fallback_md
+    )
+
+
+def _vector_form(n_layers: int) -> SimpleNamespace:
+    """Layer slider, the new-vector form, the vectors table and its row buttons."""
+    layer = _layer_slider(n_layers, "Layer (for new vectors and the heatmap)")
+    with gr.Row():
+        text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
+        positive = gr.Textbox(label="…or positive", placeholder="happy")
+        negative = gr.Textbox(label="…minus negative", placeholder="sad")
+    with gr.Row():
+        coeff = gr.Number(label=f"Coefficient (|c| ≤ {limits.COEFF_CAP:g})", elem_id="new-coeff", **_limited("coeff"))
+        add_btn = gr.Button("Add vector", elem_id="add-vector")
+    table = gr.Dataframe(
+        value=[],
+        headers=list(views.VECTOR_COLUMNS),
+        datatype=["str", "str", "str", "number", "number", "bool"],
+        type="array",
+        column_count=len(views.VECTOR_COLUMNS),
+        interactive=True,
+        label="Vectors",
+        elem_id="vectors-table",
+    )
+    with gr.Row():
+        remove_number = gr.Number(0, precision=0, minimum=0, label="Row to remove (0: the last)")
+        remove_btn = gr.Button("Remove row")
+        clear_btn = gr.Button("Clear")
+    return SimpleNamespace(
+        layer=layer,
+        text=text,
+        positive=positive,
+        negative=negative,
+        coeff=coeff,
+        add_btn=add_btn,
+        table=table,
+        remove_number=remove_number,
+        remove_btn=remove_btn,
+        clear_btn=clear_btn,
+    )
+
+
+def _decoding_panel() -> SimpleNamespace:
+    with gr.Accordion("Decoding", open=False, elem_id="decoding"):
+        max_tokens = _slider("max_new_tokens", "Max new tokens", elem_id="max-tokens")
+        temperature = _slider("temperature", "Temperature (0 = greedy)")
+        top_p = _slider("top_p", "Top-p")
+        seed = gr.Number(label="Seed", **_limited("seed"))
+        capture = gr.Radio(
+            list(engine.CAPTURE_MODES),
+            value=engine.DEFAULT_CAPTURE_MODE,
+            label="Capture mode (stock = llm-steer's own)",
+        )
+        raw_prompt = gr.Checkbox(False, label="Raw prompt (skip the chat template)")
+    return SimpleNamespace(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, capture=capture, raw_prompt=raw_prompt
+    )
+
+
+def _steer_tab(n_layers: int) -> SimpleNamespace:
+    with gr.Tab("Steer"), gr.Row():
+        with gr.Column(scale=1):
+            form = _vector_form(n_layers)
+            decoding = _decoding_panel()
+            with gr.Row():
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+        with gr.Column(scale=1):
+            with gr.Row():
+                steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
+                baseline = gr.Textbox(
+                    label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
+                )
+            run_info = gr.Markdown("", elem_id="run-info")
+    return SimpleNamespace(
+        form=form,
+        decoding=decoding,
+        generate_btn=generate_btn,
+        stop_btn=stop_btn,
+        steered=steered,
+        baseline=baseline,
+        run_info=run_info,
+    )
+
+
+def _sweep_tab(n_layers: int) -> SimpleNamespace:
+    with gr.Tab("Sweep"):
+        gr.Markdown(
+            "One steering text at several coefficients, all rows of one batch. **effect**: how much more "
+            "likely the model finds the text (nats/token); **perplexity**: fluency of the output."
+        )
+        with gr.Row():
+            text = gr.Textbox("dogs", label="Steering text")
+            layer = _layer_slider(n_layers, "Layer")
+            coeffs = gr.Textbox("0, 0.5, 1, 2", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})")
+            tokens = _slider("sweep_max_new_tokens", "Max new tokens")
+        run_btn = gr.Button("Run sweep", variant="primary")
+        info = gr.Markdown("")
+        table = gr.Dataframe(headers=list(views.SWEEP_COLUMNS), type="array", interactive=False, wrap=True)
+        plot = gr.LinePlot(
+            x="coeff",
+            y="value",
+            color="metric",
+            title="Effect and ln(perplexity) vs coefficient",
+            x_title="coefficient",
+            y_title="nats per token",
+        )
+    return SimpleNamespace(
+        text=text, layer=layer, coeffs=coeffs, tokens=tokens, run_btn=run_btn, info=info, table=table, plot=plot
+    )
+
+
+def _vectors_tab() -> SimpleNamespace:
+    with gr.Tab("Vectors"):
+        gr.Markdown("Texts whose vectors point the same way steer alike. Uses the table's texts and the layer slider.")
+        show_btn = gr.Button("Show similarity")
+        heatmap = gr.HTML("")
+    return SimpleNamespace(show_btn=show_btn, heatmap=heatmap)
+
+
+def _memory_tab() -> SimpleNamespace:
+    with gr.Tab("Memory"):
+        with gr.Row():
+            context = gr.Number(label="Context tokens to plan for", **_limited("context"))
+            refresh_btn = gr.Button("Refresh")
+        card = gr.Markdown("")
+        processes = gr.Dataframe(
+            headers=["pid", "name", "memory", "kind", "desktop"],
+            type="array",
+            interactive=False,
+            label="Processes on the card",
+        )
+        plan = gr.Dataframe(
+            headers=["model", "quant", "need", "verdict", "largest terms"],
+            type="array",
+            interactive=False,
+            label="Compatibility on this machine",
+        )
+        events = gr.Dataframe(
+            headers=["time", "stage", "asked", "loaded", "reason", "free before", "free after"],
+            type="array",
+            interactive=False,
+            label="Fallback events",
+            wrap=True,
+        )
+    return SimpleNamespace(
+        context=context, refresh_btn=refresh_btn, card=card, processes=processes, plan=plan, events=events
+    )
+
+
+def _recipes_tab() -> SimpleNamespace:
+    with gr.Tab("Recipes"):
+        with gr.Row():
+            example = gr.Dropdown(list(views.EXAMPLES), value=next(iter(views.EXAMPLES)), label="Built-in example")
+            use_example_btn = gr.Button("Use example", elem_id="use-example")
+        with gr.Row():
+            save_btn = gr.Button("Save recipe (JSON)")
+            upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath")
+        file = gr.File(label="Recipe download", interactive=False)
+    return SimpleNamespace(
+        example=example, use_example_btn=use_example_btn, save_btn=save_btn, upload_btn=upload_btn, file=file
+    )
+
+
+# -- wiring ------------------------------------------------------------------------------------
+def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, memory, recipes) -> None:
+    form, decoding = steer.form, steer.decoding
+    model_view = [model.status_md, model.fallback_md, form.layer, sweep.layer, model.dropdown]
+    demo.load(refresh_model_view, None, model_view, **PRIVATE, **INFO)
+    model.load_btn.click(
+        load_selected_model, [model.dropdown, model.quant, model.force], model_view, **PRIVATE, **MODEL
+    )
+    form.add_btn.click(
+        add_vector_row,
+        [form.table, form.text, form.positive, form.negative, form.coeff, form.layer],
+        [form.table, form.text, form.positive, form.negative],
+        **UI_ONLY,
+    )
+    form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], form.table, **UI_ONLY)
+    form.clear_btn.click(clear_vector_rows, None, form.table, **UI_ONLY)
+    settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    generation = steer.generate_btn.click(
+        generate_outputs,
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt],
+        [steer.steered, steer.baseline, steer.run_info],
+        **PRIVATE,
+        **MODEL,
+    )
+    steer.stop_btn.click(None, None, None, cancels=[generation], **PRIVATE)
+    sweep.run_btn.click(
+        run_sweep,
+        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed],
+        [sweep.table, sweep.plot, sweep.info],
+        **PRIVATE,
+        **MODEL,
+    )
+    vectors.show_btn.click(show_similarity, [form.table, form.layer], vectors.heatmap, **PRIVATE, **MODEL)
+    memory.refresh_btn.click(
+        refresh_memory, memory.context, [memory.card, memory.processes, memory.plan, memory.events], **PRIVATE, **INFO
+    )
+    recipe_fields = [prompt, form.table, *settings]
+    recipes.save_btn.click(save_recipe, [prompt, form.table, form.layer, *settings], recipes.file, **UI_ONLY)
+    recipes.upload_btn.upload(load_recipe, [recipes.upload_btn, form.layer], recipe_fields, **UI_ONLY)
+    recipes.use_example_btn.click(apply_example, recipes.example, recipe_fields, **PRIVATE, **INFO)
+
+
 def build_demo(config: UIConfig | None = None) -> gr.Blocks:
     """The whole app, queued and ready for `launch()`."""
     config = config or UIConfig()
@@ -238,240 +539,23 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
     locked = config.lock_model or manager.locked
     loaded = manager.current
     n_layers = loaded.n_layers if loaded else catalog.get_spec(catalog.EMBEDDED_ID).n_layers
-    default_layer = n_layers // 2
-    model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
 
     with gr.Blocks(title=config.title) as demo:
         gr.Markdown(
             f"# {config.title}\nActivation steering (llm-steer) with steered and unsteered output side by side."
         )
-        with gr.Accordion("Model", open=True):
-            with gr.Row():
-                model_dropdown = gr.Dropdown(
-                    model_choices,
-                    value=loaded.model_id if loaded else catalog.EMBEDDED_ID,
-                    label="Model",
-                    info="A matrix model, any cached Hugging Face id, or a local folder",
-                    allow_custom_value=True,
-                    interactive=not locked,
-                    scale=3,
-                )
-                quant_radio = gr.Radio(
-                    list(QUANT_CHOICES), value="auto", label="Quantization", interactive=not locked, scale=3
-                )
-                force_checkbox = gr.Checkbox(
-                    False, label="Force (skip the memory check)", interactive=not locked, scale=1
-                )
-                load_btn = gr.Button("Load", variant="secondary", interactive=not locked, scale=1)
-            if locked:
-                gr.Markdown("_Model switching is disabled on this server (`--lock-model`)._")
-            status_md = gr.Markdown("Loading…", elem_id="status-line")
-            fallback_md = gr.Markdown("", elem_id="fallback-notice")
-        prompt_box = gr.Textbox("Tell me about your weekend.", label="Prompt", lines=2, elem_id="prompt-box")
-
+        model = _model_panel(loaded, locked)
+        prompt = gr.Textbox("Tell me about your weekend.", label="Prompt", lines=2, elem_id="prompt-box")
         with gr.Tabs():
-            with gr.Tab("Steer"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        layer_slider = gr.Slider(
-                            0,
-                            n_layers - 1,
-                            value=default_layer,
-                            step=1,
-                            precision=0,
-                            label="Layer (for new vectors and the heatmap)",
-                        )
-                        with gr.Row():
-                            new_text_box = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
-                            new_positive_box = gr.Textbox(label="…or positive", placeholder="happy")
-                            new_negative_box = gr.Textbox(label="…minus negative", placeholder="sad")
-                        with gr.Row():
-                            new_coeff_number = gr.Number(
-                                0.5,  # fluent but clearly steered on the embedded model
-                                label=f"Coefficient (|c| ≤ {engine.COEFF_CAP:g})",
-                                minimum=-engine.COEFF_CAP,
-                                maximum=engine.COEFF_CAP,
-                                elem_id="new-coeff",
-                            )
-                            add_vector_btn = gr.Button("Add vector", elem_id="add-vector")
-                        vectors_table = gr.Dataframe(
-                            value=[],
-                            headers=list(views.VECTOR_COLUMNS),
-                            datatype=["str", "str", "str", "number", "number", "bool"],
-                            type="array",
-                            column_count=len(views.VECTOR_COLUMNS),
-                            interactive=True,
-                            label="Vectors",
-                            elem_id="vectors-table",
-                        )
-                        with gr.Row():
-                            remove_row_number = gr.Number(
-                                0, precision=0, minimum=0, label="Row to remove (0: the last)"
-                            )
-                            remove_row_btn = gr.Button("Remove row")
-                            clear_rows_btn = gr.Button("Clear")
-                        with gr.Accordion("Decoding", open=False, elem_id="decoding"):
-                            max_tokens_slider = gr.Slider(
-                                1,
-                                generate.MAX_NEW_TOKENS,
-                                value=64,
-                                step=1,
-                                precision=0,
-                                label="Max new tokens",
-                                elem_id="max-tokens",
-                            )
-                            temperature_slider = gr.Slider(
-                                0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"
-                            )
-                            top_p_slider = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                            seed_number = gr.Number(0, precision=0, minimum=0, maximum=generate.MAX_SEED, label="Seed")
-                            capture_radio = gr.Radio(
-                                list(engine.CAPTURE_MODES),
-                                value=engine.DEFAULT_CAPTURE_MODE,
-                                label="Capture mode (stock = llm-steer's own)",
-                            )
-                            raw_prompt_checkbox = gr.Checkbox(False, label="Raw prompt (skip the chat template)")
-                        with gr.Row():
-                            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    with gr.Column(scale=1):
-                        with gr.Row():
-                            steered_box = gr.Textbox(
-                                label="Steered", lines=12, interactive=False, elem_id="steered-output"
-                            )
-                            baseline_box = gr.Textbox(
-                                label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
-                            )
-                        run_info_md = gr.Markdown("", elem_id="run-info")
-            with gr.Tab("Sweep"):
-                gr.Markdown(
-                    "One steering text at several coefficients, all rows of one batch. **effect**: how much more "
-                    "likely the model finds the text (nats/token); **perplexity**: fluency of the output."
-                )
-                with gr.Row():
-                    sweep_text_box = gr.Textbox("dogs", label="Steering text")
-                    sweep_layer_slider = gr.Slider(
-                        0, n_layers - 1, value=default_layer, step=1, precision=0, label="Layer"
-                    )
-                    sweep_coeffs_box = gr.Textbox("0, 0.5, 1, 2", label="Coefficients (up to 8)")
-                    sweep_tokens_slider = gr.Slider(
-                        1, generate.MAX_NEW_TOKENS, value=32, step=1, precision=0, label="Max new tokens"
-                    )
-                sweep_btn = gr.Button("Run sweep", variant="primary")
-                sweep_info_md = gr.Markdown("")
-                sweep_table = gr.Dataframe(
-                    headers=list(views.SWEEP_COLUMNS), type="array", interactive=False, wrap=True
-                )
-                sweep_plot = gr.LinePlot(
-                    x="coeff",
-                    y="value",
-                    color="metric",
-                    title="Effect and ln(perplexity) vs coefficient",
-                    x_title="coefficient",
-                    y_title="nats per token",
-                )
-            with gr.Tab("Vectors"):
-                gr.Markdown(
-                    "Texts whose vectors point the same way steer alike. Uses the table's texts and the layer slider."
-                )
-                similarity_btn = gr.Button("Show similarity")
-                heatmap_html = gr.HTML("")
-            with gr.Tab("Memory"):
-                with gr.Row():
-                    context_number = gr.Number(
-                        2048, precision=0, minimum=128, maximum=32768, label="Context tokens to plan for"
-                    )
-                    refresh_memory_btn = gr.Button("Refresh")
-                card_md = gr.Markdown("")
-                processes_table = gr.Dataframe(
-                    headers=["pid", "name", "memory", "kind", "desktop"],
-                    type="array",
-                    interactive=False,
-                    label="Processes on the card",
-                )
-                plan_table = gr.Dataframe(
-                    headers=["model", "quant", "need", "verdict", "largest terms"],
-                    type="array",
-                    interactive=False,
-                    label="Compatibility on this machine",
-                )
-                events_table = gr.Dataframe(
-                    headers=["time", "stage", "asked", "loaded", "reason", "free before", "free after"],
-                    type="array",
-                    interactive=False,
-                    label="Fallback events",
-                    wrap=True,
-                )
-            with gr.Tab("Recipes"):
-                with gr.Row():
-                    example_dropdown = gr.Dropdown(
-                        list(views.EXAMPLES), value=next(iter(views.EXAMPLES)), label="Built-in example"
-                    )
-                    use_example_btn = gr.Button("Use example", elem_id="use-example")
-                with gr.Row():
-                    save_recipe_btn = gr.Button("Save recipe (JSON)")
-                    recipe_upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath")
-                recipe_file = gr.File(label="Recipe download", interactive=False)
-
-        # -- client API: the api functions themselves, typed, with their docstrings --------------
-        for fn, name in (
-            (api.steer, "steer"),
-            (api.sweep, "sweep"),
-            (api.similarity, "similarity"),
-            (api.load_model, "load_model"),
-        ):
-            gr.api(_endpoint(fn), api_name=name, **MODEL)
-        for fn, name in ((api.status, "status"), (api.plan, "plan")):
-            gr.api(_endpoint(fn), api_name=name, **INFO)
-
-        # -- event wiring (UI-only handlers are private: not client endpoints) -----------------
-        model_view = [status_md, fallback_md, layer_slider, sweep_layer_slider, model_dropdown]
-        demo.load(refresh_model_view, None, model_view, api_visibility="private", **INFO)
-        load_btn.click(
-            load_selected_model,
-            [model_dropdown, quant_radio, force_checkbox],
-            model_view,
-            api_visibility="private",
-            **MODEL,
-        )
-        add_vector_btn.click(
-            add_vector_row,
-            [vectors_table, new_text_box, new_positive_box, new_negative_box, new_coeff_number, layer_slider],
-            [vectors_table, new_text_box, new_positive_box, new_negative_box],
-            **UI_ONLY,
-        )
-        remove_row_btn.click(remove_vector_row, [vectors_table, remove_row_number], vectors_table, **UI_ONLY)
-        clear_rows_btn.click(clear_vector_rows, None, vectors_table, **UI_ONLY)
-        settings = [max_tokens_slider, temperature_slider, top_p_slider, seed_number]
-        generation = generate_btn.click(
-            generate_outputs,
-            [prompt_box, vectors_table, layer_slider, *settings, capture_radio, raw_prompt_checkbox],
-            [steered_box, baseline_box, run_info_md],
-            api_visibility="private",
-            **MODEL,
-        )
-        stop_btn.click(None, None, None, cancels=[generation], api_visibility="private")
-        sweep_btn.click(
-            run_sweep,
-            [prompt_box, sweep_text_box, sweep_layer_slider, sweep_coeffs_box, sweep_tokens_slider, seed_number],
-            [sweep_table, sweep_plot, sweep_info_md],
-            api_visibility="private",
-            **MODEL,
-        )
-        similarity_btn.click(
-            show_similarity, [vectors_table, layer_slider], heatmap_html, api_visibility="private", **MODEL
-        )
-        refresh_memory_btn.click(
-            refresh_memory,
-            context_number,
-            [card_md, processes_table, plan_table, events_table],
-            api_visibility="private",
-            **INFO,
-        )
-        recipe_fields = [prompt_box, vectors_table, *settings]
-        save_recipe_btn.click(save_recipe, [prompt_box, vectors_table, layer_slider, *settings], recipe_file, **UI_ONLY)
-        recipe_upload_btn.upload(load_recipe, [recipe_upload_btn, layer_slider], recipe_fields, **UI_ONLY)
-        use_example_btn.click(apply_example, example_dropdown, recipe_fields, api_visibility="private", **INFO)
+            steer = _steer_tab(n_layers)
+            sweep = _sweep_tab(n_layers)
+            vectors = _vectors_tab()
+            memory = _memory_tab()
+            recipes = _recipes_tab()
+        # The client API: the api functions themselves, typed, with their docstrings.
+        for fn, name, group in ENDPOINTS:
+            gr.api(_endpoint(fn), api_name=name, **group)
+        _wire(demo, prompt, model, steer, sweep, vectors, memory, recipes)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)
     return demo

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from steering.errors import InputError
 from steering.gpu import format_bytes
+from steering.limits import LIMITS, MAX_SWEEP_ROWS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
@@ -22,7 +23,7 @@ VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled")
 SWEEP_COLUMNS = ("coeff", "effect", "perplexity", "text")
 RECIPE_FORMAT = "steering-lab-recipe"
 RECIPE_VERSION = 1
-DEFAULT_SETTINGS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+DEFAULT_SETTINGS = {name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")}
 
 # Built-in recipes, measured on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer
 # coefficient 0.5 keeps the text fluent while it drifts to the topic, and 1.0 already degenerates
@@ -129,7 +130,7 @@ def parse_coeffs(text: str) -> list[float]:
     """'0, 0.5, 1 2' -> [0.0, 0.5, 1.0, 2.0]; raises InputError naming `coeffs`."""
     parts = [p for p in str(text or "").replace(",", " ").split() if p]
     if not parts:
-        raise InputError("coeffs", "give 1 to 8 numbers separated by commas, e.g. 0, 0.5, 1, 2")
+        raise InputError("coeffs", f"give 1 to {MAX_SWEEP_ROWS} numbers separated by commas, e.g. 0, 0.5, 1, 2")
     try:
         return [float(p) for p in parts]
     except ValueError:

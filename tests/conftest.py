@@ -98,6 +98,16 @@ def _tiny(kind: str, embedded_dir: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture
+def fresh_manager():
+    """A new model manager (nothing loaded, default policy), installed as the process's manager
+    for the test and released afterwards: no test sees another's model, events or settings."""
+    from steering.loader import ModelManager, use_manager
+
+    with use_manager(ModelManager()) as manager:
+        yield manager
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(embedded_dir, tmp_path_factory) -> Path:
     return _tiny("qwen2", embedded_dir, tmp_path_factory.mktemp("tiny-qwen2"))

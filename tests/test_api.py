@@ -15,11 +15,11 @@ import pytest
 from _server import ROOT, TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
-from steering import catalog, engine, generate, views
+from steering import catalog, engine, limits, ui, views
 
 PROMPT = "Tell me about your weekend."
 LAYER = 15  # the embedded model's middle layer (30 layers)
-ENDPOINTS = {"/steer", "/sweep", "/similarity", "/load_model", "/status", "/plan"}
+ENDPOINTS = {f"/{name}" for _, name, _ in ui.ENDPOINTS}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def test_similarity_matrix(api):
     assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
     assert all(matrix[i][i] == pytest.approx(1.0, abs=1e-4) for i in range(3))
     assert matrix[0][1] > matrix[0][2]  # dogs are closer to puppies than to a bridge
+    assert api.predict(texts, LAYER, api_name="/similarity")["fallback"] is None
 
 
 def test_plan_matches_the_cli_shape(api):
@@ -146,13 +147,13 @@ def test_load_model_reloads_and_reports_status(api):
         (
             "/steer",
             (PROMPT, [{"text": "dogs", "coeff": 1e6, "layer": LAYER}]),
-            rf"vectors\[0\]\.coeff: .*{engine.COEFF_CAP:g}",
+            rf"vectors\[0\]\.coeff: .*{limits.COEFF_CAP:g}",
         ),
         ("/steer", (PROMPT, [{"text": "dogs", "coeff": 1, "layer": 99}]), r"vectors\[0\]\.layer: .*0 to 29"),
         ("/steer", (PROMPT, [{"text": " ", "coeff": 1, "layer": 1}]), r"vectors\[0\]\.text: .*non-empty"),
-        ("/steer", (PROMPT, [], 10**6), rf"max_new_tokens: .*1 to {generate.MAX_NEW_TOKENS}"),
-        ("/steer", (PROMPT, [{"text": "x", "coeff": 1, "layer": 1}] * 9), rf"^vectors: .*at most {engine.MAX_VECTORS}"),
-        ("/steer", (PROMPT, [], 8, 5.0), r"^temperature: .*between 0 and 2"),
+        ("/steer", (PROMPT, [], 10**6), rf"max_new_tokens: .*1 to {limits.MAX_NEW_TOKENS}"),
+        ("/steer", (PROMPT, [{"text": "x", "coeff": 1, "layer": 1}] * 9), rf"^vectors: .*at most {limits.MAX_VECTORS}"),
+        ("/steer", (PROMPT, [], 8, 5.0), r"^temperature: .*from 0 to 2"),
         ("/sweep", (PROMPT, "dogs", LAYER, [0.0] * 9), r"^coeffs: .*1 to 8"),
         ("/sweep", (PROMPT, "dogs", -1, [0.0]), r"^layer: .*0 to 29"),
         ("/similarity", (["dogs"], LAYER), r"^texts: .*2 to 8"),

@@ -23,9 +23,10 @@ QWEN2_TINY_CONFIG = {
 }
 
 
-def test_catalog_holds_the_issue_matrix():
+def test_catalog_holds_the_field_notes_matrix():
     ids = {spec.id for spec in CATALOG}
-    assert ids == {
+    assert len(ids) == len(CATALOG)  # no id twice
+    assert ids >= {
         "mistralai/Mistral-7B-Instruct-v0.3",
         "Qwen/Qwen2.5-7B-Instruct",
         "Qwen/Qwen2.5-1.5B-Instruct",
@@ -33,8 +34,8 @@ def test_catalog_holds_the_issue_matrix():
         EMBEDDED_ID,
     }
     assert FALLBACK_ID in ids
-    assert [s.id for s in CATALOG if s.gated] == ["meta-llama/Llama-3.2-1B-Instruct"]
-    assert [s.id for s in CATALOG if s.embedded] == [EMBEDDED_ID]
+    assert get_spec("meta-llama/Llama-3.2-1B-Instruct").gated and not get_spec(FALLBACK_ID).gated
+    assert [s.id for s in CATALOG if s.embedded] == [EMBEDDED_ID]  # exactly one offline model
 
 
 @pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.short_name)

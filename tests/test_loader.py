@@ -8,6 +8,7 @@ or where the model runs. Everything between is the code that runs on a real card
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 
@@ -16,10 +17,11 @@ import pytest
 import torch
 import transformers
 
-from steering import api, catalog, embedded, gpu
+from steering import api, catalog, embedded, gpu, weights
 from steering.engine import engine_for
 from steering.errors import InputError, ModelLockedError, ModelUnavailableError
-from steering.loader import get_manager, hub_reachable, is_oom, map_layer
+from steering.loaded import is_oom, map_layer
+from steering.loader import get_manager
 
 OOM_TEXT = (
     "CUDA out of memory. Tried to allocate 112.00 MiB. GPU 0 has a total capacity of 7.77 GiB "
@@ -28,13 +30,11 @@ OOM_TEXT = (
 
 
 @pytest.fixture
-def manager(tiny_qwen_dir):
-    m = get_manager()
-    m.configure(fallback_model=str(tiny_qwen_dir), lock_model=False)
-    m.events.clear()
-    yield m
-    m.configure(fallback_model=catalog.FALLBACK_ID, lock_model=False)
-    m.events.clear()
+def manager(fresh_manager, tiny_qwen_dir):
+    """A fresh manager (the process's one for this test) whose fallback is the tiny Qwen2."""
+    fresh_manager.configure(fallback_model=str(tiny_qwen_dir))
+    assert get_manager() is fresh_manager  # what the api functions use
+    return fresh_manager
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_refusals_change_nothing(manager, monkeypatch):
         manager.load(catalog.EMBEDDED_ID, "3bit")
     with pytest.raises(InputError, match="^model"):
         manager.load("   ")
-    assert manager.current.identity == before and manager.events == []
+    assert manager.current.identity == before and manager.events.all() == []
 
 
 def test_lock_model_refuses_user_switches(manager, tiny_qwen_dir):
@@ -161,7 +161,7 @@ def test_oom_during_generation_downgrades_remaps_layers_and_retries_once(manager
     assert result["layers"] == [3] == [map_layer(5, 6, 4)]  # same relative depth on the 4-layer fallback
     assert result["fallback"]["stage"] == "generation"
     assert result["fallback"]["asked"]["model"] == asked
-    assert len(manager.events) == 1
+    assert len(manager.events.all()) == 1
 
 
 def test_oom_on_the_embedded_model_reloads_it_on_cpu_not_the_bigger_fallback(manager):
@@ -210,7 +210,7 @@ def test_switching_frees_the_old_model_and_its_steering_state(manager, tiny_qwen
 def test_hub_probe_is_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
-    assert hub_reachable() is False
+    assert weights.hub_reachable() is False
     assert time.monotonic() - started < 0.5
 
 
@@ -244,13 +244,13 @@ def test_default_load_never_replaces_a_loaded_model(manager, tiny_qwen_dir):
 
 def test_too_big_model_with_unavailable_fallback_keeps_the_current_one(manager):
     manager.load(catalog.EMBEDDED_ID, "fp32")
-    before = manager.event_count
+    before = manager.events.count
     manager.configure(fallback_model=catalog.FALLBACK_ID)  # not cached here, and offline
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
         with pytest.raises(ModelUnavailableError, match="stays loaded"):
             manager.load("Qwen/Qwen2.5-7B-Instruct", "4bit")
     assert manager.current.model_id == catalog.EMBEDDED_ID
-    assert manager.event_count == before
+    assert manager.events.count == before
 
 
 def test_a_broken_model_folder_ends_on_the_fallback_with_an_event(manager, tmp_path, tiny_llama_dir, tiny_qwen_dir):
@@ -259,8 +259,115 @@ def test_a_broken_model_folder_ends_on_the_fallback_with_an_event(manager, tmp_p
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    before = manager.event_count
+    before = manager.events.count
     status = manager.load(str(broken), "fp32")
     assert status["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
     assert "could not load it" in status["events"][-1]["reason"]
     assert status["event_count"] == before + 1
+
+
+def _oom_once_in_embeddings(model, gate: threading.Event | None = None):
+    """The next pass through `model`'s token embeddings (every forward: generation, capture,
+    scoring) raises OOM, after waiting for `gate` when one is given."""
+    embed = model.model.embed_tokens
+
+    def forward(*args, **kwargs):
+        del embed.forward  # back to the class's forward: only this one call fails
+        if gate is not None:
+            gate.wait(30)
+        raise torch.OutOfMemoryError(OOM_TEXT)
+
+    embed.forward = forward
+
+
+@pytest.mark.parametrize(
+    ("what", "call"),
+    [
+        (
+            "generation",
+            lambda layer: api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": layer}], max_new_tokens=3),
+        ),
+        ("sweep", lambda layer: api.sweep("Hi", "dogs", layer, [0.0, 1.0], max_new_tokens=3)),
+        ("similarity", lambda layer: api.similarity(["dogs", "cats"], layer)),
+    ],
+)
+def test_every_model_endpoint_reports_its_own_fallback(manager, tiny_llama_dir, tiny_qwen_dir, what, call):
+    manager.load(str(tiny_llama_dir), "fp32")
+    _oom_once_in_embeddings(manager.current.model)
+    result = call(5)
+    assert result["fallback"]["stage"] == what
+    assert result["fallback"]["loaded"]["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
+    assert result["layer" if "layer" in result else "layers"] in (3, [3])  # layer 5 of 6 -> 3 of 4
+    assert call(3)["fallback"] is None  # the next request (on the 4-layer fallback) caused no downgrade
+
+
+def test_a_waiting_request_is_not_told_about_anothers_downgrade(manager, tiny_llama_dir):
+    manager.load(str(tiny_llama_dir), "fp32")
+    gate = threading.Event()
+    _oom_once_in_embeddings(manager.current.model, gate)
+    results: dict[str, dict] = {}
+
+    def request(name: str) -> None:
+        results[name] = api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 1}], max_new_tokens=2)
+
+    first = threading.Thread(target=request, args=("first",))
+    first.start()
+    time.sleep(0.5)  # the first request holds the model lock, blocked inside its forward pass
+    second = threading.Thread(target=request, args=("second",))
+    second.start()
+    time.sleep(0.5)  # the second one now waits for the lock
+    gate.set()
+    first.join(60)
+    second.join(60)
+    assert results["first"]["fallback"]["stage"] == "generation"
+    assert results["second"]["fallback"] is None
+    assert manager.events.count == 1
+
+
+def test_event_log_since_and_bound():
+    from steering.events import EventLog
+
+    log = EventLog(keep=3)
+    mark = log.count
+    for i in range(5):
+        event = log.record(stage="plan", asked=(f"m{i}", "4bit"), loaded={"model": "f"}, reason="r")
+        assert event["asked"] == {"model": f"m{i}", "quant": "4bit"}
+    assert log.count == mark + 5
+    assert [e["asked"]["model"] for e in log.all()] == ["m2", "m3", "m4"]  # the newest 3 are kept
+    assert [e["asked"]["model"] for e in log.since(mark + 3)] == ["m3", "m4"]
+    assert log.since(log.count) == []
+
+
+@pytest.mark.parametrize(
+    ("quant", "cuda_index", "bf16", "expected_dtype", "bnb"),
+    [
+        ("4bit", 0, False, torch.float16, "nf4"),  # Turing: fp16 compute
+        ("4bit", 0, True, torch.bfloat16, "nf4"),
+        ("4bit", None, False, torch.bfloat16, "nf4"),  # CPU: bf16 compute
+        ("8bit", 1, True, torch.bfloat16, "int8"),
+        ("fp16", 0, True, torch.float16, None),
+        ("fp32", None, False, torch.float32, None),
+    ],
+)
+def test_pretrained_kwargs(quant, cuda_index, bf16, expected_dtype, bnb):
+    kwargs = weights.pretrained_kwargs(quant, cuda_index=cuda_index, supports_bf16=bf16, local_files_only=True)
+    assert kwargs["device_map"] == {"": cuda_index if cuda_index is not None else "cpu"}
+    assert kwargs["dtype"] == expected_dtype and kwargs["local_files_only"] is True
+    config = kwargs.get("quantization_config")
+    if bnb is None:
+        assert config is None
+    elif bnb == "nf4":
+        assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+        assert config.bnb_4bit_compute_dtype == expected_dtype
+    else:
+        assert config.load_in_8bit and not config.load_in_4bit
+
+
+def test_gated_message_is_one_sentence_everywhere(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    spec = catalog.get_spec("meta-llama/Llama-3.2-1B-Instruct")
+    with pytest.raises(ModelUnavailableError) as caught:
+        weights.find_weights(spec, spec.id, online=lambda: False)
+    assert str(caught.value) == catalog.gated_message(spec)

@@ -101,6 +101,21 @@ def test_model_flag_picks_that_model(capsys):
     assert (choice["id"], choice["quant"]) == (FALLBACK_ID, "4bit")
 
 
+def test_fallback_model_flag_is_the_plans_fallback(capsys, monkeypatch):
+    # Qwen2.5-7B is only fragile on the reference card, so the plan names the configured fallback.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = ["plan", "--model", "Qwen/Qwen2.5-7B-Instruct", *REFERENCE, "--json"]
+    assert main([*args, "--fallback-model", "meta-llama/Llama-3.2-1B-Instruct"]) == 0
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert (choice["id"], choice["quant"]) == ("meta-llama/Llama-3.2-1B-Instruct", "4bit")
+    assert "falling back to meta-llama/Llama-3.2-1B-Instruct" in choice["reason"]
+    assert main(args) == 0  # without the flag: the default fallback
+    assert json.loads(capsys.readouterr().out)["choice"]["id"] == FALLBACK_ID
+    assert main([*args, "--fallback-model", "nobody/not-cached"]) == 0  # unresolvable: the embedded model
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert choice["id"] == "SmolLM2-135M-Instruct" and "nobody/not-cached cannot be had" in choice["reason"]
+
+
 @pytest.mark.parametrize(
     "args",
     [

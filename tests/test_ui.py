@@ -11,7 +11,7 @@ import gradio as gr
 import pytest
 from _server import ensure_embedded_loaded
 
-from steering import gpu, ui, views
+from steering import gpu, limits, ui, views
 from steering.errors import InputError
 
 
@@ -146,19 +146,14 @@ def test_model_handlers_share_one_queue_slot_and_lock_disables_switching(embedde
     ensure_embedded_loaded()
     demo = ui.build_demo(ui.UIConfig(lock_model=True))
     fns = {f.name: f for f in demo.fns.values() if f.name}
-    runs_model = [
-        "steer",
-        "sweep",
-        "similarity",
-        "load_model",
-        "load_selected_model",
-        "generate_outputs",
-        "run_sweep",
-        "show_similarity",
-    ]
+    endpoint_groups = {name: group for _, name, group in ui.ENDPOINTS}
+    runs_model = [name for name, group in endpoint_groups.items() if group is ui.MODEL]
+    assert {"steer", "sweep", "similarity", "load_model"} <= set(runs_model)
+    runs_model += ["load_selected_model", "generate_outputs", "run_sweep", "show_similarity"]
     assert all((fns[n].concurrency_id, fns[n].concurrency_limit) == ("model", 1) for n in runs_model)
+    assert all(fns[n].concurrency_id == "info" for n, g in endpoint_groups.items() if g is ui.INFO)
     public = {n for n, f in fns.items() if f.api_visibility == "public"}
-    assert public == {"steer", "sweep", "similarity", "load_model", "status", "plan"}
+    assert public == set(endpoint_groups)
     assert demo._queue.max_size == 32 and demo.api_open is False
     assert _load_button(demo).interactive is False
     assert _load_button(ui.build_demo(ui.UIConfig())).interactive is not False
@@ -166,3 +161,43 @@ def test_model_handlers_share_one_queue_slot_and_lock_disables_switching(embedde
 
 def _load_button(demo) -> gr.Button:
     return next(b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Load")
+
+
+def test_every_limited_control_matches_its_declared_limit(embedded_dir):
+    ensure_embedded_loaded()
+    demo = ui.build_demo()
+    bound = {}
+    for block in demo.blocks.values():
+        for cls in getattr(block, "elem_classes", None) or []:
+            if cls.startswith("limit-"):
+                bound[cls.removeprefix("limit-")] = block
+    assert set(bound) >= {"max_new_tokens", "sweep_max_new_tokens", "temperature", "top_p", "seed", "coeff", "context"}
+    for name, control in bound.items():
+        limit = limits.LIMITS[name]
+        assert control.value == limit.default, name
+        assert control.maximum == limit.maximum, name
+        if limit.min_exclusive:
+            assert limit.minimum < control.minimum <= limit.maximum, name
+        else:
+            assert control.minimum == limit.minimum, name
+
+
+def test_recipe_defaults_and_sweep_default_come_from_the_limits():
+    import inspect
+
+    from steering import api
+
+    assert views.DEFAULT_SETTINGS == {
+        name: limits.LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")
+    }
+    sweep_default = inspect.signature(api.sweep).parameters["max_new_tokens"].default
+    assert sweep_default == limits.LIMITS["sweep_max_new_tokens"].default
+    assert inspect.signature(api.steer).parameters["max_new_tokens"].default == limits.LIMITS["max_new_tokens"].default
+
+
+def test_api_module_does_not_import_gradio():
+    import subprocess
+    import sys
+
+    code = "import sys, steering.api; sys.exit('gradio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ui.__file__.rsplit("/steering/", 1)[0]).returncode == 0

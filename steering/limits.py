@@ -1,0 +1,135 @@
+"""Every request limit and default, declared once, and the one checker for numbers.
+
+The engine, generation, the API, the UI's sliders and boxes, and the error messages all read
+these declarations, so "1 to 512" is written in exactly one place. Plain Python: no torch, no
+gradio. A limit whose range depends on the loaded model (a layer index) is declared here with
+`maximum=None` and checked with `check_layer`, which takes the model's layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from steering.errors import InputError
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One numeric request field: its default, allowed range, unit and a one-line help."""
+
+    name: str
+    default: float | int | None
+    minimum: float
+    maximum: float | None
+    unit: str
+    help: str
+    integer: bool = False
+    min_exclusive: bool = False  # (0, 1] rather than [0, 1]
+
+    def range_text(self, maximum: float | None = None) -> str:
+        high = self.maximum if maximum is None else maximum
+        if self.integer:
+            return f"an integer from {self.minimum:g} to {high:g}"
+        if self.min_exclusive:
+            return f"a number in ({self.minimum:g}, {high:g}]"
+        return f"a number from {self.minimum:g} to {high:g}"
+
+
+def _limits(*items: Limit) -> dict[str, Limit]:
+    return {item.name: item for item in items}
+
+
+LIMITS: dict[str, Limit] = _limits(
+    Limit("max_new_tokens", 64, 1, 512, "tokens", "tokens to generate per row", integer=True),
+    Limit("sweep_max_new_tokens", 32, 1, 512, "tokens", "tokens to generate per sweep row", integer=True),
+    Limit("temperature", 0.0, 0.0, 2.0, "", "0 for greedy decoding"),
+    Limit("top_p", 1.0, 0.0, 1.0, "", "nucleus sampling threshold", min_exclusive=True),
+    Limit("seed", 0, 0, 2**31 - 1, "", "random seed; each batch row samples with its own generator", integer=True),
+    Limit("coeff", 0.5, -20.0, 20.0, "× hidden-state RMS", "steering strength; negative steers away"),
+    Limit("layer", None, 0, None, "", "decoder layer whose input is steered", integer=True),
+    Limit("decay", 1.0, 0.0, 1.0, "", "coefficient multiplier per decoding step", min_exclusive=True),
+    Limit("decay_min", 0.0, 0.0, 1.0, "", "floor of the decay multiplier"),
+    Limit("vectors", 8, 0, 8, "vectors", "steering vectors per request", integer=True),
+    Limit("text_chars", 1000, 1, 1000, "characters", "length of one steering text", integer=True),
+    Limit("prompt_chars", 4000, 1, 4000, "characters", "length of the prompt", integer=True),
+    Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),
+    Limit("similarity_texts", 8, 2, 8, "texts", "texts compared in one similarity matrix", integer=True),
+    Limit("context", 2048, 128, 32768, "tokens", "context length per row the memory plan prices", integer=True),
+)
+
+# Names the rest of the code uses for the common bounds (read from the table above).
+MAX_NEW_TOKENS = int(LIMITS["max_new_tokens"].maximum)
+MAX_SEED = int(LIMITS["seed"].maximum)
+COEFF_CAP = float(LIMITS["coeff"].maximum)
+DEFAULT_COEFF = float(LIMITS["coeff"].default)
+MAX_VECTORS = int(LIMITS["vectors"].maximum)
+MAX_TEXT_CHARS = int(LIMITS["text_chars"].maximum)
+MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].maximum)
+MAX_SWEEP_ROWS = int(LIMITS["sweep_coeffs"].maximum)
+
+
+def check_finite(value, field: str) -> float:
+    """A finite number, or `InputError` naming `field`. Booleans are not numbers."""
+    if isinstance(value, bool):
+        raise InputError(field, f"must be a number; got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(field, f"must be a number; got {_short(value)}") from None
+    if not math.isfinite(number):
+        raise InputError(field, f"must be a finite number; got {_short(value)}")
+    return number
+
+
+def check(name: str, value, field: str | None = None, *, maximum: float | None = None) -> float | int:
+    """Validate `value` against the limit `name` (an int for integer limits), or raise `InputError`.
+
+    `field` is the name the error shows (default: the limit's name), e.g. "vectors[2].coeff";
+    `maximum` overrides a model-dependent upper bound (a layer's is n_layers - 1).
+    """
+    limit = LIMITS[name]
+    field = field or name
+    high = limit.maximum if maximum is None else maximum
+    number = check_finite(value, field)
+    low_ok = number > limit.minimum if limit.min_exclusive else number >= limit.minimum
+    if not low_ok or (high is not None and number > high) or (limit.integer and not number.is_integer()):
+        raise InputError(field, f"must be {limit.range_text(high)}; got {_short(value)}")
+    return int(number) if limit.integer else number
+
+
+def check_layer(value, field: str, n_layers: int | None) -> int:
+    """A layer index of a model with `n_layers` layers (None: only "a non-negative integer")."""
+    if n_layers is None:
+        number = check_finite(value, field)
+        if not number.is_integer() or number < 0:
+            raise InputError(field, f"must be a non-negative integer (a layer index); got {_short(value)}")
+        return int(number)
+    return int(check("layer", value, field, maximum=n_layers - 1))
+
+
+def check_count(name: str, items, field: str) -> list:
+    """A list whose length is within the limit `name` (e.g. 1 to 8 sweep coefficients)."""
+    limit = LIMITS[name]
+    span = f"at most {limit.maximum:g}" if limit.minimum == 0 else f"{limit.minimum:g} to {limit.maximum:g}"
+    if not isinstance(items, list):
+        raise InputError(field, f"must be a list of {span} {limit.unit}")
+    if not limit.minimum <= len(items) <= limit.maximum:
+        raise InputError(field, f"give {span} {limit.unit}; got {len(items)}")
+    return items
+
+
+def check_text(value, field: str, name: str = "text_chars") -> str:
+    """A non-empty text within the character limit `name`."""
+    limit = int(LIMITS[name].maximum)
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(field, f"must be a non-empty text of at most {limit} characters")
+    if len(value) > limit:
+        raise InputError(field, f"is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+def _short(value) -> str:
+    """`repr(value)` cut to 60 characters: errors never echo a huge input back."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

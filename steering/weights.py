@@ -1,0 +1,134 @@
+"""Where a model's weights come from, and how transformers is asked to load them.
+
+* `find_weights(spec, model, online)`: a local folder, the Hugging Face cache, or the hub, decided
+  up front so that an offline or gated model is refused in a second and nothing is unloaded for
+  it. Raises `ModelUnavailableError` with a sentence a user can act on.
+* `hub_reachable()` / `NetworkCheck`: whether the hub answers, in ~1.5 s instead of
+  huggingface_hub's ~26 s of retries, remembered for a minute.
+* `pretrained_kwargs(...)`: the `from_pretrained` arguments for a quantization and a device, as a
+  pure function (testable without loading anything).
+* `load_pretrained(...)`: the one place that calls `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from steering import catalog, embedded
+from steering.errors import ModelUnavailableError
+
+logger = logging.getLogger(__name__)
+
+NETWORK_TTL_S = 60.0
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def hub_reachable(timeout_s: float = 1.5) -> bool:
+    """Whether the model hub answers, decided in ~1.5 s instead of huggingface_hub's ~26 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # DNS resolution ignores the socket timeout, so the probe runs in a thread we can abandon.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s + 0.5)
+    return bool(result and result[0])
+
+
+class NetworkCheck:
+    """`hub_reachable()` remembered for `ttl_s` seconds (call the instance)."""
+
+    def __init__(self, ttl_s: float = NETWORK_TTL_S):
+        self.ttl_s = ttl_s
+        self._last: tuple[float, bool] | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._last is None or now - self._last[0] > self.ttl_s:
+            self._last = (now, hub_reachable())
+        return self._last[1]
+
+
+def find_weights(spec: catalog.ModelSpec, model: str, online) -> str:
+    """The `from_pretrained` source of `model`: a folder, or a hub id (cached or fetchable).
+
+    `online` is a callable answering whether the hub can be reached (only asked when needed).
+    Raises `ModelUnavailableError` when the weights cannot be had here.
+    """
+    if spec.embedded:
+        return str(embedded.ensure_converted())
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser())
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec.id, "config.json"), str) and any(
+        isinstance(try_to_load_from_cache(spec.id, name), str) for name in _WEIGHT_FILES
+    ):
+        return spec.id
+    gated = catalog.gated_message(spec)
+    if gated:
+        raise ModelUnavailableError(gated)
+    if not online():
+        raise ModelUnavailableError(
+            f"{spec.id} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(offline). Download it on a connected machine or pass a local folder."
+        )
+    return spec.id
+
+
+def pretrained_kwargs(quant: str, *, cuda_index: int | None, supports_bf16: bool, local_files_only: bool) -> dict:
+    """`from_pretrained` keyword arguments for `quant` on CUDA device `cuda_index` (None: the CPU).
+
+    The whole model goes on one device (`device_map={"": index}`), so a misfit is an out-of-memory
+    error the manager recovers from, not a silent offload to the CPU. 4bit is bitsandbytes NF4
+    with double quantization, computing in bf16 where the card has it (fp16 below compute
+    capability 8.0; bf16 on the CPU).
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    half = torch.bfloat16 if (cuda_index is None or supports_bf16) else torch.float16
+    kwargs: dict[str, Any] = {
+        "device_map": {"": cuda_index if cuda_index is not None else "cpu"},
+        "local_files_only": local_files_only,
+    }
+    if quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=half,
+        )
+        kwargs["dtype"] = half
+    elif quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = half
+    else:
+        kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant]
+    return kwargs
+
+
+def load_pretrained(source: str, kwargs: dict) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer with a pad token) from `source`: the transformers boundary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kwargs["local_files_only"])
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
