@@ -403,7 +403,7 @@ imported = time.time()
 manager = get_manager()
 manager.load_default()
 loaded = time.time()
-update = manager.run(lambda m: run_rows(engine_for(m), "Hello!", [[]], Sampling(max_new_tokens=1)))
+update = manager.run(lambda attempt: run_rows(engine_for(attempt.loaded), "Hello!", [[]], Sampling(max_new_tokens=1)))
 first = time.time()
 print(json.dumps({"imported": imported, "loaded": loaded, "first_token": first,
                   "model": manager.current.model_id, "tokens": update.token_ids}))

@@ -112,7 +112,7 @@ def check_count(name: str, items, field: str) -> list:
     """A list whose length is within the limit `name` (e.g. 1 to 8 sweep coefficients)."""
     limit = LIMITS[name]
     span = f"at most {limit.maximum:g}" if limit.minimum == 0 else f"{limit.minimum:g} to {limit.maximum:g}"
-    if not isinstance(items, list):
+    if not isinstance(items, (list, tuple)):  # JSON gives lists; Python callers may pass tuples
         raise InputError(field, f"must be a list of {span} {limit.unit}")
     if not limit.minimum <= len(items) <= limit.maximum:
         raise InputError(field, f"give {span} {limit.unit}; got {len(items)}")
