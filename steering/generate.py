@@ -84,6 +84,10 @@ def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+# The generation loop's own import (kept apart from the module's imports above).
+from steering.cpu import small_batch_linears  # noqa: E402
+
+
 class _PerRowSampler(LogitsProcessor):
     """Draw each row's token with that row's own generator, then leave only it for argmax."""
 
@@ -173,7 +177,7 @@ def stream_rows(
 
         def work():
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), small_batch_linears(model):
                     model.generate(
                         input_ids=input_ids,
                         attention_mask=torch.ones_like(input_ids),

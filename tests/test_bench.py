@@ -20,7 +20,10 @@ RUN_KEYS = {
     "steer_overhead_ratio",
     "stock_steer_overhead_ratio",
     "compare_ratio",
+    "plain_compare_ratio",
+    "compare_minus_plain",
     "sweep_ratio",
+    "plain_sweep_ratio",
     "stock_capture_ratio",
     "cold_start_s",
     "warm_start_s",
@@ -80,12 +83,19 @@ def test_bench_run_prints_one_json_object(tmp_path, embedded_dir):
     result = json.loads(lines[0])
 
     assert RUN_KEYS <= set(result)
-    for key in ("steer_overhead_ratio", "stock_steer_overhead_ratio", "compare_ratio", "sweep_ratio",
-                "stock_capture_ratio", "warm_start_s"):  # fmt: skip
+    for key in ("steer_overhead_ratio", "stock_steer_overhead_ratio", "compare_ratio", "plain_compare_ratio",
+                "sweep_ratio", "plain_sweep_ratio", "stock_capture_ratio", "warm_start_s"):  # fmt: skip
         assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["compare_minus_plain"] == result["compare_ratio"] - result["plain_compare_ratio"]
     assert result["cold_start_s"] is None and result["start_ratio"] is None  # --smoke skips the cold start
     assert result["peak_rss_bytes"] > 100 * 1024**2
-    assert isinstance(result["compare_tokens_identical"], bool)
-    assert isinstance(result["sweep_tokens_identical"], bool)
-    assert set(result["targets"]) == {"steer_overhead_ratio", "compare_ratio", "sweep_ratio"}
+    # Batched rows must give the same tokens as separate runs, ours and plain transformers' alike.
+    assert result["compare_tokens_identical"] is True
+    assert result["sweep_tokens_identical"] is True
+    assert result["details"]["compare"]["plain"]["tokens_identical"] is True
+    assert result["details"]["sweep"]["plain"]["tokens_identical"] is True
+    assert set(result["targets"]) == {
+        "steer_overhead_ratio", "compare_ratio", "compare_minus_plain", "sweep_ratio", "cold_start_s"
+    }  # fmt: skip
+    assert result["targets"]["cold_start_s"]["met"] is None  # not measured in --smoke
     assert json.loads(out.read_text()) == result

@@ -54,3 +54,27 @@ def test_fast_conversion_equals_transformers_gguf_loader(tmp_path):
     assert fast_tokenizer.apply_chat_template(messages, tokenize=False) == reference_tokenizer.apply_chat_template(
         messages, tokenize=False
     )
+
+
+def test_small_batch_linears_compute_the_same_layers_and_leave_nothing_behind(smol):
+    """The weight-major product of `steering.cpu` (used by generation for 2-8 rows) equals
+    `F.linear` up to float rounding, leaves one row and long inputs to `F.linear` itself, and is
+    gone after the block. (Batched == separate tokens: tests/test_engine.py.)"""
+    from steering import cpu
+
+    model, _ = smol
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    layer = model.model.layers[3].mlp.up_proj
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        inputs = {rows: torch.randn(rows, 1, layer.in_features) for rows in (1, 2, 5, 8, 9, 48)}
+        expected = {rows: layer(x) for rows, x in inputs.items()}
+        with cpu.small_batch_linears(model) as switched:
+            assert switched == len(linears) == 211  # 7 per layer x 30 + lm_head
+            got = {rows: layer(x) for rows, x in inputs.items()}
+    assert all("forward" not in m.__dict__ for m in linears)
+    for rows in (1, 9, 48):  # outside 2..8 rows: exactly F.linear
+        assert torch.equal(got[rows], expected[rows]), rows
+    for rows in (2, 5, 8):
+        assert got[rows].shape == expected[rows].shape
+        torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
