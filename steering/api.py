@@ -16,7 +16,7 @@ from dataclasses import replace
 from threading import Event
 
 from steering import engine as eng
-from steering import generate, limits
+from steering import generate, limits, vector_io
 from steering.errors import InputError
 from steering.loaded import decoder_layers
 from steering.loader import Attempt, get_manager
@@ -25,31 +25,46 @@ _D = {name: limit.default for name, limit in limits.LIMITS.items()}  # defaults 
 
 
 # -- the one path of every model request --------------------------------------------------------
-def _check_layers(attempt: Attempt, layers: Sequence[tuple[str, int]]) -> None:
-    """Each (field, layer) against the model the request was first given to (under the lock)."""
+Checks = Sequence[tuple[str, int]]  # (field, layer index) of a request
+
+
+def _check_model_fit(attempt: Attempt, layers: Checks, sizes: Checks) -> None:
+    """Each (field, layer) against the model the request was first given to, and each (field,
+    length) of a raw direction against the hidden size of the model that answers (under the lock)."""
     for field, layer in layers:
         limits.check_layer(layer, field, attempt.validated_layers)
+    hidden = attempt.loaded.spec.hidden_size
+    for field, size in sizes:
+        if size != hidden:
+            raise InputError(field, f"has {size} numbers; {attempt.loaded.model_id} needs its hidden size, {hidden}")
 
 
-def _run(what: str, layers: Sequence[tuple[str, int]], work: Callable[[Attempt], dict]) -> dict:
+def _run(what: str, layers: Checks, work: Callable[[Attempt], dict], sizes: Checks = ()) -> dict:
     """Run `work` on the model under its lock; the result gains this request's own `fallback`."""
 
     def attempt(a: Attempt) -> dict:
-        _check_layers(a, layers)
+        _check_model_fit(a, layers, sizes)
         return {**work(a), "fallback": a.event}
 
     return get_manager().run(attempt, what=what)
 
 
-def _stream(what: str, layers: Sequence[tuple[str, int]], work: Callable[[Attempt], Iterator[dict]]) -> Iterator[dict]:
+def _stream(what: str, layers: Checks, work: Callable[[Attempt], Iterator[dict]], sizes: Checks = ()) -> Iterator[dict]:
     """`_run` for streaming work: every update carries this request's own `fallback`."""
 
     def attempt(a: Attempt) -> Iterator[dict]:
-        _check_layers(a, layers)
+        _check_model_fit(a, layers, sizes)
         for update in work(a):
             yield {**update, "fallback": a.event}
 
     yield from get_manager().stream(attempt, what=what)
+
+
+def _vector_checks(specs: Sequence[eng.VectorSpec]) -> tuple[Checks, Checks]:
+    """The (field, layer) and (field, direction length) checks of a request's vectors."""
+    layers = [(f"vectors[{i}].layer", s.layer) for i, s in enumerate(specs)]
+    sizes = [(f"vectors[{i}].direction", len(s.direction)) for i, s in enumerate(specs) if s.direction]
+    return layers, sizes
 
 
 def _known_layers() -> int | None:
@@ -113,7 +128,8 @@ def steer_stream(
             baseline = update.texts[1] if compare else None
             yield {**base, "steered": update.texts[0], "baseline": baseline, "done": update.done}
 
-    yield from _stream("generation", [(f"vectors[{i}].layer", s.layer) for i, s in enumerate(specs)], work)
+    layers, sizes = _vector_checks(specs)
+    yield from _stream("generation", layers, work, sizes)
 
 
 def steer(
@@ -129,10 +145,13 @@ def steer(
 
     Args:
         prompt: the user message (sent through the model's chat template).
-        vectors: steering vectors, each {"text", "coeff", "layer"} or a contrastive pair
-            {"positive", "negative", "coeff", "layer"}; optional "enabled" (default true) and
-            "decay" (per-step coefficient multiplier in (0, 1]). coeff is in units of the hidden
-            state's RMS at the last token, |coeff| <= 20; layer is 0 .. n_layers-1 of the loaded model.
+        vectors: steering vectors, each {"text", "coeff", "layer"}, a contrastive pair
+            {"positive", "negative", "coeff", "layer"}, or a raw direction {"direction": [hidden-size
+            numbers], "coeff", "layer"} (an absolute vector, e.g. from /import_vectors); optional
+            "enabled" (default true) and "decay" (per-step coefficient multiplier in (0, 1]). For
+            text and pairs coeff is in units of the hidden state's RMS at the last token; a direction
+            is added as given, times coeff. |coeff| <= 20; layer is 0 .. n_layers-1 of the loaded
+            model. Several vectors at one layer add up, each scaled by the same unsteered state.
         max_new_tokens: tokens to generate, 1 to 512.
         temperature: 0 for greedy decoding, up to 2.
         top_p: nucleus sampling threshold in (0, 1].
@@ -216,6 +235,54 @@ def similarity(texts: list[str], layer: int) -> dict:
         return {"texts": texts, "layer": mapped, "matrix": matrix, "model": attempt.loaded.model_id}
 
     return _run("similarity", [("layer", layer)], work)
+
+
+def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str = eng.DEFAULT_CAPTURE_MODE) -> dict:
+    """Write vectors as a llama.cpp control vector (GGUF) or safetensors file.
+
+    Returns {"path", "format", "tensors": {name: size}, "model", "fallback"}; the endpoint sends
+    the file itself. See `steering/vector_io.py` for the layer numbering and the RMS conversion.
+    """
+    specs = _parse_vectors(vectors)
+    capture_mode = _check_capture_mode(capture_mode)
+    if format not in vector_io.FORMATS:
+        raise InputError("format", f"must be one of {', '.join(vector_io.FORMATS)}; got {format!r}")
+
+    def work(attempt: Attempt) -> dict:
+        mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
+        engine = eng.engine_for(attempt.loaded)
+        path = vector_io.export_file(engine, mapped, format, mode=capture_mode, model_id=attempt.loaded.model_id)
+        tensors, _ = vector_io.read_file(path)
+        return {
+            "path": str(path),
+            "format": format,
+            "tensors": {name: int(v.size) for name, v in tensors.items()},
+            "model": attempt.loaded.model_id,
+        }
+
+    layers, sizes = _vector_checks(specs)
+    return _run("export", layers, work, sizes)
+
+
+def import_vectors(path: str) -> dict:
+    """Read a control vector file (GGUF or safetensors) into request vectors for the loaded model.
+
+    Returns {"vectors": [...], "metadata": {...}, "model"}: a file written by /export_vectors
+    gives back its original relative vectors; a foreign control vector gives one raw
+    {"direction", "coeff": 1, "layer": N+1} per direction.N tensor.
+    """
+    tensors, metadata = vector_io.read_file(path)
+
+    def work(attempt: Attempt) -> dict:
+        loaded = attempt.loaded
+        vectors, info = vector_io.vectors_from_file(
+            tensors, metadata, n_layers=loaded.n_layers, hidden_size=loaded.spec.hidden_size
+        )
+        if info["model_id"] and info["model_id"] != loaded.model_id:
+            info["warning"] = f"written for {info['model_id']}; {loaded.model_id} is loaded"
+        return {"vectors": vectors, "metadata": info, "model": loaded.model_id}
+
+    return _run("import", [], work)
 
 
 def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:

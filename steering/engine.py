@@ -29,7 +29,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
@@ -57,7 +57,8 @@ CACHE_ENTRIES = 256
 
 @dataclass(frozen=True)
 class VectorSpec:
-    """One steering vector of a request: a text, or a contrastive pair (positive - negative)."""
+    """One steering vector of a request: a text, a contrastive pair (positive - negative), or a
+    raw direction (an absolute vector of the model's hidden size, e.g. an imported control vector)."""
 
     layer: int
     coeff: float
@@ -66,6 +67,7 @@ class VectorSpec:
     negative: str = ""
     enabled: bool = True
     decay: DecaySchedule | None = None
+    direction: tuple[float, ...] = ()
 
     @property
     def contrastive(self) -> bool:
@@ -73,7 +75,25 @@ class VectorSpec:
 
     @property
     def label(self) -> str:
+        if self.direction:
+            return f"direction[{len(self.direction)}]"
         return f"{self.positive} - {self.negative}" if self.contrastive else self.text
+
+    def to_dict(self) -> dict:
+        """The request form of this vector (what `parse_vector` reads back to an equal spec)."""
+        if self.direction:
+            out: dict = {"direction": list(self.direction)}
+        elif self.contrastive:
+            out = {"positive": self.positive, "negative": self.negative}
+        else:
+            out = {"text": self.text}
+        out.update(coeff=self.coeff, layer=self.layer, enabled=self.enabled)
+        if self.decay is not None:
+            out.update(decay=self.decay.rate, decay_min=self.decay.min_multiplier)
+        return out
+
+
+_KINDS = ({"text"}, {"positive", "negative"}, {"direction"})
 
 
 def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
@@ -84,10 +104,16 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
     """
     name = f"vectors[{index}]"
     if not isinstance(raw, dict):
-        raise InputError(name, "each vector must be an object with text (or positive/negative), coeff, layer")
-    contrastive = "positive" in raw or "negative" in raw
-    texts = {}
-    for key in ("positive", "negative") if contrastive else ("text",):
+        raise InputError(
+            name, "each vector must be an object with text (or positive/negative, or direction), coeff, layer"
+        )
+    kinds = [kind for kind in _KINDS if kind & raw.keys()]
+    if len(kinds) != 1:
+        raise InputError(name, "give exactly one of: text, a positive/negative pair, or a direction")
+    texts: dict = {}
+    if kinds[0] == {"direction"}:
+        texts["direction"] = check_direction(raw["direction"], f"{name}.direction")
+    for key in sorted(kinds[0] - {"direction"}, reverse=True):  # text, or positive then negative
         texts[key] = check_text(raw.get(key), f"{name}.{key}")
     coeff = limits.check("coeff", raw.get("coeff", limits.DEFAULT_COEFF), f"{name}.coeff")
     layer = check_layer(raw.get("layer"), f"{name}.layer", n_layers)
@@ -97,6 +123,14 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
         floor = limits.check("decay_min", raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
         decay = DecaySchedule(rate=rate, min_multiplier=floor)
     return VectorSpec(layer=layer, coeff=coeff, enabled=bool(raw.get("enabled", True)), decay=decay, **texts)
+
+
+def check_direction(value, field: str) -> tuple[float, ...]:
+    """A raw direction: a list of finite numbers (its length is checked against the model later)."""
+    size = limits.LIMITS["direction_values"]
+    if not isinstance(value, (list, tuple)) or not size.minimum <= len(value) <= size.maximum:
+        raise InputError(field, f"must be a list of 1 to {size.maximum:g} numbers (the model's hidden size)")
+    return tuple(limits.check_finite(v, f"{field}[{i}]") for i, v in enumerate(value))
 
 
 class _InstanceSteer(Steer):
@@ -125,23 +159,49 @@ class _CaptureDone(Exception):
 
 
 @dataclass
-class _Installed:
-    """One llm-steer element of a batch: a direction and its coefficient per batch row."""
+class _Part:
+    """One vector of a batch at one layer: a direction and its coefficient per batch row."""
 
-    layer: int
-    direction: torch.Tensor  # (1, 1, H) float32, unit RMS
+    direction: torch.Tensor  # (1, 1, H) float32: unit RMS (text, pair) or absolute (raw direction)
     coeffs: torch.Tensor  # (B, 1, 1) float32
     decay: DecaySchedule | None
-    label: str
-    delta: torch.Tensor = field(init=False)
+    absolute: bool
 
-    def __post_init__(self):
-        self.delta = self.coeffs * self.direction  # (B, 1, H): precomputed once per request
+
+class _LayerSteer:
+    """Everything a batch adds at one layer, installed as ONE llm-steer element.
+
+    llm-steer multiplies each element's delta by the RMS of the hidden state the element sees,
+    and a second element at the same layer would see the state after the first was added (so
+    two texts would compound and their order would matter). As one element, every vector's scale
+    comes from the same unsteered hidden state: order does not matter and the same text twice is
+    the sum of its coefficients. Absolute (raw direction) vectors are divided by that RMS, read by
+    a forward pre-hook, so llm-steer's multiplication restores them exactly.
+    """
+
+    def __init__(self, layer: int, parts: list[_Part], label: str):
+        self.layer = layer
+        self.label = label
+        relative = [p for p in parts if not p.absolute]
+        zero = torch.zeros(1, 1, 1, device=parts[0].direction.device)
+        self.fixed = sum((p.coeffs * p.direction for p in relative if p.decay is None), zero)
+        self.decayed = [(p.coeffs * p.direction, p.decay) for p in relative if p.decay is not None]
+        absolute = [p.coeffs * p.direction for p in parts if p.absolute]
+        self.absolute = sum(absolute[1:], absolute[0]) if absolute else None  # (B, 1, H)
+        self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_rms` before each forward
+
+    def read_rms(self, module, args, kwargs) -> None:
+        """Forward pre-hook: the RMS of the unsteered hidden state at the last position."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.rms = Steer._rms(hidden[:, -1:, :])
 
     def steering_method(self, elem: SteerElement, step: int, layer_idx: int) -> torch.Tensor:
-        if self.decay is None:
-            return self.delta
-        return self.delta * self.decay(step)
+        delta = self.fixed  # (B, 1, H), or a (1, 1, 1) zero when every vector here decays
+        for part, decay in self.decayed:
+            delta = delta + part * decay(step)
+        if self.absolute is not None:
+            delta = delta + self.absolute / self.rms
+        return delta
 
 
 class SteeringEngine:
@@ -231,8 +291,23 @@ class SteeringEngine:
             means = [m - neutral for m in means]
         return means
 
+    def layer_rms(self, layer: int) -> float:
+        """Typical RMS of one token's hidden state entering `layer`, on the neutral texts (the
+        start token's attention sink left out): the scale that turns a relative coefficient into
+        an absolute vector (control vector export). Cached per model and layer."""
+        key = (self.identity, layer, "rms")
+        if key not in self.cache:
+            rows = [self._bos_ids + self.tokenizer.encode(t, add_special_tokens=False) for t in NEUTRAL_TEXTS]
+            hidden = self._capture(layer, rows)  # (B, T, H) fp32
+            per_token = torch.cat([Steer._rms(hidden[i, 1 : len(row)]).view(-1) for i, row in enumerate(rows)])
+            self.cache[key] = per_token.mean()
+        self.cache.move_to_end(key)
+        return float(self.cache[key])
+
     def direction(self, spec: VectorSpec, mode: str) -> torch.Tensor:
         """The unit-RMS direction (1, 1, H) of a vector, as llm-steer normalises it."""
+        if spec.direction:  # absolute: added as given (times its coefficient)
+            return torch.tensor(spec.direction, dtype=torch.float32, device=self.device).view(1, 1, -1)
         if spec.contrastive:
             pos, neg = self.text_means(spec.layer, [spec.positive, spec.negative], mode)
             raw = pos - neg
@@ -260,31 +335,40 @@ class SteeringEngine:
             for spec, coeff in row:
                 if not spec.enabled:
                     continue
-                key = (spec.layer, spec.text, spec.positive, spec.negative, spec.decay)
+                key = (spec.layer, spec.text, spec.positive, spec.negative, spec.direction, spec.decay)
                 if key not in grouped:
                     grouped[key] = (spec, torch.zeros(n_rows, 1, 1, device=self.device))
                 grouped[key][1][b] += coeff
         with self._guard:
             # Capture everything before installing anything: no capture runs through a steered layer.
+            by_layer: dict[int, list[tuple[VectorSpec, _Part]]] = {}
+            for spec, coeffs in grouped.values():
+                part = _Part(self.direction(spec, mode), coeffs, spec.decay, bool(spec.direction))
+                by_layer.setdefault(spec.layer, []).append((spec, part))
             elements = [
-                _Installed(spec.layer, self.direction(spec, mode), coeffs, spec.decay, spec.label)
-                for spec, coeffs in grouped.values()
+                _LayerSteer(layer, [p for _, p in items], " + ".join(s.label for s, _ in items))
+                for layer, items in by_layer.items()
             ]
+            hooks = []
             try:
                 for element in sorted(elements, key=lambda e: -e.layer):
+                    if element.absolute is not None:
+                        layer_module = decoder_layers(self.model)[element.layer]
+                        hooks.append(layer_module.register_forward_pre_hook(element.read_rms, with_kwargs=True))
                     self.steer._add_steer_vector(
                         element.layer,
                         SteerElement(
                             text=element.label,
-                            tensor=element.direction,
+                            tensor=torch.zeros(1),
                             coeff=0.0,
                             steering_method=element.steering_method,
-                            coeff_schedule=element.decay,
                         ),
                     )
                 self.reset_steps()
-                yield sorted({e.layer for e in elements})
+                yield sorted(by_layer)
             finally:
+                for hook in hooks:
+                    hook.remove()
                 self.steer.reset_all()
 
     def reset_steps(self) -> None:

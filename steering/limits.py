@@ -50,7 +50,9 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("layer", None, 0, None, "", "decoder layer whose input is steered", integer=True),
     Limit("decay", 1.0, 0.0, 1.0, "", "coefficient multiplier per decoding step", min_exclusive=True),
     Limit("decay_min", 0.0, 0.0, 1.0, "", "floor of the decay multiplier"),
-    Limit("vectors", 8, 0, 8, "vectors", "steering vectors per request", integer=True),
+    # 64: a control vector imported from llama.cpp or repeng may hold one direction per layer.
+    Limit("vectors", 64, 0, 64, "vectors", "steering vectors per request", integer=True),
+    Limit("direction_values", 16384, 1, 16384, "numbers", "length of a raw direction vector", integer=True),
     Limit("text_chars", 1000, 1, 1000, "characters", "length of one steering text", integer=True),
     Limit("prompt_chars", 4000, 1, 4000, "characters", "length of the prompt", integer=True),
     Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),

@@ -28,9 +28,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+from gradio import FileData
+from gradio.utils import get_upload_folder, is_in_or_equal
 
-from steering import api, catalog, engine, limits, views
-from steering.errors import SteeringError
+from steering import api, catalog, engine, limits, vector_io, views
+from steering.errors import InputError, SteeringError
 from steering.loader import QUANT_CHOICES, get_manager
 
 logger = logging.getLogger(__name__)
@@ -40,11 +42,53 @@ INFO = {"concurrency_id": "info", "concurrency_limit": 4}  # readings: never wai
 UI_ONLY = {"concurrency_limit": None, "api_visibility": "private"}  # table edits: no model, no waiting
 PRIVATE = {"api_visibility": "private"}
 
-# The client endpoints: api function, name, concurrency group.
+
+def export_vectors(
+    vectors: list[dict], format: str = "gguf", capture_mode: str = engine.DEFAULT_CAPTURE_MODE
+) -> FileData:
+    """Export steering vectors as a llama.cpp control vector (GGUF) or a safetensors file.
+
+    Args:
+        vectors: the same vector objects as /steer takes (text, pair or direction; coeff; layer).
+            Layers 2 and up: llama.cpp adds direction.N after block N, which is the input of our
+            layer N+1, so our layer L is written as direction.{L-1}.
+        format: "gguf" (llama.cpp --control-vector) or "safetensors" (the same tensors and metadata).
+        capture_mode: how text vectors are captured (bos-neutral, bos or stock), as in the UI.
+
+    Returns:
+        the file. Text and pair vectors become absolute vectors: coefficient x direction x the
+        layer's typical hidden-state RMS on neutral text (recorded in the file's metadata), so
+        llama.cpp applies them at scale 1; our own /import_vectors restores the exact vectors.
+    """
+    result = api.export_vectors(vectors, format, capture_mode)
+    return FileData(path=result["path"], orig_name=f"steering-vectors.{result['format']}")
+
+
+def import_vectors(file: FileData) -> dict:
+    """Read a control vector file (GGUF or safetensors) into vectors for /steer.
+
+    Args:
+        file: the file (with gradio_client: handle_file("vectors.gguf")).
+
+    Returns:
+        {"vectors": [...], "metadata": {...}, "model", "fallback"}. A file from /export_vectors
+        gives back its original vectors (the same steering, token for token); a foreign control
+        vector (llama.cpp, repeng) gives {"direction": [...], "coeff": 1.0, "layer": N+1} per
+        direction.N tensor. A wrong hidden size or a layer beyond the model is refused.
+    """
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+    if not isinstance(path, str) or not is_in_or_equal(path, get_upload_folder()):
+        raise InputError("file", "must be a file uploaded with the request (gradio_client: handle_file(path))")
+    return api.import_vectors(path)
+
+
+# The client endpoints: function, name, concurrency group.
 ENDPOINTS = (
     (api.steer, "steer", MODEL),
     (api.sweep, "sweep", MODEL),
     (api.similarity, "similarity", MODEL),
+    (export_vectors, "export_vectors", MODEL),
+    (import_vectors, "import_vectors", MODEL),
     (api.load_model, "load_model", MODEL),
     (api.status, "status", INFO),
     (api.plan, "plan", INFO),
@@ -173,13 +217,15 @@ def clear_vector_rows() -> list:
 
 # -- handlers: generation ----------------------------------------------------------------------
 @user_errors
-def generate_outputs(prompt, rows, layer, max_new_tokens, temperature, top_p, seed, capture_mode, raw_prompt):
+def generate_outputs(
+    prompt, rows, layer, max_new_tokens, temperature, top_p, seed, capture_mode, raw_prompt, directions=None
+):
     """Stream steered and baseline text side by side (both rows of one batch).
 
     When the Stop button cancels this event, Gradio closes the generator: `finally` sets the stop
     flag, so generation ends within one decoding step and the model lock is released.
     """
-    vectors = views.rows_to_vectors(rows, int(layer))
+    vectors = views.rows_to_vectors(rows, int(layer), directions)
     stop = threading.Event()
     stream = api.steer_stream(
         prompt,
@@ -223,7 +269,7 @@ def show_similarity(rows, layer) -> str:
     texts = views.vector_texts(views.rows_to_vectors(rows, int(layer)))
     if len(texts) < 2:
         raise gr.Error("texts: the vectors table needs at least 2 different texts to compare", print_exception=False)
-    result = api.similarity(texts[: limits.MAX_VECTORS], int(layer))
+    result = api.similarity(texts[: int(limits.LIMITS["similarity_texts"].maximum)], int(layer))
     return views.heatmap_html(result["texts"], result["matrix"], result["layer"])
 
 
@@ -240,12 +286,33 @@ def refresh_memory(context) -> tuple:
     return card, views.process_rows(device), views.plan_rows(plan), views.event_rows(status["events"])
 
 
+# -- handlers: vector files --------------------------------------------------------------------
+@user_errors
+def export_table(rows, layer, fmt, capture_mode, directions) -> str:
+    """The table's vectors as a GGUF / safetensors file for download."""
+    return api.export_vectors(views.rows_to_vectors(rows, int(layer), directions), fmt, capture_mode)["path"]
+
+
+@user_errors
+def import_into_table(file_path, rows, directions, layer) -> tuple:
+    """Append the vectors of an uploaded control vector file to the table (editable rows)."""
+    result = api.import_vectors(file_path)
+    directions = dict(directions or {})
+    kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0, directions)]
+    added = views.vectors_to_rows(result["vectors"], int(layer), directions)
+    limits.check_count("vectors", kept + added, "vectors")
+    meta = result["metadata"]
+    source = "a Steering Lab file" if meta["ours"] else f"a foreign control vector (model hint {meta['model_hint']})"
+    note = f"Imported {len(added)} vector(s) from {source}." + (f" ⚠️ {meta['warning']}" if meta.get("warning") else "")
+    return kept + added, directions, note
+
+
 # -- handlers: recipes -------------------------------------------------------------------------
-def save_recipe(prompt, rows, layer, max_new_tokens, temperature, top_p, seed) -> str:
+def save_recipe(prompt, rows, layer, max_new_tokens, temperature, top_p, seed, directions=None) -> str:
     """Write the current vectors and settings to a JSON file for download."""
     recipe = views.make_recipe(
         prompt or "",
-        views.rows_to_vectors(rows, int(layer)),
+        views.rows_to_vectors(rows, int(layer), directions),
         {
             "max_new_tokens": int(max_new_tokens),
             "temperature": float(temperature),
@@ -260,9 +327,11 @@ def save_recipe(prompt, rows, layer, max_new_tokens, temperature, top_p, seed) -
 
 
 def _apply(recipe: dict, default_layer: int) -> tuple:
+    """Prompt, table rows, decoding settings and the direction store of a recipe."""
     s = recipe["settings"]
-    rows = views.vectors_to_rows(recipe["vectors"], default_layer)
-    return recipe["prompt"], rows, s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"]
+    directions: dict[str, list] = {}
+    rows = views.vectors_to_rows(recipe["vectors"], default_layer, directions)
+    return recipe["prompt"], rows, s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"], directions
 
 
 @user_errors
@@ -354,7 +423,23 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         remove_number = gr.Number(0, precision=0, minimum=0, label="Row to remove (0: the last)")
         remove_btn = gr.Button("Remove row")
         clear_btn = gr.Button("Clear")
+    with gr.Accordion("Export / import (llama.cpp control vectors)", open=False, elem_id="vector-files"):
+        with gr.Row():
+            export_format = gr.Radio(list(vector_io.FORMATS), value="gguf", label="Format", scale=2)
+            export_btn = gr.Button("Export table", elem_id="export-vectors", scale=1)
+            import_btn = gr.UploadButton(
+                "Import file", file_types=[".gguf", ".safetensors"], type="filepath", elem_id="import-vectors", scale=1
+            )
+        export_file = gr.File(label="Exported vectors", interactive=False)
+        import_info = gr.Markdown("", elem_id="import-info")
+    directions = gr.State({})  # imported raw directions, keyed by the label their row shows
     return SimpleNamespace(
+        export_format=export_format,
+        export_btn=export_btn,
+        import_btn=import_btn,
+        export_file=export_file,
+        import_info=import_info,
+        directions=directions,
         layer=layer,
         text=text,
         positive=positive,
@@ -507,9 +592,23 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], form.table, **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, form.table, **UI_ONLY)
     settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    form.export_btn.click(
+        export_table,
+        [form.table, form.layer, form.export_format, decoding.capture, form.directions],
+        form.export_file,
+        **PRIVATE,
+        **MODEL,
+    )
+    form.import_btn.upload(
+        import_into_table,
+        [form.import_btn, form.table, form.directions, form.layer],
+        [form.table, form.directions, form.import_info],
+        **PRIVATE,
+        **MODEL,
+    )
     generation = steer.generate_btn.click(
         generate_outputs,
-        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt],
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions],
         [steer.steered, steer.baseline, steer.run_info],
         **PRIVATE,
         **MODEL,
@@ -526,8 +625,10 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
     memory.refresh_btn.click(
         refresh_memory, memory.context, [memory.card, memory.processes, memory.plan, memory.events], **PRIVATE, **INFO
     )
-    recipe_fields = [prompt, form.table, *settings]
-    recipes.save_btn.click(save_recipe, [prompt, form.table, form.layer, *settings], recipes.file, **UI_ONLY)
+    recipe_fields = [prompt, form.table, *settings, form.directions]
+    recipes.save_btn.click(
+        save_recipe, [prompt, form.table, form.layer, *settings, form.directions], recipes.file, **UI_ONLY
+    )
     recipes.upload_btn.upload(load_recipe, [recipes.upload_btn, form.layer], recipe_fields, **UI_ONLY)
     recipes.use_example_btn.click(apply_example, recipes.example, recipe_fields, **PRIVATE, **INFO)
 

@@ -66,12 +66,20 @@ def _truthy(value) -> bool:
     return bool(value) if not _blank(value) else True  # an empty cell means "on"
 
 
-def rows_to_vectors(rows: Sequence[Sequence] | None, default_layer: int) -> list[dict]:
+def direction_label(number: int, size: int) -> str:
+    """What the table's text cell shows for a raw direction vector (its numbers live in a State)."""
+    return f"⟨direction {number}: {size} numbers⟩"
+
+
+def rows_to_vectors(
+    rows: Sequence[Sequence] | None, default_layer: int, directions: dict[str, list] | None = None
+) -> list[dict]:
     """The vectors table (list of rows in `VECTOR_COLUMNS` order) -> `/steer` vector dicts.
 
     Empty rows are skipped; an empty layer cell takes `default_layer` (the layer slider) and an
-    empty coefficient cell is left out so the engine's documented default applies. Values are
-    passed through unchanged otherwise: the API validates them and names the field on error.
+    empty coefficient cell is left out so the engine's documented default applies. A text cell
+    that is a key of `directions` (an imported raw direction) becomes {"direction": numbers}.
+    Values are passed through unchanged otherwise: the API validates them and names the field.
     """
     vectors = []
     for row in rows or []:
@@ -80,7 +88,9 @@ def rows_to_vectors(rows: Sequence[Sequence] | None, default_layer: int) -> list
         text, positive, negative = (cells[k] for k in ("text", "positive", "negative"))
         if all(_blank(v) for v in (text, positive, negative)):
             continue
-        if _blank(positive) and _blank(negative):
+        if directions and isinstance(text, str) and text in directions:
+            vector = {"direction": directions[text]}
+        elif _blank(positive) and _blank(negative):
             vector = {"text": str(text)}
         else:
             vector = {
@@ -95,14 +105,26 @@ def rows_to_vectors(rows: Sequence[Sequence] | None, default_layer: int) -> list
     return vectors
 
 
-def vectors_to_rows(vectors: Sequence[dict], default_layer: int) -> list[list]:
-    """`/steer` vector dicts -> vectors table rows (a missing or None layer -> `default_layer`)."""
+def vectors_to_rows(
+    vectors: Sequence[dict], default_layer: int, directions: dict[str, list] | None = None
+) -> list[list]:
+    """`/steer` vector dicts -> vectors table rows (a missing or None layer -> `default_layer`).
+
+    A raw direction's numbers go into `directions` (the UI's State) under a new label that the
+    row's text cell shows; without `directions` such a vector is refused.
+    """
     rows = []
     for vector in vectors:
         layer = vector.get("layer")
+        text = vector.get("text", "")
+        if "direction" in vector:
+            if directions is None:
+                raise InputError("vectors", "raw direction vectors need the vectors table's direction store")
+            text = direction_label(len(directions) + 1, len(vector["direction"]))
+            directions[text] = list(vector["direction"])
         rows.append(
             [
-                vector.get("text", ""),
+                text,
                 vector.get("positive", ""),
                 vector.get("negative", ""),
                 vector.get("coeff", ""),

@@ -29,7 +29,8 @@ def client(url: str, **kwargs):
     """A gradio_client Client that sends no telemetry (it ignores GRADIO_ANALYTICS_ENABLED)."""
     from gradio_client import Client
 
-    return Client(url, analytics_enabled=False, verbose=False, download_files=False, **kwargs)
+    kwargs.setdefault("download_files", False)
+    return Client(url, analytics_enabled=False, verbose=False, **kwargs)
 
 
 def ensure_embedded_loaded() -> None:

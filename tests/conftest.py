@@ -12,8 +12,10 @@ pointed at a temporary directory.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,15 +26,19 @@ MODEL_CACHE = Path(os.environ.get("STEERING_TEST_MODELS", ROOT / ".pytest-models
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+# One Gradio folder for the whole run, set before gradio is imported: a launched server keeps the
+# upload folder it started with and checks uploaded files against the variable at call time.
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="steering-tests-gradio-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
 def _user_state_in_tmp(tmp_path, monkeypatch):
-    """Point every per-user folder at a temp dir; the converted embedded model stays shared."""
+    """Point every per-user folder at a temp dir; the converted embedded model stays shared
+    (and Gradio's folder is one per run, above)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("STEERING_CACHE_DIR", str(MODEL_CACHE))
 
 

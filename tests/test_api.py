@@ -152,7 +152,11 @@ def test_load_model_reloads_and_reports_status(api):
         ("/steer", (PROMPT, [{"text": "dogs", "coeff": 1, "layer": 99}]), r"vectors\[0\]\.layer: .*0 to 29"),
         ("/steer", (PROMPT, [{"text": " ", "coeff": 1, "layer": 1}]), r"vectors\[0\]\.text: .*non-empty"),
         ("/steer", (PROMPT, [], 10**6), rf"max_new_tokens: .*1 to {limits.MAX_NEW_TOKENS}"),
-        ("/steer", (PROMPT, [{"text": "x", "coeff": 1, "layer": 1}] * 9), rf"^vectors: .*at most {limits.MAX_VECTORS}"),
+        (
+            "/steer",
+            (PROMPT, [{"text": "x", "coeff": 1, "layer": 1}] * (limits.MAX_VECTORS + 1)),
+            rf"^vectors: .*at most {limits.MAX_VECTORS}",
+        ),
         ("/steer", (PROMPT, [], 8, 5.0), r"^temperature: .*from 0 to 2"),
         ("/sweep", (PROMPT, "dogs", LAYER, [0.0] * 9), r"^coeffs: .*1 to 8"),
         ("/sweep", (PROMPT, "dogs", -1, [0.0]), r"^layer: .*0 to 29"),

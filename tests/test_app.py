@@ -55,13 +55,18 @@ def test_app_serves_steer_and_logs_one_line_per_request(plain_app):
     assert "Tell me about your weekend" not in plain_app.log  # prompts are not logged
 
 
-def test_app_stops_cleanly_on_sigterm(plain_app):
-    code, seconds = plain_app.terminate()
-    assert code in (0, -signal.SIGTERM), plain_app.log
+def test_app_stops_cleanly_on_sigterm(embedded_dir, tmp_path):
+    app = AppProcess([], env=app_env(tmp_path))  # its own process: the shared one keeps serving
+    try:
+        app.wait_serving()
+        code, seconds = app.terminate()
+    finally:
+        app.kill()
+    assert code in (0, -signal.SIGTERM), app.log
     assert seconds < 10, f"took {seconds:.1f} s to stop"
-    assert "shutting down" in plain_app.log
+    assert "shutting down" in app.log
     with pytest.raises(httpx.TransportError):
-        httpx.get(plain_app.url, timeout=2)
+        httpx.get(app.url, timeout=2)
 
 
 def test_offline_share_logs_one_clear_line_and_serves_locally(public_app):

@@ -267,3 +267,62 @@ def test_other_limits(smol_engine):
     with pytest.raises(InputError, match="^capture_mode"):
         smol_engine.text_means(3, ["dogs"], "nope")
     assert set(CAPTURE_MODES) == {"bos", "bos-neutral", "stock"}
+
+
+def test_several_vectors_at_one_layer_follow_one_rule(smol_engine):
+    """Every vector's scale comes from the same unsteered hidden state: the order of two texts
+    does not matter, and the same text twice steers exactly like once with the summed coefficient."""
+    dogs, ocean = _vec("dogs", layer=15), _vec("the ocean", layer=15)
+    forward = _ids(smol_engine, [[(dogs, 0.4), (ocean, 0.5)]])[0]
+    backward = _ids(smol_engine, [[(ocean, 0.5), (dogs, 0.4)]])[0]
+    assert forward == backward
+    twice = _ids(smol_engine, [[(dogs, 0.3), (dogs, 0.3)]])[0]
+    once = _ids(smol_engine, [[(dogs, 0.6)]])[0]
+    assert twice == once
+
+
+def _layer_input_after_steering(engine, rows, layer: int, mode="bos-neutral") -> torch.Tensor:
+    """The hidden states layer `layer` really computes with (after steering), one forward pass."""
+    from steering.loaded import decoder_layers
+
+    seen = []
+    norm = decoder_layers(engine.model)[layer].input_layernorm
+    hook = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    ids = torch.tensor([G.prompt_ids(engine.tokenizer, PROMPT)] * len(rows))
+    try:
+        with engine.installed(rows, mode), torch.inference_mode():
+            engine.model(input_ids=ids)
+    finally:
+        hook.remove()
+    return seen[0]  # (B, T, H)
+
+
+def test_a_raw_direction_is_added_as_given_beside_a_relative_vector(smol_engine):
+    hidden = smol_engine.model.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randn(hidden, generator=generator)
+    direction = VectorSpec(layer=12, coeff=0.5, direction=tuple(raw.tolist()))
+    text = _vec("dogs", layer=12)
+    plain = _layer_input_after_steering(smol_engine, [[]], 12)
+    added = _layer_input_after_steering(smol_engine, [[(direction, 0.5)]], 12)
+    error = (added - plain - 0.5 * raw).abs().max().item()
+    assert error < 1e-3, error  # at every position (float32 rounding of activations up to ~1e3)
+    # Beside a text vector at the same layer: the text part scales with the unsteered RMS.
+    both = _layer_input_after_steering(smol_engine, [[(direction, 0.5), (text, 0.7)]], 12)
+    rms = Steer._rms(plain[:, -1:, :])  # (1, 1, 1): the unsteered state at the last position
+    expected = 0.5 * raw + 0.7 * smol_engine.direction(text, "bos-neutral").view(-1) * rms.view(-1)
+    assert torch.allclose(both - plain, expected.expand_as(plain), atol=1e-3)
+    assert smol_engine.is_clean()
+
+
+def test_vector_kinds_are_exclusive_and_directions_validated():
+    both = {"text": "dogs", "positive": "a", "negative": "b", "coeff": 1, "layer": 3}
+    with pytest.raises(InputError, match=r"^vectors\[0\]: give exactly one of"):
+        parse_vector(both, 0, 30)
+    with pytest.raises(InputError, match=r"^vectors\[0\]\.direction\[1\]: must be a finite number"):
+        parse_vector({"direction": [0.1, float("nan")], "layer": 3}, 0, 30)
+    with pytest.raises(InputError, match=r"^vectors\[0\]\.direction: must be a list of 1 to 16384 numbers"):
+        parse_vector({"direction": "0.1 0.2", "layer": 3}, 0, 30)
+    spec = parse_vector({"direction": [0.5, -1], "coeff": 2, "layer": 3}, 0, 30)
+    assert spec.direction == (0.5, -1.0) and spec.label == "direction[2]"
+    assert parse_vector(spec.to_dict(), 0, 30) == spec

@@ -58,8 +58,8 @@ def test_layers_counts_and_texts():
     assert limits.check_count("sweep_coeffs", (0.0, 1.0), "coeffs") == (0.0, 1.0)
     with pytest.raises(InputError, match=r"^coeffs: give 1 to 8 coefficients; got 9$"):
         limits.check_count("sweep_coeffs", [0.0] * 9, "coeffs")
-    with pytest.raises(InputError, match=r"^vectors: give at most 8 vectors; got 9$"):
-        limits.check_count("vectors", [{}] * 9, "vectors")
+    with pytest.raises(InputError, match=r"^vectors: give at most 64 vectors; got 65$"):
+        limits.check_count("vectors", [{}] * 65, "vectors")
     with pytest.raises(InputError, match=r"^texts: must be a list"):
         limits.check_count("similarity_texts", "dogs", "texts")
     with pytest.raises(InputError, match=r"^prompt: is 4001 characters; the limit is 4000$"):

@@ -29,6 +29,17 @@ def test_table_rows_become_steer_vectors():
     ]
 
 
+def test_direction_vectors_live_in_the_store_and_round_trip():
+    directions: dict = {}
+    vectors = [{"direction": [0.5, -1.0, 2.0], "coeff": 1.0, "layer": 4, "enabled": True}, {"text": "dogs", "layer": 3}]
+    rows = views.vectors_to_rows(vectors, 15, directions)
+    assert rows[0][0] == "⟨direction 1: 3 numbers⟩" and directions == {rows[0][0]: [0.5, -1.0, 2.0]}
+    back = views.rows_to_vectors(rows, 15, directions)
+    assert back[0] == vectors[0] and back[1]["text"] == "dogs"
+    with pytest.raises(InputError, match="^vectors: "):
+        views.vectors_to_rows(vectors, 15)  # no store to put the numbers in
+
+
 def test_vectors_round_trip_through_the_table():
     vectors = [
         {"text": "dogs", "coeff": 0.5, "layer": 3, "enabled": True},
@@ -51,8 +62,9 @@ def test_recipe_round_trip_and_rejects(tmp_path):
     path = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3)
     recipe = json.loads(open(path).read())
     assert recipe["format"] == views.RECIPE_FORMAT and recipe["vectors"][0]["text"] == "dogs"
-    prompt, loaded_rows, tokens, temperature, top_p, seed = ui.load_recipe(path, 15)
+    prompt, loaded_rows, tokens, temperature, top_p, seed, directions = ui.load_recipe(path, 15)
     assert (prompt, loaded_rows, tokens, temperature, top_p, seed) == ("Hi there", rows, 32, 0.7, 0.9, 3)
+    assert directions == {}
     for text, field in (
         ("{not json", "recipe"),
         ('{"format": "other"}', "recipe"),
@@ -134,9 +146,9 @@ def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
 
 def test_builtin_example_fills_the_form(embedded_dir):
     ensure_embedded_loaded()
-    prompt, rows, *settings = ui.apply_example("Golden Gate Bridge")
+    prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
     assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.5, 15, True]]  # the middle of 30 layers
-    assert settings == [64, 0.0, 1.0, 0]
+    assert settings == [64, 0.0, 1.0, 0] and directions == {}
     with pytest.raises(gr.Error) as caught:
         ui.apply_example("nope")
     assert caught.value.message.startswith("example: ")
