@@ -1,0 +1,389 @@
+"""Quality of a steered output (issue 9): is it fluent, did it move toward the steering text, and
+which setting (layer, coefficient) gets the most of the second while keeping the first.
+
+* `repetition(token_ids)`: 1 - distinct-2 of the generated tokens (0 for a sentence that never
+  repeats a token pair, near 1 for "dogs(dogs(dogs(..."). Perplexity alone calls such loops
+  fluent (a loop is very predictable), so fluency needs both.
+* `is_fluent(perplexity, repetition, n_tokens)`: the documented per-row rule (thresholds chosen
+  against outputs labelled by eye, `bench/quality.py`, `docs/quality.md`).
+* relevance: how far the output itself moved toward the steering text, measured by the unsteered
+  model, steered row minus the unsteered baseline row of the same prompt. Candidates:
+  `relevance_logprob` (log-prob per token of the steering text read right after prompt +
+  output), `relevance_hidden` (cosine of the output's mean hidden state with the steering
+  direction) and `relevance_embed` (cosine of the output's mean token embedding with the text's).
+  `bench/quality.py` ranks them against word-list labels; `RELEVANCE` names the winner.
+* `autotune(...)`: generates a grid of layers x coefficients as rows of a few batches, scores every
+  row and returns the setting with the highest relevance among fluent rows.
+
+Scoring is memory-lean: the decoder runs without its output head (`model.model`), the hidden
+states are sliced to the scored positions, and only those go through `lm_head`, a few rows at a
+time, so no (rows, positions, vocabulary) tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from steering import limits
+from steering.engine import DEFAULT_CAPTURE_MODE, NEUTRAL_TEXTS, SteeringEngine, VectorSpec
+from steering.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# -- fluency ---------------------------------------------------------------------------------------
+# The rule of `is_fluent`; the numbers come from `python bench/quality.py` (docs/quality.md).
+MAX_REPETITION = 0.25  # 1 - distinct-2 above this: the output loops
+MAX_PERPLEXITY = 60.0  # above this (unsteered model's view of the output): word salad
+MIN_TOKENS = 8  # an answer that stops before this many tokens is a fragment ('"stay-water"')
+
+ROW_CHUNK = 8  # rows per scoring forward pass
+# The text read after an output by `relevance_logprob` (the steering text follows it).
+CONNECTOR = "\n\nThis text is about"
+
+
+def repetition(token_ids: Sequence[int]) -> float:
+    """1 - distinct-2: the share of the output's token pairs that repeat an earlier pair.
+
+    0.0 for fewer than 3 tokens. A real 40-token sentence scores about 0-0.1; a loop such as
+    "ocean-ice-ocean-ice-..." scores 0.5 or more.
+    """
+    pairs = list(zip(token_ids, token_ids[1:]))
+    if len(pairs) < 2:
+        return 0.0
+    return 1.0 - len(set(pairs)) / len(pairs)
+
+
+def is_fluent(perplexity: float | None, repetition: float, n_tokens: int, max_new_tokens: int | None = None) -> bool:
+    """The per-row fluency rule: True when the output
+
+    * does not loop: `repetition` (1 - distinct-2) <= MAX_REPETITION,
+    * reads as language to the unsteered model: `perplexity` <= MAX_PERPLEXITY, and
+    * is not a fragment: at least MIN_TOKENS tokens (or `max_new_tokens`, when that is smaller).
+
+    An empty output (perplexity None) is not fluent.
+    """
+    if perplexity is None or not math.isfinite(perplexity):
+        return False
+    floor = MIN_TOKENS if max_new_tokens is None else min(MIN_TOKENS, max_new_tokens)
+    return repetition <= MAX_REPETITION and perplexity <= MAX_PERPLEXITY and n_tokens >= floor
+
+
+# -- lean log-probs --------------------------------------------------------------------------------
+def token_logprobs(engine: SteeringEngine, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Log-prob of the tokens seqs[b][start:end] under the model as it is (b-th span), per row.
+
+    Rows are right-padded and run `ROW_CHUNK` at a time through the decoder body; only the hidden
+    states of the positions that predict the scored tokens go through the output head.
+    """
+    head = engine.model.get_output_embeddings()
+    pad = engine.tokenizer.pad_token_id or 0
+    out: list[torch.Tensor] = []
+    for first in range(0, len(seqs), ROW_CHUNK):
+        chunk, chunk_spans = seqs[first : first + ROW_CHUNK], spans[first : first + ROW_CHUNK]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=engine.device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=engine.device)
+        for b, seq in enumerate(chunk):
+            ids[b, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        with torch.inference_mode():
+            hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # Position p predicts token p + 1: gather the predicting positions of every span.
+            rows = [(b, p) for b, (s, e) in enumerate(chunk_spans) for p in range(s - 1, e - 1)]
+            if not rows:
+                out.extend(torch.zeros(0) for _ in chunk)
+                continue
+            index_b = torch.tensor([b for b, _ in rows], device=engine.device)
+            index_p = torch.tensor([p for _, p in rows], device=engine.device)
+            logits = head(hidden[index_b, index_p]).float()  # (scored positions, V)
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[index_b, index_p + 1][:, None]).squeeze(-1)
+        start = 0
+        for s, e in chunk_spans:
+            out.append(picked[start : start + max(e - s, 0)].cpu())
+            start += max(e - s, 0)
+    return out
+
+
+def output_perplexities(engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]]) -> list[float | None]:
+    """Perplexity of each generated continuation under the model (same values as
+    `generate.perplexities`, computed lean)."""
+    seqs = [list(context) + list(g) for g in generations]
+    spans = [(len(context), len(context) + len(g)) for g in generations]
+    logps = token_logprobs(engine, seqs, spans)
+    return [math.exp(-float(lp.mean())) if len(lp) else None for lp in logps]
+
+
+def _target_ids(engine: SteeringEngine, text: str) -> list[int]:
+    return engine.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+
+
+def text_logprob_after(
+    engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]], text: str, connector: str = CONNECTOR
+) -> list[float]:
+    """Mean log-prob per token of `text` read after context + output + `connector`, per row."""
+    bridge = engine.tokenizer.encode(connector, add_special_tokens=False) if connector else []
+    target = _target_ids(engine, text)
+    seqs = [list(context) + list(g) + bridge + target for g in generations]
+    spans = [(len(s) - len(target), len(s)) for s in seqs]
+    return [float(lp.mean()) for lp in token_logprobs(engine, seqs, spans)]
+
+
+def relevance_logprob(
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    baseline: Sequence[int],
+    *,
+    text: str = "",
+    positive: str = "",
+    negative: str = "",
+    connector: str = CONNECTOR,
+) -> list[float]:
+    """Per output: how much more likely the steering text has become after it than after the
+    baseline output (nats per token). For a pair: log-prob of positive minus negative, likewise."""
+    rows = [list(baseline)] + [list(g) for g in generations]
+    if positive or negative:
+        pos = text_logprob_after(engine, context, rows, positive, connector)
+        neg = text_logprob_after(engine, context, rows, negative, connector)
+        values = [p - n for p, n in zip(pos, neg)]
+    else:
+        values = text_logprob_after(engine, context, rows, text, connector)
+    return [v - values[0] for v in values[1:]]
+
+
+def relevance_hidden(
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    baseline: Sequence[int],
+    spec: VectorSpec,
+    *,
+    capture_mode: str = DEFAULT_CAPTURE_MODE,
+) -> list[float]:
+    """Per output: cosine of its mean hidden state (entering `spec.layer`, unsteered, the neutral
+    texts' mean subtracted) with the steering direction, minus the same for the baseline."""
+    direction = engine.direction(spec, capture_mode).view(-1)
+    neutral = torch.stack(engine.text_means(spec.layer, NEUTRAL_TEXTS, "bos")).mean(dim=0)
+    rows = [list(baseline)] + [list(g) for g in generations]
+    values = []
+    for first in range(0, len(rows), ROW_CHUNK):
+        chunk = [list(context) + g for g in rows[first : first + ROW_CHUNK]]
+        hidden = engine._capture(spec.layer, chunk)  # (B, T, H) fp32, right-padded
+        for b, g in enumerate(rows[first : first + ROW_CHUNK]):
+            if not g:
+                values.append(0.0)
+                continue
+            mean = hidden[b, len(context) : len(context) + len(g)].mean(dim=0) - neutral
+            values.append(float(torch.nn.functional.cosine_similarity(mean, direction, dim=0)))
+    return [v - values[0] for v in values[1:]]
+
+
+def relevance_embed(
+    engine: SteeringEngine, generations: Sequence[Sequence[int]], baseline: Sequence[int], *, text: str = "", positive: str = "", negative: str = ""
+) -> list[float]:
+    """Per output: cosine of its mean input embedding with the steering text's (positive minus
+    negative for a pair), minus the baseline's. No forward pass."""
+    table = engine.model.get_input_embeddings().weight
+
+    def mean_of(ids):
+        return table[torch.tensor(list(ids), dtype=torch.long, device=table.device)].float().mean(dim=0) if ids else None
+
+    with torch.inference_mode():
+        if positive or negative:
+            target = mean_of(_target_ids(engine, positive)) - mean_of(_target_ids(engine, negative))
+        else:
+            target = mean_of(_target_ids(engine, text))
+        values = []
+        for g in [list(baseline)] + [list(g) for g in generations]:
+            mean = mean_of(g)
+            values.append(0.0 if mean is None else float(torch.nn.functional.cosine_similarity(mean, target, dim=0)))
+    return [v - values[0] for v in values[1:]]
+
+
+# -- the score autotune uses -----------------------------------------------------------------------
+RELEVANCE = "logprob"  # chosen by bench/quality.py (docs/quality.md)
+
+
+def relevance_scores(
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    baseline: Sequence[int],
+    spec: VectorSpec,
+    *,
+    method: str = RELEVANCE,
+    capture_mode: str = DEFAULT_CAPTURE_MODE,
+) -> list[float]:
+    """Relevance of each output by `method` ("logprob", "logprob-plain", "hidden", "embed")."""
+    texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
+    if method == "logprob":
+        return relevance_logprob(engine, context, generations, baseline, **texts)
+    if method == "logprob-plain":
+        return relevance_logprob(engine, context, generations, baseline, connector="", **texts)
+    if method == "hidden":
+        return relevance_hidden(engine, context, generations, baseline, spec, capture_mode=capture_mode)
+    if method == "embed":
+        return relevance_embed(engine, generations, baseline, **texts)
+    raise ValueError(f"unknown relevance method {method!r}")
+
+
+# -- autotune --------------------------------------------------------------------------------------
+# The default search (chosen by bench/quality.py): layers at these fractions of the depth (12, 15
+# and 18 of SmolLM2's 30) and these coefficients, 1 baseline + 12 candidates = 2 batches of <= 8.
+LAYER_FRACTIONS = (0.4, 0.5, 0.6)
+COEFFS = (0.2, 0.3, 0.4, 0.5)
+BATCH_ROWS = limits.MAX_SWEEP_ROWS
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The layers autotune searches by default: a few around the middle of the model."""
+    return sorted({min(n_layers - 1, max(0, round(f * n_layers))) for f in LAYER_FRACTIONS})
+
+
+def _check_request(engine, prompt, text, positive, negative, layers, coeffs, max_new_tokens):
+    limits.check_text(prompt, "prompt", "prompt_chars")
+    if positive or negative:
+        positive, negative = limits.check_text(positive, "positive"), limits.check_text(negative, "negative")
+        text = ""
+    else:
+        text = limits.check_text(text, "text")
+    layers = default_layers(engine.n_layers) if not layers else layers
+    layers = list(dict.fromkeys(limits.check_layer(v, f"layers[{i}]", engine.n_layers) for i, v in enumerate(layers)))
+    coeffs = COEFFS if not coeffs else coeffs
+    coeffs = list(dict.fromkeys(limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)))
+    if 0.0 in coeffs:
+        raise InputError("coeffs", "0 is the baseline, which autotune always runs; give non-zero coefficients")
+    tokens = limits.check("max_new_tokens", max_new_tokens)
+    specs = {layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative) for layer in layers}
+    return specs, coeffs, tokens
+
+
+def generate_candidates(engine, prompt, specs, coeffs, sampling, *, capture_mode, stop, progress):
+    """Baseline + every (layer, coefficient) as rows of batches of <= BATCH_ROWS, in layer order
+    (middle layer first). Returns (baseline ids, [(layer, coeff, text, ids)], stopped)."""
+    from steering import generate as G
+
+    middle = engine.n_layers / 2
+    order = sorted(specs, key=lambda layer: (abs(layer - middle), layer))
+    jobs: list[tuple[int | None, float]] = [(None, 0.0)] + [(layer, c) for layer in order for c in coeffs]
+    batches = [jobs[i : i + BATCH_ROWS] for i in range(0, len(jobs), BATCH_ROWS)]
+    baseline: list[int] = []
+    out = []
+    for index, batch in enumerate(batches):
+        if stop is not None and stop.is_set():
+            return baseline, out, True
+        rows = [[] if layer is None else [(specs[layer], c)] for layer, c in batch]
+        final = G.run_rows(engine, prompt, rows, sampling, stop=stop, capture_mode=capture_mode)
+        if stop is not None and stop.is_set():  # this batch was cut short: its rows are partial
+            return baseline, out, True
+        for (layer, coeff), text, ids in zip(batch, final.texts, final.token_ids):
+            if layer is None:
+                baseline = list(ids)
+            else:
+                out.append((layer, coeff, text, list(ids)))
+        if progress is not None:
+            progress(0.9 * (index + 1) / len(batches), f"generated batch {index + 1} of {len(batches)}")
+    return baseline, out, False
+
+
+def score_rows(engine, prompt, specs, candidates, baseline, max_new_tokens, *, capture_mode=DEFAULT_CAPTURE_MODE) -> list[dict]:
+    """Relevance, perplexity, repetition, fluent and score of every candidate row."""
+    from steering.generate import prompt_ids
+
+    context = prompt_ids(engine.tokenizer, prompt)
+    gens = [ids for _, _, _, ids in candidates]
+    ppl = output_perplexities(engine, context, gens)
+    relevance: list[float] = [0.0] * len(candidates)
+    for layer, spec in specs.items():  # relevance does not depend on the layer for logprob/embed,
+        picked = [i for i, c in enumerate(candidates) if c[0] == layer]  # but "hidden" does
+        if picked:
+            values = relevance_scores(engine, context, [gens[i] for i in picked], baseline, spec, capture_mode=capture_mode)
+            for i, v in zip(picked, values):
+                relevance[i] = v
+    rows = []
+    for (layer, coeff, text, ids), rel, p in zip(candidates, relevance, ppl):
+        rep = repetition(ids)
+        fluent = is_fluent(p, rep, len(ids), max_new_tokens)
+        rows.append(
+            dict(layer=layer, coeff=coeff, text=text, relevance=round(rel, 4), perplexity=None if p is None else round(p, 2),
+                 repetition=round(rep, 3), fluent=fluent, score=round(rel, 4) if fluent else None)
+        )
+    return rows
+
+
+def choose(rows: Sequence[dict], n_layers: int) -> tuple[dict | None, str]:
+    """The row with the highest relevance among fluent rows that moved toward the text."""
+    good = [r for r in rows if r["fluent"] and r["relevance"] > 0]
+    if good:
+        best = max(good, key=lambda r: (r["relevance"], -r["coeff"]))
+        return best, (
+            f"highest relevance ({best['relevance']:+.3f} nats/token over the unsteered output) among "
+            f"{len(good)} of {len(rows)} candidate rows that stayed fluent and moved toward the text"
+        )
+    fluent = [r for r in rows if r["fluent"]]
+    if fluent:
+        best = min(fluent, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
+        return best, "no fluent row moved toward the text; the gentlest fluent setting is returned: try other layers or a longer text"
+    if rows:
+        best = min(rows, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
+        return best, "no candidate row stayed fluent; the gentlest setting is returned: try smaller coefficients"
+    return None, "no candidate row was generated"
+
+
+def autotune(
+    engine: SteeringEngine,
+    prompt: str,
+    *,
+    text: str = "",
+    positive: str = "",
+    negative: str = "",
+    layers: Sequence[int] | None = None,
+    coeffs: Sequence[float] | None = None,
+    max_new_tokens: int = 40,
+    seed: int = 0,
+    capture_mode: str = DEFAULT_CAPTURE_MODE,
+    stop: threading.Event | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict:
+    """Search layers x coefficients for the setting that moves the output most toward the
+    steering text (or positive minus negative) among rows that stay fluent (greedy decoding).
+
+    Returns {"layer", "coeff", "score", "rows": [{"layer", "coeff", "text", "relevance",
+    "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen row's
+    relevance; a row's `score` is its relevance when it is fluent, else None. When no row is
+    fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
+    says so; layer, coeff and score are None only when no row was generated (stopped at once). `stop` (set from another thread)
+    ends the search between or within batches; the rows finished so far are still scored.
+    The caller holds the model manager's lock.
+    """
+    from steering import generate as G
+
+    started = time.monotonic()
+    specs, coeffs, tokens = _check_request(engine, prompt, text, positive, negative, layers, coeffs, max_new_tokens)
+    sampling = G.Sampling(max_new_tokens=tokens, seed=limits.check("seed", seed))
+    baseline, candidates, stopped = generate_candidates(
+        engine, prompt, specs, coeffs, sampling, capture_mode=capture_mode, stop=stop, progress=progress
+    )
+    if progress is not None:
+        progress(0.9, f"scoring {len(candidates)} rows")
+    rows = score_rows(engine, prompt, specs, candidates, baseline, tokens, capture_mode=capture_mode) if candidates else []
+    best, reason = choose(rows, engine.n_layers)
+    n_all = len(specs) * len(coeffs)
+    if stopped:
+        reason = f"stopped after {len(rows)} of {n_all} candidates; " + reason
+    reason += f" ({len(rows)} candidates at layers {sorted(specs)} x coefficients {list(coeffs)}, {time.monotonic() - started:.0f} s)"
+    if progress is not None:
+        progress(1.0, "done")
+    return {
+        "layer": None if best is None else best["layer"],
+        "coeff": None if best is None else best["coeff"],
+        "score": None if best is None else best["relevance"],
+        "rows": rows,
+        "reason": reason,
+    }
