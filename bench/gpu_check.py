@@ -552,6 +552,56 @@ def decode_speed(manager, meter: Meter, folder: Path, quant: str, tokens: int, b
             "bound_tokens_per_s": bound, "fraction_of_bound": rate / bound}  # fmt: skip
 
 
+def sweep_at_fit(manager, meter: Meter, folder: Path, tokenizer, new_tokens: int) -> dict:
+    """An 8-row sweep at the sweep limit the manager fitted after loading (estimated vs measured
+    peak); then, on a GPU, a real out-of-memory error that the retry with rows apart survives:
+    ballast leaves room for one row's request but not for eight."""
+    import torch
+
+    from steering import api, estimate, limits
+
+    status = manager.load(str(folder), "4bit", force=True)
+    loaded, fit = manager.current, status["fit"]
+    per_row = min(fit["sweep_max_tokens"], limits.MAX_PROMPT_CHARS + new_tokens)  # prompts are <= 4000 chars
+    prompt = prompt_text(tokenizer, per_row - new_tokens - 1)
+    coeffs = [0.0, 0.5, 1.0, 2.0, 4.0, -1.0, -2.0, 8.0]
+    device = dict(on_gpu=True, compute_capability=manager.probe().compute_capability)
+    meter.settle()
+    before = meter.allocated()
+    meter.reset_peak()
+    result = api.sweep(prompt, STEER_TEXT, loaded.default_layer, coeffs, max_new_tokens=new_tokens)
+    peak, _ = meter.peaks()
+    out = {
+        "model": folder.name,
+        "fit": fit,
+        "tokens_per_row": per_row,
+        "rows": len(result["rows"]),
+        "estimated_request_bytes": estimate.request_need_bytes(loaded.spec, "4bit", 8, per_row, **device)
+        - estimate.weights_bytes(loaded.spec, "4bit"),
+        "measured_request_bytes": peak - before,
+        "fallback": result["fallback"],
+    }
+    if not meter.cuda:
+        out["oom_retry"] = "skipped: a real out-of-memory error needs the CUDA allocator"
+        return out
+    one_row = estimate.request_need_bytes(loaded.spec, "4bit", 1, per_row, **device)
+    room = (one_row + estimate.request_need_bytes(loaded.spec, "4bit", 8, per_row, **device)) // 2
+    room -= estimate.weights_bytes(loaded.spec, "4bit")
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(max(0, free - room), dtype=torch.uint8, device="cuda").fill_(0)
+    try:
+        retried = api.sweep(prompt, STEER_TEXT, loaded.default_layer, coeffs, max_new_tokens=new_tokens)
+        out["oom_retry"] = {
+            "fallback": retried["fallback"],  # recovery "rows one at a time" expected: the model stays
+            "model": retried["model"],
+            "ballast_bytes": ballast.numel(),
+        }
+    finally:
+        del ballast
+        meter.settle()
+    return out
+
+
 # --- output -------------------------------------------------------------------------------------
 def _size(n, unit: tuple[int, str]) -> str:
     return "-" if n is None else f"{n / unit[0]:,.0f}"
@@ -693,6 +743,8 @@ def run(args) -> dict:
         if time_left(f"decode {quant}", 30 if meter.cuda else 3):
             bandwidth = result["copy_bandwidth_bytes_per_s"]
             result["decode"].append(decode_speed(manager, meter, fallback, quant, scale.decode_tokens, bandwidth))
+    if time_left("sweep at the fitted limit", 60 if meter.cuda else 5):
+        result["sweep_at_fit"] = sweep_at_fit(manager, meter, fallback, tokenizer, scale.decode_tokens)
     manager.release()
     del ballast
     meter.settle()

@@ -123,15 +123,24 @@ def render_plan(result: dict, *, margin_bytes: int, context_tokens: int, rows: i
         f"Headroom {fmt(result['headroom_bytes'])}" + (f" (--vram-limit {fmt(limit)})" if limit else "")
         + f"; margin {fmt(margin_bytes)}; {rows} rows x {context_tokens} tokens"
     )  # fmt: skip
-    terms = list(result["models"][0]["breakdown"]) if result["models"] else []
+    terms = list(dict.fromkeys(t for row in result["models"] for t in row["breakdown"]))
     short = {"weights": "weights", "kv_cache": "kv", "activations": "activ", "load_extra": "load+",
-             "steering_capture": "steer", "cuda_context": "context"}  # fmt: skip
+             "steering_capture": "steer", "cuda_context": "context", "scoring": "score"}  # fmt: skip
     header = f"{'model':<36} {'quant':<5} {'need':>10}  " + " ".join(f"{short.get(t, t):>9}" for t in terms)
-    lines += ["", header + "  verdict", "-" * (len(header) + 9)]
+    header += f"  {'verdict':<9} {'compare':>8} {'sweep':>7}"
+    lines += ["", header, "-" * len(header)]
     for row in result["models"]:
-        cells = " ".join(f"{row['breakdown'][t] / gpu.GiB:>9.2f}" for t in terms)
-        lines.append(f"{row['id']:<36} {row['quant']:<5} {fmt(row['need_bytes']):>10}  {cells}  {row['verdict']}")
-    lines.append("(breakdown columns in GiB)")
+        cells = " ".join(f"{row['breakdown'].get(t, 0) / gpu.GiB:>9.2f}" for t in terms)
+        fit = row.get("fit") or {}
+        lines.append(
+            f"{row['id']:<36} {row['quant']:<5} {fmt(row['need_bytes']):>10}  {cells}  {row['verdict']:<9} "
+            f"{fit.get('compare_max_tokens', '-'):>8} {fit.get('sweep_max_tokens', '-'):>7}"
+        )
+    lines.append(
+        "(breakdown columns in GiB; need = the larger of the compare above and an 8-row sweep of "
+        f"{estimate.SWEEP_PLAN_TOKENS} tokens; compare / sweep: the longest prompt + new tokens per row that fit "
+        "with the margin)"
+    )
     choice = result["choice"]
     lines += ["", f"Choice: {choice['id']} {choice['quant']}", f"  {choice['reason']}"]
     return "\n".join(lines)

@@ -11,14 +11,15 @@ field and the allowed range; `steering/ui.py` translates them for Gradio. No gra
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from threading import Event
 
 from steering import engine as eng
-from steering import generate, limits, vector_io
+from steering import estimate, generate, limits, vector_io
 from steering.errors import InputError
-from steering.loaded import decoder_layers
+from steering.loaded import LoadedModel, decoder_layers
 from steering.loader import Attempt, get_manager
 
 _D = {name: limit.default for name, limit in limits.LIMITS.items()}  # defaults of the signatures below
@@ -28,7 +29,7 @@ _D = {name: limit.default for name, limit in limits.LIMITS.items()}  # defaults 
 Checks = Sequence[tuple[str, int]]  # (field, layer index) of a request
 
 
-def _check_model_fit(attempt: Attempt, layers: Checks, sizes: Checks) -> None:
+def _check_model_fit(attempt: Attempt, layers: Checks, sizes: Checks, fits: Fits = None) -> None:
     """Each (field, layer) against the model the request was first given to, and each (field,
     length) of a raw direction against the hidden size of the model that answers (under the lock)."""
     for field, layer in layers:
@@ -37,27 +38,98 @@ def _check_model_fit(attempt: Attempt, layers: Checks, sizes: Checks) -> None:
     for field, size in sizes:
         if size != hidden:
             raise InputError(field, f"has {size} numbers; {attempt.loaded.model_id} needs its hidden size, {hidden}")
+    if fits is not None:
+        fits(attempt.loaded)
 
 
-def _run(what: str, layers: Checks, work: Callable[[Attempt], dict], sizes: Checks = ()) -> dict:
-    """Run `work` on the model under its lock; the result gains this request's own `fallback`."""
+Fits = Callable[[LoadedModel], None] | None  # token checks of a request against a loaded model
+
+
+def _run(what: str, layers: Checks, work: Callable[[Attempt], dict], sizes: Checks = (), fits: Fits = None) -> dict:
+    """Run `work` on the model under its lock; the result gains this request's own `fallback`.
+
+    `fits` (token counts against the model's positions and fitted limits) runs twice: at once on
+    the model loaded now, so an oversized request is refused without waiting for the model, and
+    under the lock on the model that answers."""
+    _fits_now(fits)
 
     def attempt(a: Attempt) -> dict:
-        _check_model_fit(a, layers, sizes)
-        return {**work(a), "fallback": a.event}
+        _check_model_fit(a, layers, sizes, fits)
+        with _rows_apart(a):
+            return {**work(a), "fallback": a.event}
 
     return get_manager().run(attempt, what=what)
 
 
-def _stream(what: str, layers: Checks, work: Callable[[Attempt], Iterator[dict]], sizes: Checks = ()) -> Iterator[dict]:
+def _stream(
+    what: str, layers: Checks, work: Callable[[Attempt], Iterator[dict]], sizes: Checks = (), fits: Fits = None
+) -> Iterator[dict]:
     """`_run` for streaming work: every update carries this request's own `fallback`."""
+    _fits_now(fits)
 
     def attempt(a: Attempt) -> Iterator[dict]:
-        _check_model_fit(a, layers, sizes)
-        for update in work(a):
-            yield {**update, "fallback": a.event}
+        _check_model_fit(a, layers, sizes, fits)
+        with _rows_apart(a):
+            for update in work(a):
+                yield {**update, "fallback": a.event}
 
     yield from get_manager().stream(attempt, what=what)
+
+
+def _fits_now(fits: Fits) -> None:
+    loaded = get_manager().current  # no lock: a snapshot; the answering model is checked again
+    if fits is not None and loaded is not None and loaded.tokenizer is not None:
+        fits(loaded)
+
+
+@contextlib.contextmanager
+def _rows_apart(attempt: Attempt) -> Iterator[None]:
+    """In an out-of-memory retry on the same model, captures run one text at a time as well."""
+    engine = eng.engine_for(attempt.loaded)
+    before = engine.max_capture_rows
+    engine.max_capture_rows = 1 if attempt.one_row else before
+    try:
+        yield
+    finally:
+        engine.max_capture_rows = before
+
+
+def _token_fits(
+    kind: str, *, prompt: str | None = None, raw_prompt: bool = False, new_tokens: int = 0, texts=()
+) -> Callable[[LoadedModel], None]:
+    """A `fits` check: prompt (after the chat template) + new tokens per row, and each steering
+    text, against the model's positions and its fitted limit for a `kind` ("compare"/"sweep")."""
+
+    def check(loaded: LoadedModel) -> None:
+        limit, why = _token_limit(loaded, kind)
+        if prompt is not None:
+            count = len(generate.prompt_ids(loaded.tokenizer, prompt, raw=raw_prompt))
+            if count + new_tokens > limit:
+                raise InputError(
+                    "prompt",
+                    f"is {count} tokens (after the chat template); with {new_tokens} new tokens that is "
+                    f"{count + new_tokens} per row, over the limit of {limit} for a {kind} on {loaded.model_id} "
+                    f"({why}). Shorten the prompt or ask for fewer new tokens{_MORE}",
+                )
+        for field, text in texts:
+            count = len(loaded.tokenizer.encode(text, add_special_tokens=False)) + 1  # + the start token
+            if count > limit:
+                raise InputError(field, f"is {count} tokens, over the limit of {limit} ({why}){_MORE}")
+
+    return check
+
+
+_MORE = "; for more, use fewer rows, a smaller quantization, or start the server with a smaller --margin."
+
+
+def _token_limit(loaded: LoadedModel, kind: str) -> tuple[int, str]:
+    positions = loaded.spec.max_positions
+    fitted = (loaded.fit or {}).get(f"{kind}_max_tokens")
+    if fitted is None or fitted >= positions:
+        return positions, f"the model has {positions} positions"
+    basis = (loaded.fit or {}).get("basis", "?")
+    rows = estimate.COMPARE_ROWS if kind == "compare" else estimate.SWEEP_ROWS
+    return fitted, f"fitted to the memory left beside the model, {rows} rows, basis: {basis}"
 
 
 def _vector_checks(specs: Sequence[eng.VectorSpec]) -> tuple[Checks, Checks]:
@@ -79,6 +151,16 @@ def _parse_vectors(vectors) -> list[eng.VectorSpec]:
     limits.check_count("vectors", vectors, "vectors")
     n_layers = _known_layers()
     return [eng.parse_vector(raw, i, n_layers) for i, raw in enumerate(vectors)]
+
+
+def _texts(specs: Sequence[eng.VectorSpec]) -> list[tuple[str, str]]:
+    """(field, text) of every steering text of a request."""
+    return [
+        (f"vectors[{i}].{key}", getattr(spec, key))
+        for i, spec in enumerate(specs)
+        for key in ("text", "positive", "negative")
+        if getattr(spec, key)
+    ]
 
 
 def _check_capture_mode(mode) -> str:
@@ -116,7 +198,8 @@ def steer_stream(
             "device": loaded.device,
             "layers": sorted({s.layer for s in mapped if s.enabled}),
         }
-        for update in generate.stream_rows(
+        stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
+        for update in stream(
             eng.engine_for(loaded),
             prompt,
             generate.compare_rows(mapped, compare),
@@ -129,7 +212,10 @@ def steer_stream(
             yield {**base, "steered": update.texts[0], "baseline": baseline, "done": update.done}
 
     layers, sizes = _vector_checks(specs)
-    yield from _stream("generation", layers, work, sizes)
+    fits = _token_fits(
+        "compare", prompt=prompt, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
+    )
+    yield from _stream("generation", layers, work, sizes, fits)
 
 
 def steer(
@@ -200,9 +286,9 @@ def sweep(
     def work(attempt: Attempt) -> dict:
         rows = generate.sweep_rows(text, attempt.layer(layer), coeffs)
         engine = eng.engine_for(attempt.loaded)
-        final = generate.run_rows(engine, prompt, rows, sampling)
-        effects = generate.effect_scores(engine, rows, text)
-        ppl = generate.perplexities(engine, prompt, final.token_ids)
+        final = generate.run_rows(engine, prompt, rows, sampling, one_row=attempt.one_row)
+        effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
+        ppl = generate.perplexities(engine, prompt, final.token_ids, one_row=attempt.one_row)
         return {
             "rows": [
                 {"coeff": float(row[0][1]), "text": out, "effect": eff, "perplexity": p}
@@ -212,7 +298,8 @@ def sweep(
             "layer": attempt.layer(layer),
         }
 
-    return _run("sweep", [("layer", layer)], work)
+    fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
+    return _run("sweep", [("layer", layer)], work, fits=fits)
 
 
 def similarity(texts: list[str], layer: int) -> dict:
@@ -234,7 +321,8 @@ def similarity(texts: list[str], layer: int) -> dict:
         matrix = eng.engine_for(attempt.loaded).similarity(texts, mapped)
         return {"texts": texts, "layer": mapped, "matrix": matrix, "model": attempt.loaded.model_id}
 
-    return _run("similarity", [("layer", layer)], work)
+    fits = _token_fits("sweep", texts=[(f"texts[{i}]", t) for i, t in enumerate(texts)])  # up to 8 rows
+    return _run("similarity", [("layer", layer)], work, fits=fits)
 
 
 def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str = eng.DEFAULT_CAPTURE_MODE) -> dict:
@@ -261,7 +349,7 @@ def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str 
         }
 
     layers, sizes = _vector_checks(specs)
-    return _run("export", layers, work, sizes)
+    return _run("export", layers, work, sizes, _token_fits("sweep", texts=_texts(specs)))
 
 
 def import_vectors(path: str) -> dict:

@@ -73,6 +73,7 @@ class ModelSpec:
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
     checkpoint_dtype: str = "bf16"
     aliases: tuple[str, ...] = ()
+    max_positions: int = 32768  # max_position_embeddings: the longest prompt + output per row
 
     @property
     def default_layer(self) -> int:
@@ -166,6 +167,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         gated=True,
         default_quant="bf16",
         label="Llama-3.2-1B-Instruct",
+        max_positions=131072,
     ),
     ModelSpec(
         id=EMBEDDED_ID,
@@ -183,6 +185,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         label="SmolLM2-135M-Instruct (embedded)",
         embedded=True,
         checkpoint_dtype="fp32",  # the GGUF is converted once and cached as fp32 safetensors
+        max_positions=8192,
         aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",),
     ),
 )
@@ -271,6 +274,7 @@ def spec_from_config(config: dict, model_id: str) -> ModelSpec:
             qk_norm=arch == "qwen3",
             checkpoint_dtype=_dtype_name(config.get("dtype") or config.get("torch_dtype")),
             default_quant="bf16",
+            max_positions=int(config.get("max_position_embeddings") or 32768),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelUnavailableError(

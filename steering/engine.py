@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
 
-from steering import limits
+from steering import estimate, limits
 from steering.errors import InputError
 from steering.limits import check_layer, check_text
 from steering.loaded import decoder_layers
@@ -216,6 +216,7 @@ class SteeringEngine:
         self.steer = _InstanceSteer(model, tokenizer)
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.capture_passes = 0  # forward passes spent capturing (tests and benchmarks read it)
+        self.max_capture_rows = estimate.SWEEP_ROWS  # texts per capture pass (1 in an out-of-memory retry)
         self._guard = threading.Lock()  # backstop: the manager's lock already serialises requests
 
     # -- capture -------------------------------------------------------------------------------
@@ -281,11 +282,13 @@ class SteeringEngine:
             # Exactly llm-steer's Steer.add: no special tokens, mean over every position, full pass.
             return [self._capture(layer, [encode(t)], early_stop=False)[0].mean(dim=0) for t in texts]
         rows = [self._bos_ids + encode(t) for t in texts]
-        hidden = self._capture(layer, rows)  # (B, T, H)
         means = []
-        for index, row in enumerate(rows):
-            # Position 0 (BOS) is the attention sink whose activation dwarfs the rest: drop it.
-            means.append(hidden[index, 1 : len(row)].mean(dim=0))
+        for start in range(0, len(rows), self.max_capture_rows):  # the batch shape the plan prices
+            chunk = rows[start : start + self.max_capture_rows]
+            hidden = self._capture(layer, chunk)  # (B, T, H)
+            for index, row in enumerate(chunk):
+                # Position 0 (BOS) is the attention sink whose activation dwarfs the rest: drop it.
+                means.append(hidden[index, 1 : len(row)].mean(dim=0))
         if mode == "bos-neutral":
             neutral = torch.stack(self.text_means(layer, NEUTRAL_TEXTS, "bos")).mean(dim=0)
             means = [m - neutral for m in means]

@@ -312,6 +312,90 @@ def estimate(
     return Estimate(spec.id, quant, context_tokens, batch_rows, breakdown)
 
 
+# -- pricing a request ----------------------------------------------------------------------------
+# Rows per batch of each request kind: a compare is the steered and the baseline row, a sweep (and
+# an auto-tune batch) up to 8 coefficient rows. The plan's standard workload: a compare at the
+# planned context and a sweep of SWEEP_PLAN_TOKENS tokens per row.
+COMPARE_ROWS = 2
+SWEEP_ROWS = 8
+SWEEP_PLAN_TOKENS = 256
+# Lean scoring (steering/generate.py) turns at most this many logits into log-probs at once.
+SCORE_CHUNK_ELEMENTS = 2**22
+
+
+def scoring_chunk_bytes(quant: str) -> int:
+    """One chunk of lean scoring: logits in the compute dtype, their fp32 copy and log-softmax."""
+    return SCORE_CHUNK_ELEMENTS * (activation_dtype_bytes(quant) + 4 + 4)
+
+
+def request_estimate(
+    spec: ModelSpec,
+    quant: str,
+    rows: int,
+    tokens_per_row: int,
+    *,
+    on_gpu: bool = True,
+    compute_capability: tuple[int, int] | None = None,
+) -> Estimate:
+    """Everything one request of `rows` x `tokens_per_row` (prompt + new tokens) needs, weights
+    included: a compare (2 rows), a sweep or auto-tune batch (up to 8: then with the scoring passes
+    after it, the same rows and tokens with logits in chunks: the `scoring` term), a capture or
+    similarity pass (texts as rows, at most 8 per pass)."""
+    est = estimate(spec, quant, tokens_per_row, rows, on_gpu=on_gpu, compute_capability=compute_capability)
+    if rows > COMPARE_ROWS:
+        est.breakdown["scoring"] = scoring_chunk_bytes(quant)
+    return est
+
+
+def request_need_bytes(spec: ModelSpec, quant: str, rows: int, tokens_per_row: int, **device) -> int:
+    """`request_estimate(...).need_bytes`."""
+    return request_estimate(spec, quant, rows, tokens_per_row, **device).need_bytes
+
+
+def fitted_tokens(
+    spec: ModelSpec,
+    quant: str,
+    rows: int,
+    budget_bytes: int,
+    *,
+    resident_bytes: int = 0,
+    on_gpu: bool = True,
+    compute_capability: tuple[int, int] | None = None,
+) -> int:
+    """The largest prompt + new tokens per row whose request fits `budget_bytes`, capped by the
+    model's positions; 0 when not even one token fits.
+
+    `resident_bytes` is what `budget_bytes` no longer contains because it is already in use
+    (the loaded weights and CUDA context, when the budget is live free memory)."""
+
+    def fits(tokens: int) -> bool:
+        need = request_need_bytes(spec, quant, rows, tokens, on_gpu=on_gpu, compute_capability=compute_capability)
+        return need - resident_bytes <= budget_bytes
+
+    low, high = 0, spec.max_positions  # fits(low) holds (or low == 0); find the last that fits
+    if fits(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def fit_limits(spec: ModelSpec, quant: str, reading: DeviceReading, *, margin_bytes: int, loaded: bool) -> dict:
+    """`{"compare_max_tokens", "sweep_max_tokens"}` of `spec` in `quant` on `reading`, keeping
+    `margin_bytes` free. `loaded`: the reading is live and already holds this model (its weights,
+    and on CUDA the context), so only what a request adds must fit."""
+    resident = 0
+    if loaded:
+        resident = weights_bytes(spec, quant) + (CUDA_CONTEXT_BYTES if reading.mode == "cuda" else 0)
+    budget = reading.headroom_bytes - margin_bytes
+    common = dict(resident_bytes=resident, on_gpu=reading.is_gpu, compute_capability=reading.compute_capability)
+    return {
+        "compare_max_tokens": fitted_tokens(spec, quant, COMPARE_ROWS, budget, **common),
+        "sweep_max_tokens": fitted_tokens(spec, quant, SWEEP_ROWS, budget, **common),
+    }
+
+
 def _load_transient_bytes(spec: ModelSpec, quant: str) -> int:
     """Bytes held beyond the final weights while the largest linear layer is being loaded."""
     if quant not in ("4bit", "8bit"):
@@ -345,6 +429,18 @@ def sensible_quants(spec: ModelSpec, reading: DeviceReading) -> list[str]:
     sixteen = ["bf16"] if reading.supports_bf16 else ["fp16", "bf16"]  # fp16 is native below 8.0
     wide = ["fp32"] if spec.n_params < SMALL_MODEL_PARAMS else []
     return wide + sixteen + ["8bit", "4bit"]
+
+
+def workload_estimate(
+    spec: ModelSpec, quant: str, reading: DeviceReading, context_tokens: int = 2048, batch_rows: int = 2
+) -> tuple[Estimate, str]:
+    """The plan's standard workload: the larger of a `batch_rows`-row compare at the planned
+    context and an 8-row sweep of SWEEP_PLAN_TOKENS tokens per row (with its scoring passes);
+    returns it and which of the two it is ("compare" or "sweep")."""
+    device = dict(on_gpu=reading.is_gpu, compute_capability=reading.compute_capability)
+    compare = estimate_for(spec, quant, reading, context_tokens, batch_rows)
+    sweep = request_estimate(spec, quant, SWEEP_ROWS, SWEEP_PLAN_TOKENS, **device)
+    return (sweep, "sweep") if sweep.need_bytes > compare.need_bytes else (compare, "compare")
 
 
 def estimate_for(
@@ -433,7 +529,7 @@ def plan(
             if spec is owner and extra_quant != "auto" and extra_quant not in quants:
                 quants.append(extra_quant)
         for q in quants:
-            est = estimate_for(spec, q, reading, context_tokens, batch_rows)
+            est, workload = workload_estimate(spec, q, reading, context_tokens, batch_rows)
             rows.append(
                 {
                     "id": spec.id,
@@ -441,11 +537,19 @@ def plan(
                     "need_bytes": est.need_bytes,
                     "breakdown": dict(est.breakdown),
                     "verdict": verdict(est.need_bytes, headroom, margin_bytes),
+                    "workload": workload,
+                    "fit": fit_limits(spec, q, reading, margin_bytes=margin_bytes, loaded=False),
                 }
             )
     verdicts = {(r["id"], r["quant"]): r for r in rows}
     choice = _choose(reading, requested, quant, verdicts, margin_bytes, (fallback_spec, fallback[1]))
-    return {"device": reading.to_dict(), "headroom_bytes": headroom, "models": rows, "choice": choice}
+    return {
+        "device": reading.to_dict(),
+        "headroom_bytes": headroom,
+        "margin_bytes": margin_bytes,
+        "models": rows,
+        "choice": choice,
+    }
 
 
 def _fits_text(row: dict, headroom: int, margin: int) -> str:

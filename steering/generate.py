@@ -37,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from steering import limits
 from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
+from steering.estimate import SCORE_CHUNK_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +193,14 @@ def stream_rows(
 
         worker = threading.Thread(target=work, name="generate", daemon=True)
         worker.start()
+        finished_generation = False
         try:
             while True:
                 kind, payload = sink.get()
                 if kind == "error":
                     raise payload
                 if kind == "done":
+                    finished_generation = True
                     break
                 deltas = [""] * n_rows
                 for b, token in enumerate(payload):
@@ -212,14 +215,35 @@ def stream_rows(
                 yield RowsUpdate(list(texts), deltas, [list(g) for g in generated])
         finally:
             # A consumer that stops iterating (Stop button, closed connection) ends generation.
-            stop.set()
+            # (A generation that finished leaves the flag alone: the caller may run another.)
+            if not finished_generation:
+                stop.set()
             worker.join()
     yield RowsUpdate(list(texts), [""] * n_rows, [list(g) for g in generated], done=True)
 
 
-def run_rows(engine, prompt, rows, sampling, **kwargs) -> RowsUpdate:
-    """`stream_rows` to the end; returns the final update."""
-    return collections.deque(stream_rows(engine, prompt, rows, sampling, **kwargs), maxlen=1)[0]
+def run_rows(engine, prompt, rows, sampling, *, one_row: bool = False, **kwargs) -> RowsUpdate:
+    """`stream_rows` (or, with `one_row`, `stream_rows_apart`) to the end; the final update."""
+    stream = stream_rows_apart if one_row else stream_rows
+    return collections.deque(stream(engine, prompt, rows, sampling, **kwargs), maxlen=1)[0]
+
+
+def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[RowsUpdate]:
+    """`stream_rows` with each row in a batch of its own, one after the other: the retry after an
+    out-of-memory error (one row's peak memory). Each row's tokens are those it gets in the batch:
+    its sampler is seeded alone, and steering is per row. Yields every row's text so far."""
+    stop = kwargs.get("stop") or threading.Event()
+    kwargs["stop"] = stop
+    texts, ids = [""] * len(rows), [[] for _ in rows]
+    for b, row in enumerate(rows):
+        if stop.is_set():
+            break
+        for update in stream_rows(engine, prompt, [row], sampling, **kwargs):
+            deltas = [""] * len(rows)
+            deltas[b], texts[b], ids[b] = update.deltas[0], update.texts[0], update.token_ids[0]
+            if not update.done:
+                yield RowsUpdate(list(texts), deltas, [list(i) for i in ids])
+    yield RowsUpdate(list(texts), [""] * len(rows), [list(i) for i in ids], done=True)
 
 
 def compare_rows(vectors: Sequence[VectorSpec], compare: bool) -> list[list[tuple[VectorSpec, float]]]:
@@ -237,26 +261,59 @@ def sweep_rows(text: str, layer: int, coeffs: Sequence[float]) -> list[list[tupl
     return [[(spec, c)] for c in values]
 
 
-def effect_scores(engine: SteeringEngine, rows, text: str, capture_mode: str = DEFAULT_CAPTURE_MODE) -> list[float]:
+def token_logprobs(engine: SteeringEngine, ids: torch.Tensor, mask: torch.Tensor | None, first: int) -> torch.Tensor:
+    """Log-prob of every token `ids[:, first:]` given the tokens before it: (B, W - first) fp32.
+
+    Lean: the base model gives hidden states (B, W, H); only the positions that predict a scored
+    token go through the output head, SCORE_CHUNK_ELEMENTS logits at a time, so no (B, W, V)
+    tensor of full-vocabulary logits ever exists (V is 49k-152k: that would be 8-10 bytes per
+    element after the fp32 log-softmax). Whatever steering is installed applies.
+    """
+    head = engine.model.get_output_embeddings()
+    with torch.inference_mode():
+        hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        scoring = hidden[:, first - 1 : -1].reshape(-1, hidden.shape[-1])  # (B * S, H)
+        targets = ids[:, first:].reshape(-1)  # (B * S,)
+        step = max(1, SCORE_CHUNK_ELEMENTS // head.weight.shape[0])  # positions per chunk
+        out = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
+        for start in range(0, targets.numel(), step):
+            logits = head(scoring[start : start + step]).float()  # (n, V)
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[start : start + step, None])
+            out[start : start + step] = picked.squeeze(-1)
+    return out.view(ids.shape[0], -1)
+
+
+def effect_scores(
+    engine: SteeringEngine, rows, text: str, capture_mode: str = DEFAULT_CAPTURE_MODE, *, one_row: bool = False
+) -> list[float]:
     """Per row: mean log-prob per token of `text` after the neutral prompt, steered minus unsteered.
 
-    One batched forward: row 0 is unsteered, rows 1.. are `rows`.
+    One batched forward: row 0 is unsteered, rows 1.. are `rows` (with `one_row`, a forward each).
     """
     context = prompt_ids(engine.tokenizer, NEUTRAL_PROMPT)
     target = engine.tokenizer.encode(text, add_special_tokens=False)
-    ids = torch.tensor([context + target] * (len(rows) + 1), device=engine.device)  # (R+1, T)
-    with engine.installed([[]] + list(rows), capture_mode), torch.inference_mode():
-        logits = engine.model(input_ids=ids).logits.float()  # (R+1, T, V)
-    logprobs = torch.log_softmax(logits[:, len(context) - 1 : -1], dim=-1)  # predicts each target token
-    picked = logprobs.gather(-1, ids[:, len(context) :, None]).squeeze(-1).mean(dim=-1)  # (R+1,)
-    return (picked[1:] - picked[0]).tolist()
+    batches = [[[]] + list(rows)] if not one_row else [[row] for row in [[]] + list(rows)]
+    picked = []
+    for batch in batches:
+        ids = torch.tensor([context + target] * len(batch), device=engine.device)  # (rows, T)
+        with engine.installed(batch, capture_mode):
+            picked.append(token_logprobs(engine, ids, None, len(context)).mean(dim=-1))
+    scores = torch.cat(picked)  # (R+1,)
+    return (scores[1:] - scores[0]).tolist()
 
 
-def perplexities(engine: SteeringEngine, prompt: str, generations: Sequence[Sequence[int]]) -> list[float | None]:
-    """Perplexity of each generated continuation under the unsteered model (fluency), batched."""
+def perplexities(
+    engine: SteeringEngine, prompt: str, generations: Sequence[Sequence[int]], *, one_row: bool = False
+) -> list[float | None]:
+    """Perplexity of each generated continuation under the unsteered model (fluency), batched
+    (with `one_row`, a forward pass per row)."""
+    if one_row and len(generations) > 1:
+        return [perplexities(engine, prompt, [g])[0] for g in generations]
     context = prompt_ids(engine.tokenizer, prompt)
     rows = [list(g) for g in generations]
-    width = len(context) + max((len(g) for g in rows), default=0)
+    if not any(rows):
+        return [None] * len(rows)
+    width = len(context) + max(len(g) for g in rows)
     pad = engine.tokenizer.pad_token_id or 0
     ids = torch.full((len(rows), width), pad, device=engine.device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=engine.device)
@@ -264,17 +321,8 @@ def perplexities(engine: SteeringEngine, prompt: str, generations: Sequence[Sequ
         seq = context + g
         ids[b, : len(seq)] = torch.tensor(seq)
         mask[b, : len(seq)] = 1
-    with torch.inference_mode():
-        logits = engine.model(input_ids=ids, attention_mask=mask).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, W-1)
-    out: list[float | None] = []
-    for b, g in enumerate(rows):
-        if not g:
-            out.append(None)
-            continue
-        nll = -logprobs[b, len(context) - 1 : len(context) - 1 + len(g)].mean().item()
-        out.append(math.exp(nll))
-    return out
+    logprobs = token_logprobs(engine, ids, mask, len(context))  # (B, max generated)
+    return [math.exp(-logprobs[b, : len(g)].mean().item()) if g else None for b, g in enumerate(rows)]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -33,6 +33,9 @@ class LoadedModel:
     generation: int  # increments on every load: part of cache keys, so old captures never leak
     # Objects attached by higher layers (the steering engine). Each is closed on release.
     extras: dict[str, Any] = field(default_factory=dict)
+    # The fitted limits measured after loading (ModelManager): the longest prompt + new tokens
+    # per row of a compare and of a sweep on this machine, and what they were measured on.
+    fit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:

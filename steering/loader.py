@@ -37,6 +37,10 @@ from steering.loaded import LoadedModel, decoder_layers, describe, is_oom, map_l
 logger = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("auto",) + estimate.QUANTS
+# What a request that runs out of memory tries next: the same model with its rows one at a time,
+# then the fallback model. Events say which (`recovery`).
+ONE_ROW = "rows one at a time"
+RECOVERY_PATHS = ("batched", ONE_ROW, "fallback")
 T = TypeVar("T")
 
 
@@ -49,6 +53,7 @@ class Attempt:
     loaded: LoadedModel
     validated_layers: int
     event: dict | None = None
+    one_row: bool = False  # run every batch row on its own (the first out-of-memory retry)
 
     def layer(self, layer: int) -> int:
         """A validated layer index, moved by relative depth onto the model that answers."""
@@ -59,6 +64,15 @@ def _release_host_memory() -> None:
     gc.collect()
     with contextlib.suppress(Exception):  # glibc only: hand freed heap pages back to the OS
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _free_caches() -> None:
+    """Give back what a failed request left: Python garbage, freed heap pages, CUDA's cache."""
+    _release_host_memory()
+    if _cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 class ModelManager:
@@ -143,32 +157,43 @@ class ModelManager:
             yield self._current
 
     def run(self, fn: Callable[[Attempt], T], *, what: str = "request") -> T:
-        """Call `fn(attempt)` under the lock; on out-of-memory, downgrade once and retry once."""
+        """Call `fn(attempt)` under the lock. On out-of-memory: free the caches and call it again
+        on the same model with rows one at a time; if that runs out too, downgrade and retry once."""
         with self.session() as loaded:
-            first = Attempt(loaded, loaded.n_layers)
-            try:
-                return fn(first)
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failure = describe(exc)
-            # Outside the except block: the traceback (and the tensors its frames hold) is gone.
-            event = self._recover_locked(failure, stage=what)
-            return fn(Attempt(self._current, first.validated_layers, event))
+            attempt = Attempt(loaded, loaded.n_layers)
+            for path in RECOVERY_PATHS:
+                try:
+                    return fn(attempt)
+                except Exception as exc:
+                    if not is_oom(exc) or path == RECOVERY_PATHS[-1]:
+                        raise
+                    failure = describe(exc)
+                # Outside the except block: the traceback (and the tensors its frames hold) is gone.
+                attempt = self._next_attempt_locked(attempt, failure, what, path)
+        raise AssertionError("unreachable")
 
     def stream(self, fn: Callable[[Attempt], Iterator[T]], *, what: str = "request") -> Iterator[T]:
-        """Like `run` for generators: a stream that runs out of memory restarts once on the fallback."""
+        """Like `run` for generators: a stream that runs out of memory starts again on the next path."""
         with self.session() as loaded:
-            first = Attempt(loaded, loaded.n_layers)
-            try:
-                yield from fn(first)
-                return
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failure = describe(exc)
-            event = self._recover_locked(failure, stage=what)
-            yield from fn(Attempt(self._current, first.validated_layers, event))
+            attempt = Attempt(loaded, loaded.n_layers)
+            for path in RECOVERY_PATHS:
+                try:
+                    yield from fn(attempt)
+                    return
+                except Exception as exc:
+                    if not is_oom(exc) or path == RECOVERY_PATHS[-1]:
+                        raise
+                    failure = describe(exc)
+                attempt = self._next_attempt_locked(attempt, failure, what, path)
+
+    def _next_attempt_locked(self, attempt: Attempt, failure: str, what: str, path: str) -> Attempt:
+        """After `path` ran out of memory: the same model with rows one at a time, else the fallback."""
+        if path == "batched":
+            _free_caches()
+            event = _record_one_row_retry(self.events, attempt.loaded, failure, what)
+            return Attempt(attempt.loaded, attempt.validated_layers, event, one_row=True)
+        event = self._recover_locked(failure, stage=what)
+        return Attempt(self._current, attempt.validated_layers, event)
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, model: str, quant: str = "auto", force: bool = False, *, user: bool = True) -> dict:
@@ -213,7 +238,7 @@ class ModelManager:
     def _load_locked(self, model: str, quant: str, force: bool, *, startup: bool) -> None:
         reading = self.probe()
         spec = catalog.get_spec(model)  # unknown ids raise here, before anything changes
-        quant = self._resolve_quant(spec, quant, reading)
+        quant = _resolve_quant(spec, quant, reading, self.context_tokens, self.margin_bytes)
         # Plan first: a model that will not fit is replaced without needing its weights at all.
         need_bytes = estimate.estimate_for(spec, quant, reading, self.context_tokens).need_bytes
         verdict = estimate.verdict(need_bytes, reading.headroom_bytes, self.margin_bytes)
@@ -296,6 +321,7 @@ class ModelManager:
             reason=reason,
             free_before_bytes=before.headroom_bytes,
             free_after_bytes=self.probe().headroom_bytes,
+            recovery="fallback",
         )
         logger.warning(
             "downgraded: asked %s %s, loaded %s %s on %s: %s",
@@ -308,16 +334,6 @@ class ModelManager:
         return event
 
     # -- helpers -------------------------------------------------------------------------------
-    def _resolve_quant(self, spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading) -> str:
-        if quant == "auto" and spec.embedded:
-            # fp32 wherever it really runs on the CPU (a simulated card plans, but runs on CPU too).
-            if not _cuda_available():
-                return "fp32"
-            return "bf16" if reading.supports_bf16 else "fp16"
-        return estimate.resolve_quant(
-            spec, quant, reading, context_tokens=self.context_tokens, margin_bytes=self.margin_bytes
-        )
-
     def _materialize(self, spec: catalog.ModelSpec, source: str, quant: str, device: str | None = None) -> None:
         """Load `source` in `quant` and make it the current model (the caller released the old one)."""
         on_cuda = device != "cpu" and _cuda_available()
@@ -346,6 +362,7 @@ class ModelManager:
             from steering import log_expandable_segments_status
 
             log_expandable_segments_status()
+        self._current.fit = _fit(self.probe(), spec, quant, self.margin_bytes)
         seconds, n_layers = self._current.load_seconds, self._current.n_layers
         logger.info("loaded %s (%s) on %s in %.1f s, %d layers", spec.id, quant, device, seconds, n_layers)
 
@@ -353,6 +370,35 @@ class ModelManager:
         loaded, self._current = self._current, None
         if loaded is not None:
             _free(loaded)
+
+
+def _resolve_quant(
+    spec: catalog.ModelSpec, quant: str, reading: gpu.DeviceReading, context_tokens: int, margin_bytes: int
+) -> str:
+    if quant == "auto" and spec.embedded:
+        # fp32 wherever it really runs on the CPU (a simulated card plans, but runs on CPU too).
+        if not _cuda_available():
+            return "fp32"
+        return "bf16" if reading.supports_bf16 else "fp16"
+    return estimate.resolve_quant(spec, quant, reading, context_tokens=context_tokens, margin_bytes=margin_bytes)
+
+
+def _record_one_row_retry(events: EventLog, loaded: LoadedModel, failure: str, what: str) -> dict:
+    logger.warning("out of memory during %s on %s: retrying with rows one at a time", what, loaded.model_id)
+    return events.record(
+        stage=what,
+        asked=(loaded.model_id, loaded.quant),
+        loaded={"model": loaded.model_id, "quant": loaded.quant, "device": loaded.device},
+        reason=f"out of memory during {what}: {failure}; retried on the same model with rows one at a time",
+        recovery=ONE_ROW,
+    )
+
+
+def _fit(reading: gpu.DeviceReading, spec: catalog.ModelSpec, quant: str, margin_bytes: int) -> dict:
+    """Fitted limits of a model just loaded: live free VRAM on CUDA (which already holds it), the
+    simulated card with `--simulate-gpu` (which does not), available RAM on the CPU."""
+    limits = estimate.fit_limits(spec, quant, reading, margin_bytes=margin_bytes, loaded=reading.mode != "simulated")
+    return {**limits, "max_positions": spec.max_positions, "basis": reading.mode}
 
 
 def _status(loaded: LoadedModel | None, reading: gpu.DeviceReading, cuda_index: int) -> dict:
@@ -379,6 +425,7 @@ def _status(loaded: LoadedModel | None, reading: gpu.DeviceReading, cuda_index: 
         "device": loaded.device if loaded else None,
         "n_layers": n_layers,
         "default_layer": n_layers // 2 if loaded else None,
+        "fit": dict(loaded.fit) if loaded else None,
         "memory": memory,
     }
 
@@ -393,11 +440,7 @@ def _free(loaded: LoadedModel) -> None:
     loaded.model = None
     loaded.tokenizer = None
     del loaded
-    _release_host_memory()
-    if _cuda_available():
-        import torch
-
-        torch.cuda.empty_cache()
+    _free_caches()
 
 
 def _cuda_available() -> bool:

@@ -157,7 +157,8 @@ def _model_view(status: dict) -> tuple:
     """Status line, fallback notice, both layer sliders (range and default follow the model), model."""
     n_layers = status.get("n_layers") or 1
     default = status.get("default_layer") or 0
-    event = status["events"][-1] if status.get("events") else None
+    downgrades = [e for e in status.get("events") or [] if e.get("recovery") != "rows one at a time"]
+    event = downgrades[-1] if downgrades else None
     if event and (event["loaded"]["model"], event["loaded"]["quant"]) != (status.get("model"), status.get("quant")):
         event = None  # an old downgrade that no longer describes what is loaded
 
@@ -283,7 +284,19 @@ def refresh_memory(context) -> tuple:
         views.card_markdown(device)
         + f"  \n**Choice for this machine:** `{choice['id']}` {choice['quant']} — {choice['reason']}"
     )
-    return card, views.process_rows(device), views.plan_rows(plan), views.event_rows(status["events"])
+    margin = plan["margin_bytes"]
+    bars = [
+        (f"loaded: {row['id']} {row['quant']}", row)
+        for row in plan["models"]
+        if (row["id"], row["quant"]) == (status.get("model"), status.get("quant"))
+    ] + [(f"{row['id'].rsplit('/', 1)[-1]} {row['quant']}", row) for row in plan["models"]]
+    return (
+        card,
+        views.memory_bars_html(bars, plan["headroom_bytes"], margin),
+        views.process_rows(device),
+        views.plan_rows(plan, margin),
+        views.event_rows(status["events"]),
+    )
 
 
 # -- handlers: vector files --------------------------------------------------------------------
@@ -532,11 +545,13 @@ def _vectors_tab() -> SimpleNamespace:
 
 
 def _memory_tab() -> SimpleNamespace:
-    with gr.Tab("Memory"):
+    with gr.Tab("Memory", elem_id="memory-tab") as tab:
         with gr.Row():
             context = gr.Number(label="Context tokens to plan for", **_limited("context"))
             refresh_btn = gr.Button("Refresh")
-        card = gr.Markdown("")
+        card = gr.Markdown("", elem_id="memory-card")
+        bars = gr.HTML("", elem_id="memory-bars")
+        gr.Markdown(views.VERDICTS_LEGEND)
         processes = gr.Dataframe(
             headers=["pid", "name", "memory", "kind", "desktop"],
             type="array",
@@ -544,10 +559,11 @@ def _memory_tab() -> SimpleNamespace:
             label="Processes on the card",
         )
         plan = gr.Dataframe(
-            headers=["model", "quant", "need", "verdict", "largest terms"],
+            headers=list(views.PLAN_COLUMNS),
             type="array",
             interactive=False,
             label="Compatibility on this machine",
+            max_height=1200,  # every row visible: the plan is read as a whole
         )
         events = gr.Dataframe(
             headers=["time", "stage", "asked", "loaded", "reason", "free before", "free after"],
@@ -557,7 +573,14 @@ def _memory_tab() -> SimpleNamespace:
             wrap=True,
         )
     return SimpleNamespace(
-        context=context, refresh_btn=refresh_btn, card=card, processes=processes, plan=plan, events=events
+        tab=tab,
+        context=context,
+        refresh_btn=refresh_btn,
+        card=card,
+        bars=bars,
+        processes=processes,
+        plan=plan,
+        events=events,
     )
 
 
@@ -622,9 +645,9 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
         **MODEL,
     )
     vectors.show_btn.click(show_similarity, [form.table, form.layer], vectors.heatmap, **PRIVATE, **MODEL)
-    memory.refresh_btn.click(
-        refresh_memory, memory.context, [memory.card, memory.processes, memory.plan, memory.events], **PRIVATE, **INFO
-    )
+    memory_view = [memory.card, memory.bars, memory.processes, memory.plan, memory.events]
+    memory.refresh_btn.click(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)
+    memory.tab.select(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)  # fills itself on open
     recipe_fields = [prompt, form.table, *settings, form.directions]
     recipes.save_btn.click(
         save_recipe, [prompt, form.table, form.layer, *settings, form.directions], recipes.file, **UI_ONLY

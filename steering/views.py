@@ -204,6 +204,12 @@ def status_line(status: dict) -> str:
         f"{where} {format_bytes(in_use)}",
         f"process RSS {format_bytes(memory.get('process_rss_bytes'))}",
     ]
+    fit = status.get("fit")
+    if fit:
+        parts.append(
+            f"fits {fit['compare_max_tokens']} tokens per row in a compare, {fit['sweep_max_tokens']} in a sweep "
+            f"({fit['basis']})"
+        )
     if status.get("locked"):
         parts.append("model switching locked")
     return " · ".join(parts)
@@ -214,6 +220,12 @@ def fallback_notice(event: dict | None) -> str:
     if not event:
         return ""
     asked, loaded = event.get("asked", {}), event.get("loaded", {})
+    if event.get("recovery") == "rows one at a time":
+        return (
+            f"⚠️ **Out of memory** ({event.get('time', '')}, during {event.get('stage', '?')}): retried on "
+            f"`{loaded.get('model')}` with the batch rows one at a time (slower, same answer). "
+            f"Why: {event.get('reason', '')}"
+        )
     return (
         f"⚠️ **Fallback** ({event.get('time', '')}, during {event.get('stage', '?')}): asked for "
         f"`{asked.get('model')}` ({asked.get('quant')}), loaded `{loaded.get('model')}` ({loaded.get('quant')}) "
@@ -260,21 +272,96 @@ def process_rows(device: dict) -> list[list]:
     ]
 
 
-def plan_rows(plan: dict) -> list[list]:
-    """The compatibility matrix: model, quantization, need, verdict, and the biggest terms."""
+PLAN_COLUMNS = ("model", "quant", "need", "verdict", "spare / short by", "fits (compare / sweep tokens)")
+VERDICTS_LEGEND = (
+    "**stable**: the need plus the safety margin fits the headroom · **fragile**: only the need fits "
+    "(no margin left) · **wont_fit**: the need alone is more than the headroom. The need is the larger "
+    "of a 2-row compare at the planned context and an 8-row sweep of 256 tokens; *fits* are the longest "
+    "prompt + new tokens per row that keep the margin."
+)
+# One colour per term of the estimate (the Memory tab's bars and their legend).
+TERM_COLOURS = {
+    "weights": "#4e79a7",
+    "kv_cache": "#f28e2b",
+    "activations": "#e15759",
+    "load_extra": "#76b7b2",
+    "steering_capture": "#59a14f",
+    "cuda_context": "#edc948",
+    "scoring": "#b07aa1",
+}
+
+
+def _spare(need: int, headroom: int, margin: int) -> str:
+    left = headroom - margin - need
+    return f"spare {format_bytes(left)}" if left >= 0 else f"short by {format_bytes(-left)}"
+
+
+def plan_rows(plan: dict, margin_bytes: int) -> list[list]:
+    """The compatibility matrix in `PLAN_COLUMNS` order."""
+    headroom = plan.get("headroom_bytes", 0)
     rows = []
     for row in plan.get("models", []):
-        top = sorted(row.get("breakdown", {}).items(), key=lambda kv: -kv[1])[:3]
+        fit = row.get("fit") or {}
         rows.append(
             [
                 row["id"],
                 row["quant"],
                 format_bytes(row["need_bytes"]),
                 row["verdict"],
-                ", ".join(f"{k} {format_bytes(v)}" for k, v in top),
+                _spare(row["need_bytes"], headroom, margin_bytes),
+                f"{fit.get('compare_max_tokens', '-')} / {fit.get('sweep_max_tokens', '-')}",
             ]
         )
     return rows
+
+
+def _marker(left: str, style: str) -> str:
+    return f'<div style="position:absolute;top:-2px;bottom:-2px;left:{left};border-left:2px {style} #000"></div>'
+
+
+def memory_bars_html(bars: Sequence[tuple[str, dict]], headroom_bytes: int, margin_bytes: int) -> str:
+    """Stacked bars of the estimate's terms against the headroom: one bar per (label, plan row).
+
+    A solid line marks the headroom and a dashed one the headroom minus the margin, so "will it
+    fit, and by how much" is seen: a bar ending left of the dashed line is stable.
+    """
+    if not bars:
+        return "<p>No plan rows to draw.</p>"
+    scale = max([headroom_bytes] + [row["need_bytes"] for _, row in bars]) or 1
+
+    def pct(value: int) -> str:
+        return f"{100 * value / scale:.2f}%"
+
+    lines = []
+    for label, row in bars:
+        segments = "".join(
+            f'<div title="{html.escape(term)} {format_bytes(value)}" style="width:{pct(value)};'
+            f'background:{TERM_COLOURS.get(term, "#999")};height:100%"></div>'
+            for term, value in row["breakdown"].items()
+            if value > 0
+        )
+        verdict = html.escape(row["verdict"])
+        spare = _spare(row["need_bytes"], headroom_bytes, margin_bytes)
+        lines.append(
+            '<div class="bar-row" style="display:flex;align-items:center;gap:8px;margin:3px 0">'
+            f'<div style="width:260px;font-size:12px;text-align:right">{html.escape(label)}</div>'
+            '<div style="position:relative;flex:1;height:18px;background:#f3f3f3">'
+            f'<div style="display:flex;height:100%">{segments}</div>'
+            f"{_marker(pct(headroom_bytes), 'solid')}{_marker(pct(max(0, headroom_bytes - margin_bytes)), 'dashed')}"
+            "</div>"
+            f'<div style="width:240px;font-size:12px">{format_bytes(row["need_bytes"])} · {verdict} · {spare}</div>'
+            "</div>"
+        )
+    legend = " ".join(
+        f'<span style="display:inline-block;width:10px;height:10px;background:{colour}"></span> {html.escape(term)}'
+        for term, colour in TERM_COLOURS.items()
+    )
+    return (
+        f'<div class="memory-bars"><p style="font-size:12px">{legend} · solid line: headroom '
+        f"{format_bytes(headroom_bytes)} · dashed: headroom minus the {format_bytes(margin_bytes)} margin</p>"
+        + "".join(lines)
+        + "</div>"
+    )
 
 
 def event_rows(events: Sequence[dict]) -> list[list]:

@@ -69,6 +69,11 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path, embedded_dir):
     assert event["loaded"]["quant"] == "4bit" and "Qwen2.5-1.5B" in event["loaded"]["model"]
     assert result["switches"]["switches"] == 5 and len(result["switches"]["loads"]) == 6
     assert [d["quant"] for d in result["decode"]] == ["4bit", "bf16"]
+    # An 8-row sweep at the limit the manager fitted after loading (issue 10).
+    sweep = result["sweep_at_fit"]
+    assert sweep["rows"] == 8 and sweep["fit"]["basis"] == "simulated" and sweep["fallback"] is None
+    assert 0 < sweep["tokens_per_row"] <= sweep["fit"]["sweep_max_tokens"] <= sweep["fit"]["compare_max_tokens"]
+    assert sweep["estimated_request_bytes"] > 0 and sweep["oom_retry"].startswith("skipped")
     assert all(d["tokens_per_s"] > 0 and d["bound_tokens_per_s"] > 0 for d in result["decode"])
     # The short table comes last.
     assert proc.stdout.strip().splitlines()[-1].startswith("dry-run run on Simulated")

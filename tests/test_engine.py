@@ -326,3 +326,53 @@ def test_vector_kinds_are_exclusive_and_directions_validated():
     spec = parse_vector({"direction": [0.5, -1], "coeff": 2, "layer": 3}, 0, 30)
     assert spec.direction == (0.5, -1.0) and spec.label == "direction[2]"
     assert parse_vector(spec.to_dict(), 0, 30) == spec
+
+
+def _naive_perplexities(engine, prompt, generations):
+    """The scoring before issue 10: full-vocabulary logits for every position of every row."""
+    context = G.prompt_ids(engine.tokenizer, prompt)
+    width = len(context) + max(len(g) for g in generations)
+    ids = torch.full((len(generations), width), engine.tokenizer.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for b, g in enumerate(generations):
+        ids[b, : len(context) + len(g)] = torch.tensor(context + list(g))
+        mask[b, : len(context) + len(g)] = 1
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids, attention_mask=mask).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return [
+        math.exp(-logprobs[b, len(context) - 1 : len(context) - 1 + len(g)].mean().item())
+        for b, g in enumerate(generations)
+    ]
+
+
+def _naive_effects(engine, rows, text):
+    context = G.prompt_ids(engine.tokenizer, G.NEUTRAL_PROMPT)
+    target = engine.tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([context + target] * (len(rows) + 1))
+    with engine.installed([[]] + list(rows), "bos-neutral"), torch.inference_mode():
+        logits = engine.model(input_ids=ids).logits.float()
+    logprobs = torch.log_softmax(logits[:, len(context) - 1 : -1], dim=-1)
+    picked = logprobs.gather(-1, ids[:, len(context) :, None]).squeeze(-1).mean(dim=-1)
+    return (picked[1:] - picked[0]).tolist()
+
+
+def test_lean_scoring_sends_only_scored_positions_through_the_head(smol_engine, monkeypatch):
+    monkeypatch.setattr(G, "SCORE_CHUNK_ELEMENTS", 49152 * 5)  # 5 positions per chunk: chunking shows
+    rows = G.sweep_rows("dogs", 15, [0.0, 1.0, 2.0])
+    generations = _ids(smol_engine, rows)
+    shapes = []
+    head = smol_engine.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        lean_ppl = G.perplexities(smol_engine, PROMPT, generations)
+        lean_effects = G.effect_scores(smol_engine, rows, "dogs")
+    finally:
+        hook.remove()
+    hidden = smol_engine.model.config.hidden_size
+    assert shapes and all(len(s) == 2 and s[0] <= 5 and s[1] == hidden for s in shapes), shapes
+    assert sum(s[0] for s in shapes) == sum(len(g) for g in generations) + 4 * len(
+        smol_engine.tokenizer.encode("dogs", add_special_tokens=False)
+    )  # exactly the scored positions: every generated token, and "dogs" after the neutral prompt in 4 rows
+    assert lean_ppl == pytest.approx(_naive_perplexities(smol_engine, PROMPT, generations), rel=1e-4)
+    assert lean_effects == pytest.approx(_naive_effects(smol_engine, rows, "dogs"), abs=1e-4)

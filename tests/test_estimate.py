@@ -135,9 +135,9 @@ def test_reference_card_verdicts(reference_reading, no_token):
     assert verdicts[(LLAMA1.id, "bf16")] == "stable"
     assert verdicts[(QWEN7.id, "4bit")] != "stable"
     assert result["headroom_bytes"] == reference_reading.headroom_bytes
-    assert set(result) == {"device", "headroom_bytes", "models", "choice"}
+    assert set(result) == {"device", "headroom_bytes", "margin_bytes", "models", "choice"}
     for row in result["models"]:
-        assert set(row) == {"id", "quant", "need_bytes", "breakdown", "verdict"}
+        assert set(row) == {"id", "quant", "need_bytes", "breakdown", "verdict", "workload", "fit"}
         assert row["need_bytes"] == sum(row["breakdown"].values())
     json.dumps(result)  # JSON-ready
 
@@ -250,3 +250,37 @@ def test_weights_bytes_match_a_loaded_tiny_model(tiny_saved, quant):
     assert abs(estimated - measured) <= 0.01 * measured, (quant, estimated, measured)
     if quant == "4bit":  # get_memory_footprint() misses the absmax and code tables bitsandbytes keeps
         assert model.get_memory_footprint() < measured
+
+
+def test_stable_means_the_standard_workload_fits(reference_reading):
+    """Every stable row has room for a 2-row compare at the planned context and an 8-row sweep
+    of 256 tokens per row (with the margin); every other row lacks room for one of them."""
+    result = est.plan(reference_reading, context_tokens=2048)
+    for row in result["models"]:
+        fit = row["fit"]
+        workload_fits = fit["compare_max_tokens"] >= 2048 and fit["sweep_max_tokens"] >= est.SWEEP_PLAN_TOKENS
+        assert (row["verdict"] == "stable") == workload_fits, row
+        assert fit["sweep_max_tokens"] <= fit["compare_max_tokens"]
+
+
+def test_a_sweep_can_be_what_does_not_fit(reference_reading):
+    # At a 256-token context the compare is small; 8 rows of 256 tokens are what the plan prices.
+    est_row, workload = est.workload_estimate(QWEN15, "bf16", reference_reading, context_tokens=256)
+    assert workload == "sweep" and "scoring" in est_row.breakdown
+    compare = est.estimate_for(QWEN15, "bf16", reference_reading, 256, 2)
+    assert est_row.need_bytes > compare.need_bytes
+
+
+def test_fitted_tokens_is_the_largest_that_fits(reference_reading):
+    budget = reference_reading.headroom_bytes - est.MARGIN_DEFAULT_BYTES
+    device = dict(on_gpu=True, compute_capability=reference_reading.compute_capability)
+    tokens = est.fitted_tokens(QWEN7, "4bit", 8, budget, **device)
+    assert 0 < tokens < QWEN7.max_positions
+    assert est.request_need_bytes(QWEN7, "4bit", 8, tokens, **device) <= budget
+    assert est.request_need_bytes(QWEN7, "4bit", 8, tokens + 1, **device) > budget
+    assert est.fitted_tokens(QWEN15, "4bit", 2, 10**15, **device) == QWEN15.max_positions  # capped by positions
+    assert est.fitted_tokens(QWEN7, "bf16", 2, budget, **device) == 0  # the weights alone do not fit
+    # A live reading already holds the weights: only what the request adds must fit.
+    loaded = est.fitted_tokens(QWEN7, "4bit", 8, budget - est.weights_bytes(QWEN7, "4bit"), **device,
+                               resident_bytes=est.weights_bytes(QWEN7, "4bit"))  # fmt: skip
+    assert loaded == tokens

@@ -8,6 +8,7 @@ or where the model runs. Everything between is the code that runs on a real card
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import time
 import weakref
@@ -52,16 +53,18 @@ def oom_on_load(monkeypatch):
     return doomed
 
 
-def _oom_once_in_forward(model):
-    """The next forward pass of `model` raises OOM (as a too-long prefill would on a real card)."""
-    original = model.forward
+def _oom_in_forward(model, times: int = 2):
+    """The next `times` forward passes of `model` raise OOM (as a too-long prefill would on a real
+    card). Two: the batched request and its retry with rows one at a time both fail."""
+    left = [times]
 
     def forward(*args, **kwargs):
-        del model.forward  # back to the class's forward: only this one call fails
+        left[0] -= 1
+        if left[0] == 0:
+            del model.forward  # back to the class's forward
         raise torch.OutOfMemoryError(OOM_TEXT)
 
     model.forward = forward
-    return original
 
 
 def test_default_on_cpu_is_the_embedded_model(manager):
@@ -154,19 +157,20 @@ def test_oom_during_generation_downgrades_remaps_layers_and_retries_once(manager
     manager.load(str(tiny_llama_dir), "fp32")
     asked = manager.current.model_id
     assert manager.current.n_layers == 6
-    _oom_once_in_forward(manager.current.model)
+    _oom_in_forward(manager.current.model)
     result = api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 5}], max_new_tokens=4)
     fallback = catalog.get_spec(str(tiny_qwen_dir)).id
     assert result["model"] == fallback
     assert result["layers"] == [3] == [map_layer(5, 6, 4)]  # same relative depth on the 4-layer fallback
     assert result["fallback"]["stage"] == "generation"
-    assert result["fallback"]["asked"]["model"] == asked
-    assert len(manager.events.all()) == 1
+    assert result["fallback"]["asked"]["model"] == asked and result["fallback"]["recovery"] == "fallback"
+    # Two events: the retry with rows apart on the same model, then the downgrade.
+    assert [e["recovery"] for e in manager.events.all()] == ["rows one at a time", "fallback"]
 
 
 def test_oom_on_the_embedded_model_reloads_it_on_cpu_not_the_bigger_fallback(manager):
     manager.load(catalog.EMBEDDED_ID, "fp32")
-    _oom_once_in_forward(manager.current.model)
+    _oom_in_forward(manager.current.model)
     result = api.steer("Hi", [{"text": "dogs", "coeff": 0.5, "layer": 15}], max_new_tokens=4)
     assert result["model"] == catalog.EMBEDDED_ID and result["device"] == "cpu"
     assert "last step down" in result["fallback"]["reason"]
@@ -266,15 +270,18 @@ def test_a_broken_model_folder_ends_on_the_fallback_with_an_event(manager, tmp_p
     assert status["event_count"] == before + 1
 
 
-def _oom_once_in_embeddings(model, gate: threading.Event | None = None):
-    """The next pass through `model`'s token embeddings (every forward: generation, capture,
-    scoring) raises OOM, after waiting for `gate` when one is given."""
+def _oom_in_embeddings(model, gate: threading.Event | None = None, times: int = 2):
+    """The next `times` passes through `model`'s token embeddings (every forward: generation,
+    capture, scoring) raise OOM, the first after waiting for `gate` when one is given."""
     embed = model.model.embed_tokens
+    left = [times]
 
     def forward(*args, **kwargs):
-        del embed.forward  # back to the class's forward: only this one call fails
-        if gate is not None:
+        if gate is not None and left[0] == times:
             gate.wait(30)
+        left[0] -= 1
+        if left[0] == 0:
+            del embed.forward  # back to the class's forward
         raise torch.OutOfMemoryError(OOM_TEXT)
 
     embed.forward = forward
@@ -293,7 +300,7 @@ def _oom_once_in_embeddings(model, gate: threading.Event | None = None):
 )
 def test_every_model_endpoint_reports_its_own_fallback(manager, tiny_llama_dir, tiny_qwen_dir, what, call):
     manager.load(str(tiny_llama_dir), "fp32")
-    _oom_once_in_embeddings(manager.current.model)
+    _oom_in_embeddings(manager.current.model)
     result = call(5)
     assert result["fallback"]["stage"] == what
     assert result["fallback"]["loaded"]["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
@@ -304,7 +311,7 @@ def test_every_model_endpoint_reports_its_own_fallback(manager, tiny_llama_dir, 
 def test_a_waiting_request_is_not_told_about_anothers_downgrade(manager, tiny_llama_dir):
     manager.load(str(tiny_llama_dir), "fp32")
     gate = threading.Event()
-    _oom_once_in_embeddings(manager.current.model, gate)
+    _oom_in_embeddings(manager.current.model, gate, times=1)  # the retry with rows apart succeeds
     results: dict[str, dict] = {}
 
     def request(name: str) -> None:
@@ -320,6 +327,7 @@ def test_a_waiting_request_is_not_told_about_anothers_downgrade(manager, tiny_ll
     first.join(60)
     second.join(60)
     assert results["first"]["fallback"]["stage"] == "generation"
+    assert results["first"]["fallback"]["recovery"] == "rows one at a time"
     assert results["second"]["fallback"] is None
     assert manager.events.count == 1
 
@@ -371,3 +379,79 @@ def test_gated_message_is_one_sentence_everywhere(monkeypatch):
     with pytest.raises(ModelUnavailableError) as caught:
         weights.find_weights(spec, spec.id, online=lambda: False)
     assert str(caught.value) == catalog.gated_message(spec)
+
+
+@pytest.mark.parametrize(
+    ("what", "call"),
+    [
+        ("generation", lambda: api.steer("Hi", [{"text": "dogs", "coeff": 0.7, "layer": 3}], max_new_tokens=5)),
+        ("sweep", lambda: api.sweep("Hi", "dogs", 3, [0.0, 0.7, 1.5], max_new_tokens=5)),
+        ("similarity", lambda: api.similarity(["dogs", "cats", "rain"], 3)),
+    ],
+)
+def test_one_out_of_memory_error_is_survived_on_the_same_model_rows_apart(manager, tiny_llama_dir, what, call):
+    """The first retry keeps the model and runs every row (and every captured text) on its own:
+    the same answer as the batched request, the model and its quantization unchanged."""
+    manager.load(str(tiny_llama_dir), "fp32")
+    before = manager.current.identity
+    expected = call()
+    engine_for(manager.current).cache.clear()  # capture again: the similarity is all capture passes
+    _oom_in_embeddings(manager.current.model, times=1)
+    result = call()
+    assert manager.current.identity == before  # nothing was reloaded
+    event = result["fallback"]
+    assert event["recovery"] == "rows one at a time" and event["stage"] == what
+    assert event["loaded"]["model"] == event["asked"]["model"] == manager.current.model_id
+    result.pop("fallback")
+    expected.pop("fallback")
+    assert _close(result, expected), (result, expected)
+
+
+def _close(a, b) -> bool:
+    """Equal, with floats to 1e-4 relative (nested dicts and lists)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    return a == b
+
+
+EMOJI = "🦄"  # 3 tokens each in SmolLM2's vocabulary
+
+
+def test_fitted_limits_on_a_simulated_card_refuse_oversized_requests_up_front(fresh_manager):
+    """Issue 10's scenario: --simulate-gpu 3GiB --gui-overhead 0.2GiB --margin 256MiB."""
+    with gpu.use_nvml(gpu.simulate_gpu(3 * gpu.GiB, int(0.2 * gpu.GiB))):
+        fresh_manager.configure(margin_bytes=256 * 2**20)
+        fit = fresh_manager.load(catalog.EMBEDDED_ID, "auto")["fit"]
+        assert fit["basis"] == "simulated" and fit["max_positions"] == 8192
+        assert 0 < fit["sweep_max_tokens"] < fit["compare_max_tokens"] <= 8192
+        before = (fresh_manager.current.identity, fresh_manager.events.count)
+        long_prompt = EMOJI * (fit["sweep_max_tokens"] // 3 + 10)  # over the sweep limit, under the compare one
+        started = time.monotonic()
+        with pytest.raises(InputError) as caught:
+            api.sweep(long_prompt, "dogs", 15, [0.0, 0.5], max_new_tokens=4)
+        assert time.monotonic() - started < 5
+        message = str(caught.value)
+        assert (
+            message.startswith("prompt: is ") and f"over the limit of {fit['sweep_max_tokens']} for a sweep" in message
+        )
+        assert "fewer rows" in message and "--margin" in message
+        assert (fresh_manager.current.identity, fresh_manager.events.count) == before  # nothing changed
+        with pytest.raises(InputError, match=r"^texts\[0\]: is 2998 tokens, over the limit of \d+ "):
+            api.similarity([EMOJI * 999, "dogs"], 15)  # a capture pass of up to 8 texts is sweep-sized
+        small = api.sweep("Hi", "dogs", 15, [0.0, 0.5], max_new_tokens=3)
+        assert len(small["rows"]) == 2 and small["fallback"] is None
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_at_once(fresh_manager):
+    fresh_manager.load(catalog.EMBEDDED_ID, "fp32")
+    started = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        api.steer(EMOJI * 4000, [], max_new_tokens=8)  # 4,000 characters, ~12,000 tokens
+    assert time.monotonic() - started < 1.0
+    assert re.match(
+        r"^prompt: is 1\d{4} tokens .* over the limit of 8192 .*the model has 8192 positions", str(caught.value)
+    )

@@ -39,7 +39,7 @@ def test_plan_json_on_the_reference_card_is_one_object_with_the_required_verdict
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1  # exactly one line: one JSON object
     result = json.loads(done.stdout)
-    assert set(result) == {"device", "headroom_bytes", "models", "choice"}
+    assert set(result) == {"device", "headroom_bytes", "margin_bytes", "models", "choice"}
     verdicts = {(row["id"], row["quant"]): row["verdict"] for row in result["models"]}
     assert verdicts[(FALLBACK_ID, "4bit")] == "stable"
     assert verdicts[(FALLBACK_ID, "bf16")] == "stable"

@@ -134,14 +134,28 @@ def test_heatmap_and_sweep_views():
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
     ensure_embedded_loaded()
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
-        card, processes, plan, events = ui.refresh_memory(2048)
+        card, bars, processes, plan, events = ui.refresh_memory(2048)
     assert "mode `simulated`" in card and "desktop overhead 716.80 MiB" in card
     assert [p[1].rsplit("/", 1)[-1] for p in processes] == ["Xorg", "gnome-shell", "firefox"]
     assert all(p[4] == "desktop" for p in processes)
-    verdicts = {(row[0], row[1]): row[3] for row in plan}
-    assert verdicts[("Qwen/Qwen2.5-1.5B-Instruct", "4bit")] == "stable"
-    assert verdicts[("Qwen/Qwen2.5-7B-Instruct", "4bit")] != "stable"
+    by_model = {(row[0], row[1]): dict(zip(views.PLAN_COLUMNS, row)) for row in plan}
+    small, big = by_model[("Qwen/Qwen2.5-1.5B-Instruct", "4bit")], by_model[("Qwen/Qwen2.5-7B-Instruct", "4bit")]
+    assert small["verdict"] == "stable" and small["spare / short by"].startswith("spare ")
+    assert big["verdict"] == "fragile" and big["spare / short by"].startswith("short by ")  # within the margin
+    compare, sweep = (int(n) for n in small["fits (compare / sweep tokens)"].split(" / "))
+    assert sweep < compare  # 8 rows fit fewer tokens per row than 2
     assert isinstance(events, list)
+    # The picture: the loaded model first, then one bar per plan row, with the headroom lines.
+    assert bars.count('class="bar-row"') == len(plan) + 1
+    assert "loaded: SmolLM2-135M-Instruct fp32" in bars and "border-left:2px dashed" in bars
+
+
+def test_memory_bars_scale_to_the_larger_of_need_and_headroom():
+    row = {"need_bytes": 3 * gpu.GiB, "verdict": "wont_fit", "breakdown": {"weights": 2 * gpu.GiB, "kv_cache": gpu.GiB}}
+    html = views.memory_bars_html([("big", row)], headroom_bytes=2 * gpu.GiB, margin_bytes=gpu.GiB)
+    assert "width:66.67%" in html and "width:33.33%" in html  # 2 and 1 GiB of 3 GiB
+    assert "left:66.67%" in html and "left:33.33%" in html  # headroom 2 GiB, minus the margin 1 GiB
+    assert "short by 2.00 GiB" in html  # 3 GiB needed, 1 GiB usable with the margin
 
 
 def test_builtin_example_fills_the_form(embedded_dir):
