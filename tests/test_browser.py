@@ -98,3 +98,14 @@ def test_add_vector_generate_and_compare(page):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_memory_tab_fills_itself_when_opened(page):
+    """No Refresh click: opening the tab draws the bars (need per term against the headroom)."""
+    page.get_by_role("tab", name="Memory").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#memory-bars') || {innerHTML: ''}).innerHTML.includes('bar-row')"
+    )
+    assert "loaded: SmolLM2-135M-Instruct" in page.locator("#memory-bars").inner_text()
+    page.screenshot(path=str(SCREENSHOT.parent / "screenshot-memory.png"), full_page=True)
+    page.get_by_role("tab", name="Steer").click()
