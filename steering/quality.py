@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 # -- fluency ---------------------------------------------------------------------------------------
 # The rule of `is_fluent`; the numbers come from `python bench/quality.py` (docs/quality.md).
-MAX_REPETITION = 0.25  # 1 - distinct-2 above this: the output loops
-MAX_PERPLEXITY = 60.0  # above this (unsteered model's view of the output): word salad
+MAX_REPETITION = 0.2  # 1 - distinct-2 above this: the output loops
+MAX_PERPLEXITY = 30.0  # above this (the unsteered model's view of the output): word salad
 MIN_TOKENS = 8  # an answer that stops before this many tokens is a fragment ('"stay-water"')
 
 ROW_CHUNK = 8  # rows per scoring forward pass
@@ -125,16 +125,19 @@ def _target_ids(engine: SteeringEngine, text: str) -> list[int]:
 
 def text_logprob_after(
     engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]], text: str, connector: str = CONNECTOR
-) -> list[float]:
-    """Mean log-prob per token of `text` read after context + output + `connector`, per row."""
+) -> tuple[list[float], list[float | None]]:
+    """Per row: the mean log-prob per token of `text` read after context + output + `connector`,
+    and (from the same forward pass) the perplexity of the output itself (None when empty)."""
     bridge = engine.tokenizer.encode(connector, add_special_tokens=False) if connector else []
     target = _target_ids(engine, text)
     seqs = [list(context) + list(g) + bridge + target for g in generations]
-    spans = [(len(s) - len(target), len(s)) for s in seqs]
-    return [float(lp.mean()) for lp in token_logprobs(engine, seqs, spans)]
+    logps = token_logprobs(engine, seqs, [(len(context), len(s)) for s in seqs])
+    text_lp = [float(lp[-len(target) :].mean()) for lp in logps]
+    ppl = [math.exp(-float(lp[: len(g)].mean())) if len(g) else None for lp, g in zip(logps, generations)]
+    return text_lp, ppl
 
 
-def relevance_logprob(
+def logprob_scores(
     engine: SteeringEngine,
     context: Sequence[int],
     generations: Sequence[Sequence[int]],
@@ -144,17 +147,23 @@ def relevance_logprob(
     positive: str = "",
     negative: str = "",
     connector: str = CONNECTOR,
-) -> list[float]:
-    """Per output: how much more likely the steering text has become after it than after the
-    baseline output (nats per token). For a pair: log-prob of positive minus negative, likewise."""
+) -> tuple[list[float], list[float | None]]:
+    """Per output: relevance (how much more likely the steering text has become after it than
+    after the baseline output, nats per token; for a pair, log-prob of positive minus negative,
+    likewise) and its perplexity, from one pass over the rows (two for a pair)."""
     rows = [list(baseline)] + [list(g) for g in generations]
     if positive or negative:
-        pos = text_logprob_after(engine, context, rows, positive, connector)
-        neg = text_logprob_after(engine, context, rows, negative, connector)
+        pos, ppl = text_logprob_after(engine, context, rows, positive, connector)
+        neg, _ = text_logprob_after(engine, context, rows, negative, connector)
         values = [p - n for p, n in zip(pos, neg)]
     else:
-        values = text_logprob_after(engine, context, rows, text, connector)
-    return [v - values[0] for v in values[1:]]
+        values, ppl = text_logprob_after(engine, context, rows, text, connector)
+    return [v - values[0] for v in values[1:]], ppl[1:]
+
+
+def relevance_logprob(engine, context, generations, baseline, **texts) -> list[float]:
+    """The relevance half of `logprob_scores`."""
+    return logprob_scores(engine, context, generations, baseline, **texts)[0]
 
 
 def relevance_hidden(
@@ -298,12 +307,17 @@ def score_rows(engine, prompt, specs, candidates, baseline, max_new_tokens, *, c
 
     context = prompt_ids(engine.tokenizer, prompt)
     gens = [ids for _, _, _, ids in candidates]
-    ppl = output_perplexities(engine, context, gens)
-    relevance: list[float] = [0.0] * len(candidates)
-    for layer, spec in specs.items():  # relevance does not depend on the layer for logprob/embed,
-        picked = [i for i, c in enumerate(candidates) if c[0] == layer]  # but "hidden" does
-        if picked:
-            values = relevance_scores(engine, context, [gens[i] for i in picked], baseline, spec, capture_mode=capture_mode)
+    spec = next(iter(specs.values()))
+    if RELEVANCE == "logprob":  # relevance and perplexity from the same forward pass
+        texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
+        relevance, ppl = logprob_scores(engine, context, gens, baseline, **texts)
+    else:
+        ppl = output_perplexities(engine, context, gens)
+        relevance = [0.0] * len(candidates)
+        # "hidden" depends on the layer (its direction); the others score every row at once.
+        groups = {layer: [i for i, c in enumerate(candidates) if c[0] == layer] for layer in specs}
+        for layer, picked in groups.items() if RELEVANCE == "hidden" else [(spec.layer, list(range(len(gens))))]:
+            values = relevance_scores(engine, context, [gens[i] for i in picked], baseline, specs[layer], capture_mode=capture_mode)
             for i, v in zip(picked, values):
                 relevance[i] = v
     rows = []

@@ -47,11 +47,13 @@ def test_lean_scores_equal_full_logits_and_only_scored_positions_reach_the_head(
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
-        lean = Q.text_logprob_after(smol_engine, context, gens, "the ocean")
+        lean, ppl = Q.text_logprob_after(smol_engine, context, gens, "the ocean")
     finally:
         hook.remove()
     bridge, target = _ids(tokenizer, Q.CONNECTOR), _ids(tokenizer, " the ocean")
-    assert seen == [(len(gens) * len(target), model.config.hidden_size)]  # no (rows, positions, vocab)
+    scored = sum(len(g) + len(bridge) + len(target) for g in gens)  # output + connector + text, not the prompt
+    assert seen == [(scored, model.config.hidden_size)]  # one (positions, H) slice: no (rows, T, vocab)
+    assert ppl == pytest.approx(G.perplexities(smol_engine, PROMPT, gens), rel=1e-4)
     for g, value in zip(gens, lean):  # naive: full logits of one unpadded row
         ids = torch.tensor([context + g + bridge + target])
         with torch.inference_mode():
