@@ -1,0 +1,439 @@
+"""Issue 9's measurement: which score picks a steering setting that is on topic AND fluent?
+
+    python bench/quality.py            # full run: generations cached in bench/results/
+    python bench/quality.py --quick    # smoke test: 2 topics x 2 prompts, 1 layer, 16 tokens
+
+Stage 1 (generate): for every topic of `bench/quality_set.json` (6 topics x 6 neutral prompts),
+greedy 40-token outputs of the embedded SmolLM2-135M at every (layer, coefficient) of the grid,
+one `run_rows` batch per (prompt, layer) with all coefficients as rows, plus the unsteered
+baseline of each prompt. Cached in bench/results/quality_generations.json (resumable).
+
+Stage 2 (score): per output, perplexity (unsteered model), repetition, fluency by the rule of
+`steering.quality.is_fluent`, on-topic by the topic's word list, and every candidate relevance
+score; `effect` (generate.effect_scores) per (topic, layer, coeff). Cached in
+bench/results/quality_scores.json.
+
+Stage 3 (evaluate): for each candidate score, how well it ranks settings against the label
+"on topic and fluent" (Spearman, picked = best), and the on-topic-and-fluent rate of
+(a) the fixed default, (b) autotune tuned on one prompt per topic and applied to the other five,
+(c) the largest-effect setting. Written to bench/results/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SET_FILE = HERE / "quality_set.json"
+
+LAYERS = (9, 12, 15, 18)
+COEFFS = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75)
+MAX_NEW_TOKENS = 40
+
+
+def load_set(quick: bool) -> list[dict]:
+    topics = json.loads(SET_FILE.read_text())["topics"]
+    if quick:
+        topics = [dict(t, prompts=t["prompts"][:2]) for t in topics[:2]]
+    return topics
+
+
+def load_engine():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steering import embedded
+    from steering.engine import SteeringEngine
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    folder = embedded.ensure_converted()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    return SteeringEngine(model, AutoTokenizer.from_pretrained(folder), "bench-quality")
+
+
+def spec_for(topic: dict, layer: int):
+    from steering.engine import VectorSpec
+
+    if "positive" in topic:
+        return VectorSpec(layer=layer, coeff=1.0, positive=topic["positive"], negative=topic["negative"])
+    return VectorSpec(layer=layer, coeff=1.0, text=topic["text"])
+
+
+def key(topic: str, prompt_index: int, layer: int | None = None, coeff: float | None = None) -> str:
+    return f"{topic}|{prompt_index}|base" if layer is None else f"{topic}|{prompt_index}|{layer}|{coeff:g}"
+
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def generate_all(engine, topics, layers, coeffs, tokens, path: Path) -> dict:
+    """Every output of the grid, from the cache where present (saved after each batch)."""
+    from steering import generate as G
+
+    data = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    data["meta"] = {"layers": list(layers), "coeffs": list(coeffs), "max_new_tokens": tokens}
+    rows = data["rows"]
+    sampling = G.Sampling(max_new_tokens=tokens)
+    started = time.time()
+    for topic in topics:
+        for p, prompt in enumerate(topic["prompts"]):
+            jobs = [(None, [(None, [[]])])] if key(topic["name"], p) not in rows else []
+            for layer in layers:
+                wanted = [c for c in coeffs if key(topic["name"], p, layer, c) not in rows]
+                if wanted:
+                    spec = spec_for(topic, layer)
+                    jobs.append((layer, [(c, [[(spec, c)]]) for c in wanted]))
+            for layer, batch in jobs:
+                final = G.run_rows(engine, prompt, [r for _, rs in batch for r in rs], sampling)
+                for (coeff, _), text, ids in zip(batch, final.texts, final.token_ids):
+                    rows[key(topic["name"], p, layer, coeff)] = {"text": text, "ids": ids}
+                _save(path, data)
+            print(f"  generated {topic['name']} prompt {p} ({time.time() - started:.0f} s)", flush=True)
+    return data
+
+
+METHODS = ("logprob", "logprob-plain", "hidden", "embed")  # candidate relevance scores
+DEFAULT_SETTING = (15, 0.5)  # the fixed default of the app today: middle layer, coeff 0.5
+
+
+def on_topic(text: str, words: list[str]) -> bool:
+    """Any word or phrase of the list, whole-word, case-insensitive."""
+    import re
+
+    low = text.lower()
+    return any(re.search(r"(?<![a-z])" + re.escape(w.lower()) + r"(?![a-z])", low) for w in words)
+
+
+def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
+    """Per output: perplexity, repetition, on-topic, every candidate relevance; effect per setting."""
+    from steering import generate as G
+    from steering import quality as Q
+
+    data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "effect": {}}
+    rows, effects = data["rows"], data["effect"]
+    started = time.time()
+    for topic in topics:
+        name = topic["name"]
+        for layer in layers:
+            if f"{name}|{layer}" not in effects:
+                spec = spec_for(topic, layer)
+                values = G.effect_scores(engine, [[(spec, c)] for c in coeffs], topic.get("text") or topic["positive"])
+                effects[f"{name}|{layer}"] = dict(zip((f"{c:g}" for c in coeffs), values))
+        for p, prompt in enumerate(topic["prompts"]):
+            keys = [key(name, p)] + [key(name, p, layer, c) for layer in layers for c in coeffs]
+            if all(k in rows for k in keys):
+                continue
+            context = G.prompt_ids(engine.tokenizer, prompt)
+            ids = [gens["rows"][k]["ids"] for k in keys]
+            out = {k: {"n": len(i), "repetition": Q.repetition(i), "on_topic": on_topic(gens["rows"][k]["text"], topic["words"])}
+                   for k, i in zip(keys, ids)}
+            out[keys[0]].update({m: 0.0 for m in METHODS})
+            texts = {k: topic.get(k, "") for k in ("text", "positive", "negative")}
+            for method, connector in (("logprob", Q.CONNECTOR), ("logprob-plain", "")):  # + perplexity, one pass
+                values, ppl = Q.logprob_scores(engine, context, ids[1:], ids[0], connector=connector, **texts)
+                for k, v, pp in zip(keys[1:], values, ppl):
+                    out[k].update({method: v, "perplexity": pp})
+            out[keys[0]]["perplexity"] = Q.output_perplexities(engine, context, ids[:1])[0]
+            for method in ("hidden", "embed"):  # only "hidden" depends on the layer (its direction)
+                for layer in layers if method == "hidden" else layers[:1]:
+                    picked = [i for i, k in enumerate(keys[1:], 1) if method != "hidden" or k.split("|")[2] == str(layer)]
+                    values = Q.relevance_scores(engine, context, [ids[i] for i in picked], ids[0], spec_for(topic, layer), method=method)
+                    for i, v in zip(picked, values):
+                        out[keys[i]][method] = v
+            rows.update(out)
+            _save(path, data)
+        print(f"  scored {name} ({time.time() - started:.0f} s)", flush=True)
+    return data
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build_table(topics, scores, layers, coeffs, rule) -> dict:
+    """table[topic][prompt][(layer, coeff)] = row with fluent / on_topic / good / scores / effect."""
+    table = {}
+    for topic in topics:
+        name = topic["name"]
+        table[name] = []
+        for p in range(len(topic["prompts"])):
+            cells = {}
+            for setting in [(None, 0.0)] + [(layer, c) for layer in layers for c in coeffs]:
+                row = dict(scores["rows"][key(name, p, *(() if setting[0] is None else setting))])
+                row["fluent"] = rule(row)
+                row["good"] = row["fluent"] and row["on_topic"]
+                row["effect"] = 0.0 if setting[0] is None else scores["effect"][f"{name}|{setting[0]}"][f"{setting[1]:g}"]
+                cells[setting] = row
+            table[name].append(cells)
+    return table
+
+
+def good_rate(table, picks: dict, prompts_of) -> tuple[float, int]:
+    """Share of outputs on topic and fluent when topic t uses setting picks[t] on prompts_of(t)."""
+    hits = [table[t][p][picks[t]]["good"] for t in table for p in prompts_of(t)]
+    return sum(hits) / len(hits), len(hits)
+
+
+def pick_for(cells: dict, method: str, grid, n_layers: int):
+    """The setting autotune's rule (`quality.choose`) picks from one prompt's rows, by `method`."""
+    from steering import quality as Q
+
+    rows = [dict(layer=s[0], coeff=s[1], relevance=cells[s][method], fluent=cells[s]["fluent"]) for s in grid]
+    best, _ = Q.choose(rows, n_layers)
+    return best["layer"], best["coeff"]
+
+
+def rule_fluent(row) -> bool:
+    from steering import quality as Q
+
+    return Q.is_fluent(row["perplexity"], row["repetition"], row["n"])
+
+
+def candidate_report(table, grid, n_layers) -> dict:
+    """How well each candidate score ranks settings against "on topic and fluent"."""
+    out = {}
+    for method in METHODS + ("effect", "effect-any"):
+        rows_rho, set_rho, picked_best, picked_good, transfer = [], [], [], [], []
+        for name, prompts in table.items():
+            rates = {s: _mean(prompts[p][s]["good"] for p in range(len(prompts))) for s in grid}
+            best_rate = max(rates.values())
+            gated = {s: [] for s in grid}
+            for p, cells in enumerate(prompts):
+                score = "effect" if method.startswith("effect") else method
+                rows_rho.append(spearman([cells[s][score] for s in grid], [cells[s]["on_topic"] for s in grid]))
+                for s in grid:
+                    gated[s].append(cells[s][score] if cells[s]["fluent"] else -1e9)
+                if method == "effect-any":  # the largest effect, fluent or not
+                    pick = max(grid, key=lambda s: cells[s]["effect"])
+                else:
+                    pick = pick_for(cells, score, grid, n_layers)
+                picked_best.append(rates[pick] == best_rate)
+                picked_good.append(cells[pick]["good"])
+                others = [q for q in range(len(prompts)) if q != p]
+                transfer.append(_mean(prompts[q][pick]["good"] for q in others))
+            medians = {s: sorted(v)[len(v) // 2] for s, v in gated.items()}
+            set_rho.append(spearman([medians[s] for s in grid], [rates[s] for s in grid]))
+        out[method] = {
+            "spearman_rows_vs_on_topic": _mean(rows_rho),
+            "spearman_settings_vs_good_rate": _mean(set_rho),
+            "picked_is_best": _mean(picked_best),
+            "picked_row_good": _mean(picked_good),
+            "transfer_good_rate": _mean(transfer),
+        }
+    return out
+
+
+def settings_report(table, layers, coeffs) -> dict:
+    """Per setting over every topic and prompt: on-topic, fluent and on-topic-and-fluent rates."""
+    out = {}
+    for setting in [(None, 0.0)] + [(layer, c) for layer in layers for c in coeffs]:
+        cells = [prompts[p][setting] for prompts in table.values() for p in range(len(prompts))]
+        out[setting] = {k: _mean(c[k] for c in cells) for k in ("on_topic", "fluent", "good")}
+    return out
+
+
+def headline(table, layers, coeffs, n_layers) -> dict:
+    """(a) fixed default, (b) autotune on prompt 0 applied to prompts 1-5, (c) largest effect."""
+    from steering import quality as Q
+
+    tuned_grid = [(layer, c) for layer in Q.default_layers(n_layers) for c in Q.COEFFS]
+    full_grid = [(layer, c) for layer in layers for c in coeffs]
+    missing = [s for s in tuned_grid + [DEFAULT_SETTING] if s not in full_grid]
+    assert not missing, f"the autotune grid must lie inside the bench grid: {missing}"
+    rest = lambda t: range(1, len(table[t]))  # noqa: E731
+    out = {"default": good_rate(table, {t: DEFAULT_SETTING for t in table}, rest)}
+    picks = {t: pick_for(table[t][0], Q.RELEVANCE, tuned_grid, n_layers) for t in table}
+    out["autotune"] = good_rate(table, picks, rest)
+    out["autotune_picks"] = {t: list(s) for t, s in picks.items()}
+    rotations = []
+    for tune in range(min(len(v) for v in table.values())):
+        rot = {t: pick_for(table[t][tune], Q.RELEVANCE, tuned_grid, n_layers) for t in table}
+        rotations.append(good_rate(table, rot, lambda t, tune=tune: [q for q in range(len(table[t])) if q != tune])[0])
+    out["autotune_every_tuning_prompt"] = _mean(rotations)
+    effect_picks = {t: max(full_grid, key=lambda s: table[t][0][s]["effect"]) for t in table}
+    out["largest_effect"] = good_rate(table, effect_picks, rest)
+    out["largest_effect_picks"] = {t: list(s) for t, s in effect_picks.items()}
+    # The default the data supports, chosen on five topics and tested on the sixth.
+    held = []
+    for t in table:
+        train = [u for u in table if u != t]
+        best = max(full_grid, key=lambda s: sum(table[u][p][s]["good"] for u in train for p in range(len(table[u]))))
+        held.append((best, _mean(table[t][p][best]["good"] for p in range(len(table[t])))))
+    out["default_leave_one_topic_out"] = {"rate": _mean(r for _, r in held), "picks": [list(b) for b, _ in held]}
+    return out
+
+
+EYE_FILE = RESULTS / "quality_eye_labels.json"
+
+
+def print_sample(topics, gens, scores, n: int, seed: int) -> None:
+    """n random steered outputs with their automatic labels, for reading by eye."""
+    import random
+
+    keys = sorted(k for k in scores["rows"] if not k.endswith("|base"))
+    words = {t["name"]: t["words"] for t in topics}
+    for k in random.Random(seed).sample(keys, min(n, len(keys))):
+        row = scores["rows"][k]
+        print(f"{k}  topic={row['on_topic']} fluent={rule_fluent(row)} ppl={row['perplexity'] or 0:.1f} "
+              f"rep={row['repetition']:.2f} n={row['n']} words={words[k.split('|')[0]][:3]}\n    {gens['rows'][k]['text']!r}")
+
+
+def fit_fluency(scores) -> dict | None:
+    """Agreement of fluency rules with the by-eye labels (quality_eye_labels.json, "fluent")."""
+    if not EYE_FILE.exists():
+        return None
+    eye = json.loads(EYE_FILE.read_text()).get("fluent", {})
+    rows = [(scores["rows"][k], v) for k, v in eye.items() if k in scores["rows"]]
+    if not rows:
+        return None
+
+    def accuracy(rep, ppl, tokens):
+        ok = [((r["perplexity"] or 1e9) <= ppl and r["repetition"] <= rep and r["n"] >= tokens) == v for r, v in rows]
+        return sum(ok) / len(ok)
+
+    grid = [(rep, ppl, tok) for rep in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 1.0) for ppl in (15, 20, 30, 40, 60, 80, 120, 1e9)
+            for tok in (1, 4, 8, 12)]
+    ranked = sorted(grid, key=lambda g: (-accuracy(*g), -g[0], -g[1], g[2]))  # ties: the loosest rule
+    agree_rule = sum(rule_fluent(r) == v for r, v in rows) / len(rows)
+    agree_ppl_only = max(accuracy(1.0, ppl, 1) for ppl in (15, 20, 30, 40, 60, 80, 120))
+    agree_rep_only = max(accuracy(rep, 1e9, 1) for rep in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4))
+    return {"n_labelled": len(rows), "eye_fluent_share": sum(v for _, v in rows) / len(rows), "rule_agreement": agree_rule,
+            "best_perplexity_only": agree_ppl_only, "best_repetition_only": agree_rep_only,
+            "top_rules": [{"max_repetition": a, "max_perplexity": b, "min_tokens": c, "agreement": accuracy(a, b, c)}
+                          for a, b, c in ranked[:5]]}
+
+
+def eye_check(scores) -> dict | None:
+    """The automatic labels (word list, fluency rule) against by-eye labels of a random sample."""
+    if not EYE_FILE.exists():
+        return None
+    check = json.loads(EYE_FILE.read_text()).get("check", {})
+    rows = [(scores["rows"][k], v) for k, v in check.items() if k in scores["rows"]]
+    if not rows:
+        return None
+    return {"n": len(rows),
+            "on_topic_changed": sum(r["on_topic"] != v["on_topic"] for r, v in rows),
+            "fluent_changed": sum(rule_fluent(r) != v["fluent"] for r, v in rows),
+            "good_changed": sum((r["on_topic"] and rule_fluent(r)) != (v["on_topic"] and v["fluent"]) for r, v in rows)}
+
+
+def timed_autotune(engine, topics, tokens) -> list[dict]:
+    """The real `quality.autotune` on prompt 0 of each topic, at its default search, timed."""
+    from steering import quality as Q
+
+    out = []
+    for topic in topics:
+        texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
+        started = time.time()
+        result = Q.autotune(engine, topic["prompts"][0], max_new_tokens=tokens, **texts)
+        out.append({"topic": topic["name"], "layer": result["layer"], "coeff": result["coeff"],
+                    "seconds": round(time.time() - started, 1), "reason": result["reason"]})
+        print(f"  autotune {topic['name']}: layer {result['layer']} coeff {result['coeff']} "
+              f"in {out[-1]['seconds']} s", flush=True)
+    return out
+
+
+def evaluate_all(engine, topics, gens, layers, coeffs, args, suffix) -> None:
+    scores = score_all(engine, topics, gens, layers, coeffs, RESULTS / f"quality_scores{suffix}.json")
+    if args.sample:
+        print_sample(topics, gens, scores, args.sample, args.seed)
+        return
+    table = build_table(topics, scores, layers, coeffs, rule_fluent)
+    full_grid = [(layer, c) for layer in layers for c in coeffs]
+    report = {"fluency_fit": fit_fluency(scores), "eye_check": eye_check(scores),
+              "candidates": candidate_report(table, full_grid, engine.n_layers),
+              "settings": {f"{s[0]}|{s[1]:g}": v for s, v in settings_report(table, layers, coeffs).items()}}
+    if not args.quick:
+        report["headline"] = headline(table, layers, coeffs, engine.n_layers)
+    if not args.no_timing:
+        report["autotune_runs"] = timed_autotune(engine, topics, gens["meta"]["max_new_tokens"])
+    print_report(report, layers, coeffs)
+    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def print_report(report, layers, coeffs) -> None:
+    if report["fluency_fit"]:
+        print("\nfluency rule vs by-eye labels:", json.dumps(report["fluency_fit"], indent=1))
+    if report["eye_check"]:
+        print("automatic labels vs by-eye check:", report["eye_check"])
+    print("\ncandidate scores (means over topics/prompts):")
+    print(f"  {'score':14s} {'rho rows~topic':>14s} {'rho settings':>12s} {'picked=best':>11s} {'picked good':>11s} {'transfer':>8s}")
+    for m, v in report["candidates"].items():
+        cells = [v["spearman_rows_vs_on_topic"], v["spearman_settings_vs_good_rate"], v["picked_is_best"],
+                 v["picked_row_good"], v["transfer_good_rate"]]
+        print(f"  {m:14s}" + "".join(f" {'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (14, 12, 11, 11, 8))))
+    print("\non-topic / fluent / both, per setting (all topics and prompts):")
+    print("  layer " + "".join(f"{c:>15g}" for c in coeffs))
+    for layer in layers:
+        cells = [report["settings"][f"{layer}|{c:g}"] for c in coeffs]
+        print(f"  {layer:5d} " + "".join(f"  {v['on_topic']:.2f}/{v['fluent']:.2f}/{v['good']:.2f}" for v in cells))
+    base = report["settings"]["None|0"]
+    print(f"  baseline (coeff 0): {base['on_topic']:.2f}/{base['fluent']:.2f}/{base['good']:.2f}")
+    if "headline" in report:
+        h = report["headline"]
+        print("\non-topic-and-fluent rate on the 5 held-out prompts of each topic:")
+        print(f"  (a) fixed default layer {DEFAULT_SETTING[0]} coeff {DEFAULT_SETTING[1]}: {h['default'][0]:.3f} (n={h['default'][1]})")
+        print(f"  (b) autotune tuned on prompt 0:           {h['autotune'][0]:.3f}  picks {h['autotune_picks']}")
+        print(f"      (tuned on each prompt in turn, mean:  {h['autotune_every_tuning_prompt']:.3f})")
+        print(f"  (c) largest effect:                       {h['largest_effect'][0]:.3f}  picks {h['largest_effect_picks']}")
+        print(f"  best fixed default, leave-one-topic-out:  {h['default_leave_one_topic_out']}")
+    for run in report.get("autotune_runs", []):
+        print(f"  autotune {run['topic']}: layer {run['layer']} coeff {run['coeff']} {run['seconds']} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: small set, 1 layer, 16 tokens")
+    parser.add_argument("--stage", choices=("generate", "all"), default="all")
+    parser.add_argument("--sample", type=int, default=0, help="print N random outputs with their labels and stop")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timed autotune runs")
+    args = parser.parse_args()
+    topics = load_set(args.quick)
+    layers, coeffs, tokens = ((15,), (0.3, 0.5), 16) if args.quick else (LAYERS, COEFFS, MAX_NEW_TOKENS)
+    suffix = "_quick" if args.quick else ""
+    RESULTS.mkdir(exist_ok=True)
+    engine = load_engine()
+    gens = generate_all(engine, topics, layers, coeffs, tokens, RESULTS / f"quality_generations{suffix}.json")
+    if args.stage == "generate":
+        return
+    evaluate_all(engine, topics, gens, layers, coeffs, args, suffix)
+
+
+if __name__ == "__main__":
+    main()
