@@ -23,14 +23,16 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import steering  # noqa: F401  (sets the CUDA allocator options before torch is imported)
-from steering import gpu
+from steering import gpu, lifecycle
 from steering.loader import QUANT_CHOICES, get_manager
 
 logger = logging.getLogger("steering.app")
 
 AUTH_ENV = "STEERING_AUTH"
+SHUTDOWN_GRACE_S = 1.0  # after the model is freed: time for refused requests' errors to reach clients
 
 
 def _size(text: str) -> int:
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def request_stop(signum, frame) -> None:
         logger.info("received %s", signal.Signals(signum).name)
+        lifecycle.begin_shutdown()  # running generations end at their next step; waiting ones are refused
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             pass
         logger.info("shutting down")
+        # The model lock frees as soon as a running generation sees the shutdown flag (one decoding
+        # step); its client is told "server shutting down" while the server still answers.
+        get_manager().release()
+        time.sleep(SHUTDOWN_GRACE_S)
     finally:
         demo.close()
         get_manager().release()

@@ -17,7 +17,7 @@ from dataclasses import replace
 from threading import Event
 
 from steering import engine as eng
-from steering import estimate, generate, limits, vector_io
+from steering import estimate, generate, lifecycle, limits, vector_io
 from steering.errors import InputError
 from steering.loaded import LoadedModel, decoder_layers
 from steering.loader import Attempt, get_manager
@@ -56,7 +56,9 @@ def _run(what: str, layers: Checks, work: Callable[[Attempt], dict], sizes: Chec
     def attempt(a: Attempt) -> dict:
         _check_model_fit(a, layers, sizes, fits)
         with _rows_apart(a):
-            return {**work(a), "fallback": a.event}
+            result = {**work(a), "fallback": a.event}
+        lifecycle.check_running()  # work cut short by a shutdown is not an answer
+        return result
 
     return get_manager().run(attempt, what=what)
 
@@ -71,6 +73,7 @@ def _stream(
         _check_model_fit(a, layers, sizes, fits)
         with _rows_apart(a):
             for update in work(a):
+                lifecycle.check_running()  # work cut short by a shutdown is not an answer
                 yield {**update, "fallback": a.event}
 
     yield from get_manager().stream(attempt, what=what)

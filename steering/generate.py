@@ -35,7 +35,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from steering import limits
+from steering import lifecycle, limits
+from steering.cpu import small_batch_linears
 from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 
@@ -85,10 +86,6 @@ def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-# The generation loop's own import (kept apart from the module's imports above).
-from steering.cpu import small_batch_linears  # noqa: E402
-
-
 class _PerRowSampler(LogitsProcessor):
     """Draw each row's token with that row's own generator, then leave only it for argmax."""
 
@@ -103,11 +100,15 @@ class _PerRowSampler(LogitsProcessor):
 
 
 class _StopFlag(StoppingCriteria):
+    """Ends generation at the next decoding step once the request's stop flag or the process's
+    shutdown flag is set."""
+
     def __init__(self, event: threading.Event):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = self.event.is_set() or lifecycle.SHUTTING_DOWN.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class _QueueStreamer(BaseStreamer):
@@ -236,7 +237,7 @@ def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[Rows
     kwargs["stop"] = stop
     texts, ids = [""] * len(rows), [[] for _ in rows]
     for b, row in enumerate(rows):
-        if stop.is_set():
+        if stop.is_set() or lifecycle.SHUTTING_DOWN.is_set():
             break
         for update in stream_rows(engine, prompt, [row], sampling, **kwargs):
             deltas = [""] * len(rows)

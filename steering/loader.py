@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from steering import catalog, embedded, estimate, gpu, weights
+from steering import catalog, embedded, estimate, gpu, lifecycle, weights
 from steering.errors import InputError, ModelLockedError, ModelUnavailableError
 from steering.events import EventLog
 from steering.loaded import LoadedModel, decoder_layers, describe, is_oom, map_layer
@@ -151,7 +151,9 @@ class ModelManager:
     @contextlib.contextmanager
     def session(self) -> Iterator[LoadedModel]:
         """Hold the model lock and yield the loaded model (loading the default one if none is)."""
+        lifecycle.check_running()
         with self._lock:
+            lifecycle.check_running()  # it may have begun while this request waited
             if self._current is None:
                 self._load_default_locked()
             yield self._current

@@ -69,6 +69,31 @@ def test_app_stops_cleanly_on_sigterm(embedded_dir, tmp_path):
         httpx.get(app.url, timeout=2)
 
 
+def test_sigterm_during_a_long_steer_exits_quickly_and_the_client_hears_why(embedded_dir, tmp_path):
+    """A 512-token /steer is cut at its next decoding step: the process exits within seconds,
+    not after the generation, and the waiting client gets an error, not a truncated text."""
+    import time
+
+    app = AppProcess([], env=app_env(tmp_path))
+    try:
+        app.wait_serving()
+        from gradio_client.utils import Status
+
+        job = client(app.url).submit("Tell me a long story.", [], 512, api_name="/steer")
+        deadline = time.monotonic() + 60
+        while job.status().code != Status.PROCESSING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # well into the generation (512 tokens take far longer here)
+        code, seconds = app.terminate(timeout_s=30)
+    finally:
+        app.kill()
+    assert code in (0, -signal.SIGTERM), app.log
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
+    with pytest.raises(Exception) as caught:
+        job.result(timeout=30)
+    assert "server shutting down" in str(caught.value)
+
+
 def test_offline_share_logs_one_clear_line_and_serves_locally(public_app):
     public_app.wait_for_line(SHARE_LINE)  # the share attempt comes after the local server is up
     lines = [line for line in public_app.lines if SHARE_LINE in line]
