@@ -44,8 +44,8 @@ def _size(text: str) -> int:
 
 def _auth(text: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise argparse.ArgumentTypeError("expected USER:PASS, e.g. alice:s3cret")
+    if not sep or not user.strip() or not password.strip():
+        raise argparse.ArgumentTypeError("expected USER:PASS with a non-blank user and password, e.g. alice:s3cret")
     return user, password
 
 
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dev.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan as if on a card of this size")
     dev.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the simulated card")
     args = parser.parse_args(argv)
-    if args.auth is None and os.environ.get(AUTH_ENV):
+    if args.auth is None and AUTH_ENV in os.environ:  # set but empty is an error, not "no login"
         try:
             args.auth = _auth(os.environ[AUTH_ENV])
         except argparse.ArgumentTypeError as exc:

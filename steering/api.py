@@ -22,6 +22,7 @@ from steering.errors import InputError
 from steering.loaded import LoadedModel, decoder_layers
 from steering.loader import Attempt, get_manager
 
+MAX_MODEL_ID_CHARS = 256  # checked before the id touches the filesystem
 _D = {name: limit.default for name, limit in limits.LIMITS.items()}  # defaults of the signatures below
 
 
@@ -189,6 +190,7 @@ def steer_stream(
     """Streaming form of `steer`: yields the result dict with the texts so far, then the final one."""
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
+    compare, raw_prompt = limits.check_bool(compare, "compare"), limits.check_bool(raw_prompt, "raw_prompt")
     specs = _parse_vectors(vectors)
     capture_mode = _check_capture_mode(capture_mode)
 
@@ -389,7 +391,11 @@ def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
         the same object as /status; when the model was replaced by the fallback, the newest
         entry of "events" says what was asked, what was loaded and why.
     """
-    return get_manager().load(model, quant, force)
+    if not isinstance(model, str):
+        raise InputError("model", f"must be a text (a model id or folder); got {limits.shorten(model)}")
+    if len(model) > MAX_MODEL_ID_CHARS:
+        raise InputError("model", f"is {len(model)} characters; model ids and folders are at most {MAX_MODEL_ID_CHARS}")
+    return get_manager().load(model, quant, limits.check_bool(force, "force"))
 
 
 def status() -> dict:

@@ -94,6 +94,7 @@ class VectorSpec:
 
 
 _KINDS = ({"text"}, {"positive", "negative"}, {"direction"})
+_VECTOR_KEYS = {"text", "positive", "negative", "direction", "coeff", "layer", "enabled", "decay", "decay_min"}
 
 
 def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
@@ -107,6 +108,9 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
         raise InputError(
             name, "each vector must be an object with text (or positive/negative, or direction), coeff, layer"
         )
+    unknown = sorted(str(k) for k in raw.keys() - _VECTOR_KEYS)
+    if unknown:
+        raise InputError(f"{name}.{unknown[0][:40]}", f"is not a vector field; use {', '.join(sorted(_VECTOR_KEYS))}")
     kinds = [kind for kind in _KINDS if kind & raw.keys()]
     if len(kinds) != 1:
         raise InputError(name, "give exactly one of: text, a positive/negative pair, or a direction")
@@ -122,7 +126,8 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
         rate = limits.check("decay", raw["decay"], f"{name}.decay")
         floor = limits.check("decay_min", raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
         decay = DecaySchedule(rate=rate, min_multiplier=floor)
-    return VectorSpec(layer=layer, coeff=coeff, enabled=bool(raw.get("enabled", True)), decay=decay, **texts)
+    enabled = limits.check_bool(raw.get("enabled", True), f"{name}.enabled")
+    return VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, **texts)
 
 
 def check_direction(value, field: str) -> tuple[float, ...]:

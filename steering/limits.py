@@ -9,6 +9,7 @@ gradio. A limit whose range depends on the loaded model (a layer index) is decla
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from steering.errors import InputError
@@ -72,15 +73,16 @@ MAX_SWEEP_ROWS = int(LIMITS["sweep_coeffs"].maximum)
 
 
 def check_finite(value, field: str) -> float:
-    """A finite number, or `InputError` naming `field`. Booleans are not numbers."""
-    if isinstance(value, bool):
-        raise InputError(field, f"must be a number; got {value!r}")
+    """A finite number, or `InputError` naming `field`. One rule for every endpoint: booleans
+    and numeric strings are not numbers (JSON has numbers; the UI converts what people type)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(field, f"must be a number; got {shorten(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InputError(field, f"must be a number; got {_short(value)}") from None
+    except OverflowError:
+        raise InputError(field, f"must be a number; got {shorten(value)}") from None
     if not math.isfinite(number):
-        raise InputError(field, f"must be a finite number; got {_short(value)}")
+        raise InputError(field, f"must be a finite number; got {shorten(value)}")
     return number
 
 
@@ -96,7 +98,7 @@ def check(name: str, value, field: str | None = None, *, maximum: float | None =
     number = check_finite(value, field)
     low_ok = number > limit.minimum if limit.min_exclusive else number >= limit.minimum
     if not low_ok or (high is not None and number > high) or (limit.integer and not number.is_integer()):
-        raise InputError(field, f"must be {limit.range_text(high)}; got {_short(value)}")
+        raise InputError(field, f"must be {limit.range_text(high)}; got {shorten(value)}")
     return int(number) if limit.integer else number
 
 
@@ -105,7 +107,7 @@ def check_layer(value, field: str, n_layers: int | None) -> int:
     if n_layers is None:
         number = check_finite(value, field)
         if not number.is_integer() or number < 0:
-            raise InputError(field, f"must be a non-negative integer (a layer index); got {_short(value)}")
+            raise InputError(field, f"must be a non-negative integer (a layer index); got {shorten(value)}")
         return int(number)
     return int(check("layer", value, field, maximum=n_layers - 1))
 
@@ -128,10 +130,21 @@ def check_text(value, field: str, name: str = "text_chars") -> str:
         raise InputError(field, f"must be a non-empty text of at most {limit} characters")
     if len(value) > limit:
         raise InputError(field, f"is {len(value)} characters; the limit is {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no tokenizer can read it
+        raise InputError(field, "contains a character that is not valid Unicode (a lone surrogate)") from None
     return value
 
 
-def _short(value) -> str:
+def check_bool(value, field: str) -> bool:
+    """A JSON boolean: "false", 0 or None are refused rather than guessed."""
+    if not isinstance(value, bool):
+        raise InputError(field, f"must be true or false; got {shorten(value)}")
+    return value
+
+
+def shorten(value) -> str:
     """`repr(value)` cut to 60 characters: errors never echo a huge input back."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

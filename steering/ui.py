@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import gradio as gr
 from gradio import FileData
 from gradio.utils import get_upload_folder, is_in_or_equal
 
-from steering import api, catalog, engine, limits, vector_io, views
+from steering import api, catalog, engine, files, generate, limits, vector_io, views
 from steering.errors import InputError, SteeringError
 from steering.loader import QUANT_CHOICES, get_manager
 
@@ -321,21 +318,15 @@ def import_into_table(file_path, rows, directions, layer) -> tuple:
 
 
 # -- handlers: recipes -------------------------------------------------------------------------
+@user_errors
 def save_recipe(prompt, rows, layer, max_new_tokens, temperature, top_p, seed, directions=None) -> str:
-    """Write the current vectors and settings to a JSON file for download."""
-    recipe = views.make_recipe(
-        prompt or "",
-        views.rows_to_vectors(rows, int(layer), directions),
-        {
-            "max_new_tokens": int(max_new_tokens),
-            "temperature": float(temperature),
-            "top_p": float(top_p),
-            "seed": int(seed),
-        },
-    )
-    folder = Path(tempfile.mkdtemp(prefix="steering-recipe-"))
-    path = folder / "steering-recipe.json"
-    path.write_text(json.dumps(recipe, indent=2))
+    """Write the current vectors and settings to a JSON file for download (checked like /steer's
+    own arguments: this handler can be called by name too)."""
+    sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
+    vectors = views.rows_to_vectors(rows, limits.check_layer(layer, "layer", None), directions)
+    recipe = views.make_recipe(prompt or "", vectors, asdict(sampling))
+    path = files.app_file("recipe", ".json")
+    path.write_text(views.recipe_json(recipe), encoding="utf-8")
     return str(path)
 
 
@@ -351,9 +342,10 @@ def _apply(recipe: dict, default_layer: int) -> tuple:
 def load_recipe(file_path, layer) -> tuple:
     """Fill the prompt, vectors table and settings from an uploaded recipe."""
     try:
-        text = Path(file_path).read_text(encoding="utf-8")
+        with open(file_path, encoding="utf-8") as handle:
+            text = handle.read(views.MAX_RECIPE_BYTES + 1)  # never more than the limit into memory
     except (OSError, UnicodeDecodeError, TypeError) as exc:
-        raise gr.Error(f"recipe: cannot read the uploaded file ({exc})", print_exception=False) from None
+        raise gr.Error(f"recipe: cannot read the uploaded file ({type(exc).__name__})", print_exception=False) from None
     return _apply(views.parse_recipe(text), int(layer))
 
 

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from steering import limits
+from steering import files, limits
 from steering.engine import SteeringEngine, VectorSpec, parse_vector
 from steering.errors import InputError
 
@@ -38,7 +36,6 @@ ARCH = "controlvector"
 OURS = "steeringlab"
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 64 * 2**20  # 64 MiB: a control vector of a 70B model (80 x 8192 floats) is 2.5 MiB
-KEEP_EXPORTS = 32  # newest exported files kept in the app's folder
 NOTE = (
     "direction.N is an absolute vector added to the output of block N (llama.cpp), i.e. the input "
     "of transformers layer N+1 (Steering Lab). Text and pair vectors were converted from units of "
@@ -116,20 +113,8 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=header)
 
 
-def exports_dir() -> Path:
-    """The one folder the app writes exported files to (the newest `KEEP_EXPORTS` are kept)."""
-    folder = Path(tempfile.gettempdir()) / "steering-lab-exports"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def _new_export_path(fmt: str) -> Path:
-    folder = exports_dir()
-    old = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)
-    for stale in old[: max(0, len(old) - KEEP_EXPORTS + 1)]:
-        stale.unlink(missing_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(tempfile.mkstemp(prefix=f"steering-vectors-{stamp}-", suffix=f".{fmt}", dir=folder)[1])
+    return files.app_file("vectors", f".{fmt}")
 
 
 # -- import -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from steering.errors import InputError
 from steering.gpu import format_bytes
-from steering.limits import LIMITS, MAX_SWEEP_ROWS
+from steering.limits import LIMITS, MAX_PROMPT_CHARS, MAX_SWEEP_ROWS, MAX_VECTORS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
@@ -60,6 +60,18 @@ def _blank(value) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
+def _number(cell):
+    """What a person typed in a numeric cell, as a number when it reads as one ("1.5" -> 1.5);
+    anything else goes through unchanged, and the API refuses it naming the field."""
+    if isinstance(cell, str):
+        try:
+            number = float(cell)
+        except ValueError:
+            return cell
+        return int(number) if number.is_integer() and "." not in cell else number
+    return cell
+
+
 def _truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("false", "0", "no", "off", "")
@@ -98,8 +110,8 @@ def rows_to_vectors(
                 "negative": "" if _blank(negative) else str(negative),
             }
         if not _blank(cells["coeff"]):
-            vector["coeff"] = cells["coeff"]
-        vector["layer"] = default_layer if _blank(cells["layer"]) else cells["layer"]
+            vector["coeff"] = _number(cells["coeff"])
+        vector["layer"] = default_layer if _blank(cells["layer"]) else _number(cells["layer"])
         vector["enabled"] = _truthy(cells["enabled"])
         vectors.append(vector)
     return vectors
@@ -160,8 +172,17 @@ def parse_coeffs(text: str) -> list[float]:
 
 
 # -- recipes -----------------------------------------------------------------------------------
+MAX_RECIPE_BYTES = 2**20  # 1 MiB: 64 vectors with directions of a large model fit; nothing bigger is read
+
+
 def make_recipe(prompt: str, vectors: list[dict], settings: dict) -> dict:
-    """A recipe: everything needed to repeat a run. Its `vectors` are `/steer`'s vector dicts."""
+    """A recipe: everything needed to repeat a run. Its `vectors` are `/steer`'s vector dicts.
+
+    Bounded like `/steer` itself: the prompt's length and the number of vectors."""
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError("recipe.prompt", f"must be a text of at most {MAX_PROMPT_CHARS} characters")
+    if len(vectors) > MAX_VECTORS:
+        raise InputError("recipe.vectors", f"holds {len(vectors)} vectors; at most {MAX_VECTORS}")
     known = {k: settings[k] for k in DEFAULT_SETTINGS if k in settings}
     return {
         "format": RECIPE_FORMAT,
@@ -172,12 +193,24 @@ def make_recipe(prompt: str, vectors: list[dict], settings: dict) -> dict:
     }
 
 
+def recipe_json(recipe: dict) -> str:
+    """The recipe as standard JSON (no NaN or Infinity: the README's replay line must read it)."""
+    try:
+        return json.dumps(recipe, indent=2, allow_nan=False)
+    except ValueError:
+        raise InputError("recipe", "holds a number that is not finite (NaN or infinity); fix the table first") from None
+
+
 def parse_recipe(text: str) -> dict:
     """Read a recipe file's text back; raises InputError naming `recipe` when it is not one."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise InputError("recipe", f"is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES}")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError("recipe", "is nested too deeply to be a recipe") from None
     except ValueError as exc:
-        raise InputError("recipe", f"is not valid JSON ({exc})") from None
+        raise InputError("recipe", f"is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
         raise InputError("recipe", f'is not a Steering Lab recipe (expected "format": "{RECIPE_FORMAT}")')
     vectors = data.get("vectors", [])

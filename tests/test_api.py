@@ -143,7 +143,11 @@ def test_load_model_reloads_and_reports_status(api):
     ("endpoint", "args", "expected"),
     [
         ("/steer", ("", []), r"^prompt: .*non-empty"),
-        ("/steer", (PROMPT, [{"text": "dogs", "coeff": "nan", "layer": LAYER}]), r"vectors\[0\]\.coeff: .*finite"),
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "coeff": "nan", "layer": LAYER}]),  # JSON has no NaN: a string
+            r"vectors\[0\]\.coeff: must be a number; got 'nan'",
+        ),
         (
             "/steer",
             (PROMPT, [{"text": "dogs", "coeff": 1e6, "layer": LAYER}]),
@@ -164,6 +168,35 @@ def test_load_model_reloads_and_reports_status(api):
         ("/load_model", ("no-such/model-anywhere",), r"no-such/model-anywhere is not in the catalog"),
         ("/load_model", (catalog.EMBEDDED_ID, "3bit"), r"^quant: .*auto, 4bit"),
         ("/plan", (5,), r"^context: .*128 to 32768"),
+        # Strict types: one rule for every endpoint (issue 12).
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "coeff": True, "layer": LAYER}]),
+            r"^vectors\[0\]\.coeff: must be a number; got True",
+        ),
+        ("/steer", (PROMPT, [{"text": "dogs", "layer": "3"}]), r"^vectors\[0\]\.layer: must be a number; got '3'"),
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "layer": 3, "enabled": "false"}]),
+            r"^vectors\[0\]\.enabled: must be true or false",
+        ),
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "layer": 3, "colour": "red"}]),
+            r"^vectors\[0\]\.colour: is not a vector field",
+        ),
+        (
+            "/steer",
+            (PROMPT, [{"text": "dogs", "positive": "a", "negative": "b", "layer": 3}]),
+            r"^vectors\[0\]: give exactly one of",
+        ),
+        ("/steer", (PROMPT, [], 8, 0.0, 1.0, 0, "false"), r"^compare: must be true or false; got 'false'"),
+        ("/steer", (PROMPT, [], True), r"^max_new_tokens: must be a number; got True"),
+        ("/steer", (PROMPT, [], 8, 0.0, 1.0, "7"), r"^seed: must be a number; got '7'"),
+        ("/steer", (PROMPT, [], 8, 0.0, 1.0, 10**400), r"^seed: must be a number"),
+        ("/sweep", (PROMPT, "dogs", LAYER, [True, False]), r"^coeffs\[0\]: must be a number; got True"),
+        ("/load_model", (123,), r"^model: must be a text"),
+        ("/load_model", ("x" * 300,), r"^model: is 300 characters; model ids and folders are at most 256"),
     ],
     ids=[
         "empty-prompt",
@@ -180,6 +213,18 @@ def test_load_model_reloads_and_reports_status(api):
         "unknown-model",
         "quant",
         "plan-context",
+        "bool-coeff",
+        "string-layer",
+        "string-enabled",
+        "unknown-key",
+        "text-and-pair",
+        "string-compare",
+        "bool-tokens",
+        "string-seed",
+        "huge-seed",
+        "bool-coeffs",
+        "int-model",
+        "long-model-id",
     ],
 )
 def test_bad_input_is_an_error_naming_the_field(api, endpoint, args, expected):

@@ -138,7 +138,12 @@ def test_flags_auth_env_and_share_warning(monkeypatch):
     warnings = app.startup_warnings(args, mcp_installed=False)
     assert any(w.startswith("--share without --auth") for w in warnings)
     assert any("gradio[mcp]" in w for w in warnings)
-    for bad in (["--auth", "nopassword"], ["--vram-limit", "lots"], ["--gui-overhead", "1GiB"]):
+    for bad in (["--auth", "nopassword"], ["--auth", " : "], ["--vram-limit", "lots"], ["--gui-overhead", "1GiB"]):
         with pytest.raises(SystemExit) as caught:
             app.parse_args(bad)
+        assert caught.value.code == 2
+    for blank in (" : ", "", "alice:"):  # set but blank is refused, never read as "no login"
+        monkeypatch.setenv("STEERING_AUTH", blank)
+        with pytest.raises(SystemExit) as caught:
+            app.parse_args([])
         assert caught.value.code == 2

@@ -21,7 +21,7 @@ def test_every_limit_is_consistent():
 
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
-    [("max_new_tokens", 7.0, 7), ("seed", "12", 12), ("coeff", -20, -20.0), ("top_p", 1, 1.0), ("temperature", 0, 0.0)],
+    [("max_new_tokens", 7.0, 7), ("seed", 12, 12), ("coeff", -20, -20.0), ("top_p", 1, 1.0), ("temperature", 0, 0.0)],
 )
 def test_check_accepts_and_types(name, value, expected):
     result = limits.check(name, value)
@@ -39,8 +39,10 @@ def test_check_accepts_and_types(name, value, expected):
         ("top_p", 0, "top_p: must be a number in (0, 1]; got 0"),
         ("seed", 10**400, "seed: must be a number; got " + repr(10**400)[:57] + "..."),  # too big for a float
         ("temperature", "warm", "temperature: must be a number; got 'warm'"),
+        ("seed", "7", "seed: must be a number; got '7'"),  # numeric strings are not numbers
+        ("coeff", [1.0], "coeff: must be a number; got [1.0]"),
     ],
-    ids=["zero", "fraction", "bool", "nan", "over", "exclusive-min", "huge-int", "word"],
+    ids=["zero", "fraction", "bool", "nan", "over", "exclusive-min", "huge-int", "word", "numeric-string", "list"],
 )
 def test_check_refuses_with_the_field_and_the_range(name, value, message):
     with pytest.raises(InputError) as caught:
@@ -64,3 +66,12 @@ def test_layers_counts_and_texts():
         limits.check_count("similarity_texts", "dogs", "texts")
     with pytest.raises(InputError, match=r"^prompt: is 4001 characters; the limit is 4000$"):
         limits.check_text("x" * 4001, "prompt", "prompt_chars")
+
+
+def test_booleans_and_texts_are_strict():
+    assert limits.check_bool(False, "compare") is False
+    for value in ("false", 0, None, "true"):
+        with pytest.raises(InputError, match=r"^compare: must be true or false; got "):
+            limits.check_bool(value, "compare")
+    with pytest.raises(InputError, match=r"^prompt: contains a character that is not valid Unicode"):
+        limits.check_text("hi \ud800 there", "prompt", "prompt_chars")

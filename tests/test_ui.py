@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import gradio as gr
 import pytest
@@ -24,7 +25,7 @@ def test_table_rows_become_steer_vectors():
     ]
     assert views.rows_to_vectors(rows, default_layer=15) == [
         {"text": "dogs", "coeff": 0.5, "layer": 12, "enabled": True},
-        {"positive": "happy", "negative": "sad", "coeff": "1.5", "layer": 15, "enabled": False},
+        {"positive": "happy", "negative": "sad", "coeff": 1.5, "layer": 15, "enabled": False},
         {"text": "cats", "layer": 15, "enabled": True},
     ]
 
@@ -227,3 +228,39 @@ def test_api_module_does_not_import_gradio():
 
     code = "import sys, steering.api; sys.exit('gradio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ui.__file__.rsplit("/steering/", 1)[0]).returncode == 0
+
+
+def test_recipe_json_refuses_nan():
+    with pytest.raises(InputError, match=r"^recipe: holds a number that is not finite"):
+        views.recipe_json(views.make_recipe("Hi", [{"text": "dogs", "coeff": float("nan")}], {}))
+
+
+def test_recipes_are_bounded_and_standard_json(tmp_path):
+    """Recipe handlers can be called by name: they check what /steer checks, read and write
+    bounded files in one folder of the app's, and never write NaN."""
+    rows = [["dogs", "", "", 0.5, 15, True]]
+    first = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    second = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    assert os.path.dirname(first) == os.path.dirname(second) and first != second  # one folder, two files
+    for bad_args, field in (
+        (("x" * 5_000_000, rows, 15, 32, 0.0, 1.0, 0), "recipe.prompt"),
+        (("Hi", rows, 15, 10**6, 0.0, 1.0, 0), "max_new_tokens"),
+        (("Hi", rows, 15, 32, float("nan"), 1.0, 0), "temperature"),  # (a NaN table cell reads as empty)
+    ):
+        with pytest.raises(gr.Error) as caught:
+            ui.save_recipe(*bad_args)
+        assert caught.value.message.startswith(f"{field}: "), caught.value.message
+    for name, text, field in (
+        ("many.json", json.dumps({"format": views.RECIPE_FORMAT, "vectors": [{}] * 349_000}), "recipe"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "recipe"),
+        (
+            "vectors.json",
+            json.dumps({"format": views.RECIPE_FORMAT, "vectors": [{"text": "a"}] * 65}),
+            "recipe.vectors",
+        ),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(gr.Error) as caught:
+            ui.load_recipe(str(path), 15)
+        assert caught.value.message.startswith(f"{field}: "), caught.value.message
