@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, metavar="N", help="context tokens per row to plan for (default 2048)")
     parser.add_argument("--fallback-model", metavar="ID", help="model to load when one does not fit or runs out")
     parser.add_argument("--lock-model", action="store_true", help="disable model switching (public demos)")
+    parser.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose model folders users may load (repeatable; the Hugging Face cache always counts)",
+    )
     parser.add_argument("--mcp", action="store_true", help="also serve the endpoints as MCP tools (gradio[mcp])")
     dev = parser.add_argument_group("development and testing")
     dev.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan as if on a card of this size")
@@ -104,6 +111,7 @@ def _load_initial_model(args: argparse.Namespace) -> None:
         margin_bytes=args.margin,
         context_tokens=args.context,
         lock_model=args.lock_model,
+        models_dirs=args.models_dir,
     )
     if args.model:
         # user=False: the start-up choice is the operator's, so --lock-model does not refuse it.

@@ -703,7 +703,12 @@ def run(args) -> dict:
 
     # The reference card: the app's own VRAM cap, then the desktop's share as a ballast tensor.
     manager = get_manager()
-    manager.configure(fallback_model=str(fallback), vram_limit_bytes=CARD_BYTES, context_tokens=scale.context_tokens)
+    manager.configure(
+        fallback_model=str(fallback),
+        vram_limit_bytes=CARD_BYTES,
+        context_tokens=scale.context_tokens,
+        models_dirs=[str(work)],  # the toy models are loaded as a user would, from an allowed folder
+    )
     ballast = torch.empty(scale.ballast_bytes, dtype=torch.uint8, device=device).fill_(0)  # fill: really held
     result["card"] = {"vram_limit_bytes": CARD_BYTES, "ballast_bytes": ballast.numel(),
                       "allocator_room_bytes": CARD_BYTES - ballast.numel()}  # fmt: skip

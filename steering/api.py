@@ -382,8 +382,9 @@ def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
     """Load a model (the previous one is freed first) and return the status.
 
     Args:
-        model: a catalog id (see /plan), a Hugging Face id already in the local cache, a local
-            folder, or "SmolLM2-135M-Instruct" (the embedded offline model).
+        model: a catalog id (see /plan), a Hugging Face id already in the local cache, a model
+            folder under the server's --models-dir, or "SmolLM2-135M-Instruct" (the embedded
+            offline model). At most 256 characters.
         quant: auto, 4bit, 8bit, bf16, fp16 or fp32. auto picks the most precise that fits.
         force: load even when the memory plan says it will not fit stably.
 

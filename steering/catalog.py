@@ -29,6 +29,7 @@ __all__ = [
     "gated_message",
     "get_spec",
     "hf_token_available",
+    "not_found_message",
     "spec_from_config",
 ]
 
@@ -218,11 +219,17 @@ def get_spec(model: str) -> ModelSpec:
         cached = _cached_config_path(model)
         if cached is not None:
             return spec_from_config(_read_json(cached), model_id=model)
+    raise ModelUnavailableError(not_found_message(model))
+
+
+def not_found_message(model: str) -> str:
+    """One sentence for every model that cannot be found, whatever the reason: it says nothing
+    about whether a path exists on the server."""
     known = ", ".join(s.id for s in CATALOG)
-    raise ModelUnavailableError(
-        f"{model} is not in the catalog ({known}), not a local folder, and not in the Hugging Face "
-        "cache; nothing is downloaded here: fetch it once with `hf download "
-        f"{model}` or pass a folder that holds its config.json."
+    return (
+        f"{model} is not in the catalog ({known}), not in the Hugging Face cache, and not a model "
+        "folder the server allows (--models-dir); nothing is downloaded here: fetch it once with "
+        f"`hf download {model}` or put its folder under a --models-dir."
     )
 
 
@@ -276,13 +283,33 @@ def spec_from_config(config: dict, model_id: str) -> ModelSpec:
             default_quant="bf16",
             max_positions=int(config.get("max_position_embeddings") or 32768),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # ZeroDivision, Overflow
         raise ModelUnavailableError(
-            f"{model_id}: its config.json lacks the decoder numbers the estimate needs ({exc})."
-        ) from exc
+            f"{model_id}: its config.json lacks the decoder numbers the estimate needs ({type(exc).__name__}: "
+            f"{str(exc)[:80]})."
+        ) from None
+    for name, value, high in _CONFIG_BOUNDS(spec):
+        if not 1 <= value <= high:
+            raise ModelUnavailableError(f"{model_id}: its config.json has {name} = {value}; expected 1 to {high}.")
+    if spec.n_heads * spec.head_dim <= 0 or spec.n_heads % spec.n_kv_heads:
+        raise ModelUnavailableError(f"{model_id}: its config.json has inconsistent attention heads.")
     if arch not in KNOWN_ARCHS:
         logger.warning("%s has model_type %r; its memory is estimated as a llama-style decoder", model_id, arch)
     return replace(spec, n_params=count_params(spec))
+
+
+def _CONFIG_BOUNDS(spec: ModelSpec) -> list[tuple[str, int, int]]:  # noqa: N802 - a table
+    """Sane ranges of a decoder's numbers (the largest open models are well inside them)."""
+    return [
+        ("num_hidden_layers", spec.n_layers, 1024),
+        ("hidden_size", spec.hidden_size, 65536),
+        ("intermediate_size", spec.intermediate_size, 1 << 20),
+        ("num_attention_heads", spec.n_heads, 1024),
+        ("num_key_value_heads", spec.n_kv_heads, 1024),
+        ("head_dim", spec.head_dim, 4096),
+        ("vocab_size", spec.vocab_size, 1 << 22),
+        ("max_position_embeddings", spec.max_positions, 1 << 24),
+    ]
 
 
 def _dtype_name(value: object) -> str:

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from steering import catalog, embedded, estimate, gpu, lifecycle, weights
@@ -93,6 +94,7 @@ class ModelManager:
         self.context_tokens = 2048
         self.locked = False
         self.cuda_index = 0
+        self.models_dirs: list[str] = []  # folders whose models users may load (--models-dir)
 
     # -- configuration -------------------------------------------------------------------------
     def configure(
@@ -103,8 +105,11 @@ class ModelManager:
         margin_bytes: int | None = None,
         context_tokens: int | None = None,
         lock_model: bool | None = None,
+        models_dirs: list[str] | None = None,
     ) -> None:
-        """Set the policy knobs (`--fallback-model`, `--vram-limit`, `--lock-model`, ...)."""
+        """Set the policy knobs (`--fallback-model`, `--vram-limit`, `--lock-model`, `--models-dir`, ...)."""
+        if models_dirs is not None:
+            self.models_dirs = list(models_dirs)
         if fallback_model is not None:
             self.fallback_model = fallback_model
         if vram_limit_bytes is not None:
@@ -214,6 +219,8 @@ class ModelManager:
             raise InputError("model", "give a model id from the list, a Hugging Face id or a local folder")
         if quant not in QUANT_CHOICES:
             raise InputError("quant", f"must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+        if user:
+            weights.check_user_source(model, self.models_dirs)
         with self._lock:
             self._load_locked(model, quant, force, startup=not user)
         return self.status()
@@ -262,6 +269,8 @@ class ModelManager:
             return
         try:
             source = weights.find_weights(spec, model, self._online)  # offline / gated: nothing changed
+            if Path(source).is_dir():
+                weights.check_folder(source)  # a folder that cannot load is refused before the old model goes
         except ModelUnavailableError as exc:
             if not startup:
                 raise

@@ -387,7 +387,7 @@ def _model_panel(loaded, locked: bool) -> SimpleNamespace:
                 model_choices,
                 value=loaded.model_id if loaded else catalog.EMBEDDED_ID,
                 label="Model",
-                info="A matrix model, any cached Hugging Face id, or a local folder",
+                info="A matrix model, any cached Hugging Face id, or a folder under the server's --models-dir",
                 allow_custom_value=True,
                 interactive=not locked,
                 scale=3,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -88,6 +89,60 @@ def find_weights(spec: catalog.ModelSpec, model: str, online) -> str:
             "(offline). Download it on a connected machine or pass a local folder."
         )
     return spec.id
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_user_source(model: str, allowed_dirs) -> None:
+    """Refuse, in one sentence that says nothing about the server's files, a `model` a user asks
+    for that is a path outside the allowed folders (`--models-dir`, the Hugging Face cache).
+    Catalog ids and hub ids pass; a hub-id-shaped name that is a folder here counts as a path."""
+    if catalog.find_in_catalog(model) is not None:
+        return
+    path = Path(model).expanduser()
+    looks_like_hub_id = _HUB_ID.fullmatch(model) is not None and not path.is_absolute()
+    if looks_like_hub_id and not path.exists():
+        return
+    resolved = path.resolve()
+    roots = [Path(d).expanduser().resolve() for d in [*allowed_dirs, hub_cache_dir()]]
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ModelUnavailableError(catalog.not_found_message(model))
+
+
+def check_folder(folder: str) -> None:
+    """A model folder that cannot load is refused before anything is unloaded for it: a config,
+    readable safetensors weights (header and offsets checked) and a tokenizer must be there."""
+    path = Path(folder)
+    weights = sorted(path.glob("*.safetensors"))
+    missing = [
+        what
+        for what, ok in (
+            ("config.json", (path / "config.json").is_file()),
+            ("safetensors weights", bool(weights)),
+            ("a tokenizer", any((path / name).is_file() for name in _TOKENIZER_FILES)),
+        )
+        if not ok
+    ]
+    if missing:
+        raise ModelUnavailableError(f"{folder} cannot be loaded: it has no {', no '.join(missing)}.")
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # a truncated or foreign file fails in many ways
+            raise ModelUnavailableError(
+                f"{folder} cannot be loaded: {file.name} is not a readable safetensors file ({type(exc).__name__})."
+            ) from None
 
 
 def pretrained_kwargs(quant: str, *, cuda_index: int | None, supports_bf16: bool, local_files_only: bool) -> dict:

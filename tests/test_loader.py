@@ -31,9 +31,10 @@ OOM_TEXT = (
 
 
 @pytest.fixture
-def manager(fresh_manager, tiny_qwen_dir):
-    """A fresh manager (the process's one for this test) whose fallback is the tiny Qwen2."""
-    fresh_manager.configure(fallback_model=str(tiny_qwen_dir))
+def manager(fresh_manager, tiny_qwen_dir, tmp_path_factory):
+    """A fresh manager (the process's one for this test) whose fallback is the tiny Qwen2; users may
+    load model folders from this run's temporary folders (as with --models-dir)."""
+    fresh_manager.configure(fallback_model=str(tiny_qwen_dir), models_dirs=[str(tmp_path_factory.getbasetemp())])
     assert get_manager() is fresh_manager  # what the api functions use
     return fresh_manager
 
@@ -257,17 +258,82 @@ def test_too_big_model_with_unavailable_fallback_keeps_the_current_one(manager):
     assert manager.events.count == before
 
 
-def test_a_broken_model_folder_ends_on_the_fallback_with_an_event(manager, tmp_path, tiny_llama_dir, tiny_qwen_dir):
+def test_a_folder_that_cannot_load_is_refused_before_anything_is_unloaded(manager, tmp_path, tiny_llama_dir):
     import shutil
 
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    before = (manager.current.identity, manager.events.count)
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelUnavailableError, match="model.safetensors is not a readable safetensors file"):
+        manager.load(str(broken), "fp32")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ModelUnavailableError, match="it has no safetensors weights"):
+        manager.load(str(broken), "fp32")
+    assert (manager.current.identity, manager.events.count) == before
+
+
+def test_a_model_that_fails_while_loading_ends_on_the_fallback_with_an_event(
+    manager, tmp_path, tiny_llama_dir, tiny_qwen_dir
+):
+    import json
+    import shutil
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_llama_dir, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["intermediate_size"] *= 2  # the weights no longer fit the config: transformers refuses
+    (mismatched / "config.json").write_text(json.dumps(config))
     before = manager.events.count
-    status = manager.load(str(broken), "fp32")
+    status = manager.load(str(mismatched), "fp32")
     assert status["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
     assert "could not load it" in status["events"][-1]["reason"]
     assert status["event_count"] == before + 1
+
+
+@pytest.mark.parametrize("where", ["outside", "parent", "relative"])
+def test_paths_outside_the_allowed_folders_get_the_unknown_model_sentence(manager, tmp_path, where, monkeypatch):
+    """A user cannot load, or learn about, folders the operator did not allow (--models-dir)."""
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    before = (manager.current.identity, manager.events.count)
+    manager.configure(models_dirs=[str(tmp_path / "allowed")])
+    outside = tmp_path / "elsewhere" / "model"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    model = {"outside": str(outside), "parent": "../../etc", "relative": "elsewhere/model"}[where]
+    with pytest.raises(ModelUnavailableError) as caught:
+        manager.load(model, "fp32")
+    assert str(caught.value) == catalog.not_found_message(model)  # the same words as for a missing id
+    with pytest.raises(ModelUnavailableError) as missing:
+        manager.load("no-such-org/no-such-model", "fp32")
+    assert str(missing.value) == catalog.not_found_message("no-such-org/no-such-model")
+    assert (manager.current.identity, manager.events.count) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads = 0"),
+        ({"hidden_size": 1e300}, "hidden_size = 1"),
+        ({"num_key_value_heads": 3}, "inconsistent attention heads"),
+        ({"vocab_size": "many"}, "lacks the decoder numbers"),
+    ],
+)
+def test_absurd_configs_are_refused_in_a_sentence(manager, tmp_path, tiny_llama_dir, change, expected):
+    import json
+    import shutil
+
+    manager.load(catalog.EMBEDDED_ID, "fp32")
+    before = (manager.current.identity, manager.events.count)
+    folder = tmp_path / "absurd"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = {**json.loads((folder / "config.json").read_text()), **change}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelUnavailableError, match=expected):
+        manager.load(str(folder), "fp32")
+    assert (manager.current.identity, manager.events.count) == before
 
 
 def _oom_in_embeddings(model, gate: threading.Event | None = None, times: int = 2):
