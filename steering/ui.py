@@ -185,23 +185,36 @@ def load_selected_model(model: str, quant: str, force: bool, progress=gr.Progres
 
 
 # -- handlers: the vectors table ---------------------------------------------------------------
+def _table(rows) -> list[list]:
+    """The table's non-empty rows; a table longer than any request may be is refused at once
+    (these handlers can be called by name with any payload)."""
+    rows = rows or []
+    if not isinstance(rows, list) or len(rows) > 2 * limits.MAX_VECTORS:
+        raise InputError("vectors", f"the table holds too many rows; at most {limits.MAX_VECTORS} vectors")
+    return [list(r) for r in rows if isinstance(r, (list, tuple)) and views.rows_to_vectors([r], 0)]
+
+
+@user_errors
 def add_vector_row(rows: list, text: str, positive: str, negative: str, coeff: float, layer: int) -> tuple:
     """Append the form's vector to the table and clear the form's texts."""
-    if not (text or "").strip() and not (positive or "").strip() and not (negative or "").strip():
+    if not any(isinstance(t, str) and t.strip() for t in (text, positive, negative)):
         raise gr.Error("text: type a steering text (or a positive and a negative text) first", print_exception=False)
-    kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0)]
+    layer = limits.check_layer(layer, "layer", None)
+    kept = _table(rows)
     if len(kept) >= limits.MAX_VECTORS:
         raise gr.Error(f"vectors: at most {limits.MAX_VECTORS} vectors", print_exception=False)
-    kept.append([text or "", positive or "", negative or "", coeff, int(layer), True])
+    kept.append([text or "", positive or "", negative or "", coeff, layer, True])
     return kept, "", "", ""
 
 
+@user_errors
 def remove_vector_row(rows: list, row_number: float | None) -> list:
     """Remove row `row_number` (1-based); 0 or empty removes the last row."""
-    kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0)]
+    kept = _table(rows)
     if not kept:
         return []
-    index = len(kept) - 1 if not row_number else int(row_number) - 1
+    number = 0 if row_number in (None, "") else limits.check_finite(row_number, "row")
+    index = len(kept) - 1 if not number else int(number) - 1
     if not 0 <= index < len(kept):
         raise gr.Error(f"row: give a row number from 1 to {len(kept)}", print_exception=False)
     del kept[index]

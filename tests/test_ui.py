@@ -93,6 +93,16 @@ def test_add_and_remove_rows():
     with pytest.raises(gr.Error) as caught:
         ui.remove_vector_row(rows, 5)
     assert caught.value.message.startswith("row: ")
+    for call in (
+        lambda: ui.add_vector_row([[]] * 349_000, "x", "", "", 0.5, 15),
+        lambda: ui.remove_vector_row([[]] * 349_000, 1),
+    ):
+        with pytest.raises(gr.Error) as caught:  # called by name with a huge table: refused at once
+            call()
+        assert caught.value.message.startswith("vectors: the table holds too many rows")
+    with pytest.raises(gr.Error) as caught:
+        ui.add_vector_row(rows, "x", "", "", 0.5, "fifteen")
+    assert caught.value.message.startswith("layer: ")
 
 
 def test_status_line_and_fallback_notice():
