@@ -80,18 +80,21 @@ def test_sigterm_during_a_long_steer_exits_quickly_and_the_client_hears_why(embe
         from gradio_client.utils import Status
 
         job = client(app.url).submit("Tell me a long story.", [], 512, api_name="/steer")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while job.status().code != Status.PROCESSING and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(3)  # well into the generation (512 tokens take far longer here)
+        assert job.status().code == Status.PROCESSING, job.status()
+        time.sleep(2)  # into the generation (512 tokens take far longer here)
         code, seconds = app.terminate(timeout_s=30)
     finally:
         app.kill()
     assert code in (0, -signal.SIGTERM), app.log
     assert seconds < 15, f"took {seconds:.1f} s to stop"
-    with pytest.raises(Exception) as caught:
-        job.result(timeout=30)
-    assert "server shutting down" in str(caught.value)
+    try:
+        value, error = job.result(timeout=30), None
+    except Exception as exc:  # noqa: BLE001 - the client's own error type is what is checked
+        value, error = None, str(exc)
+    assert error is not None and "server shutting down" in error, (value, error, app.log[-2000:])
 
 
 def test_offline_share_logs_one_clear_line_and_serves_locally(public_app):
