@@ -16,6 +16,7 @@ arrive; a stop flag (a `threading.Event`) ends generation within one decoding st
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -39,6 +40,7 @@ from steering import lifecycle, limits
 from steering.cpu import small_batch_linears
 from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
 from steering.estimate import SCORE_CHUNK_ELEMENTS
+from steering.loaded import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ def stream_rows(
     finished = [False] * n_rows
     texts = [""] * n_rows
 
-    with engine.installed(rows, capture_mode):
+    with engine.installed(rows, capture_mode), _stoppable(model, stop):
 
         def work():
             try:
@@ -189,6 +191,8 @@ def stream_rows(
                         streamer=_QueueStreamer(sink),
                     )
                 sink.put(("done", None))
+            except _Stopped:  # stopped inside a forward pass (a long prefill): what exists is the answer
+                sink.put(("done", None))
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 sink.put(("error", exc))
 
@@ -197,7 +201,11 @@ def stream_rows(
         finished_generation = False
         try:
             while True:
-                kind, payload = sink.get()
+                try:
+                    kind, payload = sink.get(timeout=HEARTBEAT_S)
+                except queue.Empty:  # no token yet (a long prefill): hand control back to the consumer,
+                    yield RowsUpdate(list(texts), [""] * n_rows, [list(g) for g in generated])  # who may stop
+                    continue
                 if kind == "error":
                     raise payload
                 if kind == "done":
@@ -221,6 +229,30 @@ def stream_rows(
                 stop.set()
             worker.join()
     yield RowsUpdate(list(texts), [""] * n_rows, [list(g) for g in generated], done=True)
+
+
+HEARTBEAT_S = 0.25  # a stream yields at least this often, tokens or not, so a consumer can stop it
+
+
+class _Stopped(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _stoppable(model, stop: threading.Event) -> Iterator[None]:
+    """For the block, every decoder layer checks the stop and shutdown flags before it runs, so a
+    Stop ends even a long prefill within one layer (the stopping criteria run only between tokens)."""
+
+    def check(module, args, kwargs):
+        if stop.is_set() or lifecycle.SHUTTING_DOWN.is_set():
+            raise _Stopped
+
+    hooks = [layer.register_forward_pre_hook(check, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def run_rows(engine, prompt, rows, sampling, *, one_row: bool = False, **kwargs) -> RowsUpdate:

@@ -276,3 +276,20 @@ def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
     assert time.perf_counter() - started < 5.0  # 200 tokens x 2 rows would take far longer on CPU
     short = steer(api, [], max_new_tokens=2)  # the model lock was released: the server generates
     assert short["steered"]
+
+
+def test_stop_before_the_first_token_ends_the_prefill_too(api):
+    """The Stop button before any token: the stream yields while the prompt is still being read,
+    so it can be closed, and the layers' stop check ends the prefill itself within a layer."""
+    from steering.ui import generate_outputs
+
+    long_prompt = "Tell me everything about the history of the world. " * 200  # ~2,000 tokens of prefill
+    stream = generate_outputs(long_prompt[:3990], [], LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
+    started = time.perf_counter()
+    steered, baseline, info = next(stream)  # a heartbeat: no token yet
+    assert time.perf_counter() - started < 5.0
+    started = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - started < 3.0  # not the rest of the prefill and 200 tokens x 2 rows
+    short = steer(api, [], max_new_tokens=2)  # the model lock was released
+    assert short["steered"]
