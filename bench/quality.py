@@ -37,6 +37,7 @@ SET_FILE = HERE / "quality_set.json"
 LAYERS = (9, 12, 15, 18)
 COEFFS = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75)
 MAX_NEW_TOKENS = 40
+PROBE_LAYERS = (15, 18)  # autotune's probe prompts are generated at these layers only (time)
 
 
 def load_set(quick: bool) -> list[dict]:
@@ -157,6 +158,30 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
     return data
 
 
+def score_probes(engine, topics, gens, layers, coeffs, scores: dict, path: Path) -> None:
+    """Perplexity, repetition and the chosen relevance of the probe prompts' outputs."""
+    from steering import generate as G
+    from steering import quality as Q
+
+    rows = scores["rows"]
+    for topic in topics:
+        name = topic["name"]
+        texts = {k: topic.get(k, "") for k in ("text", "positive", "negative")}
+        for j, prompt in enumerate(Q.PROBE_PROMPTS):
+            keys = [key(name, f"probe{j}")] + [key(name, f"probe{j}", layer, c) for layer in layers for c in coeffs]
+            if all(k in rows for k in keys) or not all(k in gens["rows"] for k in keys):
+                continue
+            context = G.prompt_ids(engine.tokenizer, prompt)
+            ids = [gens["rows"][k]["ids"] for k in keys]
+            values, ppl = Q.logprob_scores(engine, context, ids[1:], ids[0], **texts)
+            for k, i, v, pp in zip(keys[1:], ids[1:], values, ppl):
+                rows[k] = {"n": len(i), "repetition": Q.repetition(i), "perplexity": pp, "logprob": v,
+                           "on_topic": on_topic(gens["rows"][k]["text"], topic["words"])}
+            rows[keys[0]] = {"n": len(ids[0]), "repetition": Q.repetition(ids[0]), "logprob": 0.0, "on_topic": False,
+                             "perplexity": Q.output_perplexities(engine, context, ids[:1])[0]}
+            _save(path, scores)
+
+
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
 
@@ -267,24 +292,53 @@ def settings_report(table, layers, coeffs) -> dict:
     return out
 
 
-def headline(table, layers, coeffs, n_layers) -> dict:
+def pick_across(table, probes, topic, tune, grid, n_layers, with_probes=True):
+    """The setting autotune picks for `topic` tuned on prompt `tune` (+ the probe prompts)."""
+    from steering import quality as Q
+
+    contexts = [table[topic][tune]] + (probes[topic] if with_probes else [])
+    rows = [[dict(layer=s[0], coeff=s[1], relevance=c[s][Q.RELEVANCE], fluent=c[s]["fluent"]) for s in grid] for c in contexts]
+    best, _, _ = Q.choose_across(rows, n_layers)
+    return best["layer"], best["coeff"]
+
+
+def probe_table(topics, scores, layers, coeffs, rule) -> dict:
+    """probes[topic] = [cells of probe 0, cells of probe 1] like `build_table`'s."""
+    from steering import quality as Q
+
+    out = {}
+    for topic in topics:
+        out[topic["name"]] = []
+        for j in range(len(Q.PROBE_PROMPTS)):
+            cells = {}
+            for s in [(layer, c) for layer in layers for c in coeffs]:
+                row = dict(scores["rows"][key(topic["name"], f"probe{j}", *s)])
+                row["fluent"] = rule(row)
+                cells[s] = row
+            out[topic["name"]].append(cells)
+    return out
+
+
+def headline(table, probes, layers, coeffs, n_layers) -> dict:
     """(a) fixed default, (b) autotune on prompt 0 applied to prompts 1-5, (c) largest effect."""
     from steering import quality as Q
 
     tuned_grid = [(layer, c) for layer in Q.default_layers(n_layers) for c in Q.COEFFS]
     full_grid = [(layer, c) for layer in layers for c in coeffs]
-    missing = [s for s in tuned_grid + [DEFAULT_SETTING] if s not in full_grid]
+    probe_grid = [(layer, c) for layer in PROBE_LAYERS for c in coeffs]
+    missing = [s for s in tuned_grid + [DEFAULT_SETTING] if s not in full_grid or s not in probe_grid]
     assert not missing, f"the autotune grid must lie inside the bench grid: {missing}"
     rest = lambda t: range(1, len(table[t]))  # noqa: E731
     out = {"default": good_rate(table, {t: DEFAULT_SETTING for t in table}, rest)}
-    picks = {t: pick_for(table[t][0], Q.RELEVANCE, tuned_grid, n_layers) for t in table}
-    out["autotune"] = good_rate(table, picks, rest)
-    out["autotune_picks"] = {t: list(s) for t, s in picks.items()}
-    rotations = []
-    for tune in range(min(len(v) for v in table.values())):
-        rot = {t: pick_for(table[t][tune], Q.RELEVANCE, tuned_grid, n_layers) for t in table}
-        rotations.append(good_rate(table, rot, lambda t, tune=tune: [q for q in range(len(table[t])) if q != tune])[0])
-    out["autotune_every_tuning_prompt"] = _mean(rotations)
+    for label, with_probes in (("autotune", False), ("autotune_with_probes", True)):
+        picks = {t: pick_across(table, probes, t, 0, tuned_grid, n_layers, with_probes) for t in table}
+        out[label] = good_rate(table, picks, rest)
+        out[label + "_picks"] = {t: list(s) for t, s in picks.items()}
+        rotations = []
+        for tune in range(min(len(v) for v in table.values())):
+            rot = {t: pick_across(table, probes, t, tune, tuned_grid, n_layers, with_probes) for t in table}
+            rotations.append(good_rate(table, rot, lambda t, tune=tune: [q for q in range(len(table[t])) if q != tune])[0])
+        out[label + "_every_tuning_prompt"] = _mean(rotations)
     effect_picks = {t: max(full_grid, key=lambda s: table[t][0][s]["effect"]) for t in table}
     out["largest_effect"] = good_rate(table, effect_picks, rest)
     out["largest_effect_picks"] = {t: list(s) for t, s in effect_picks.items()}
@@ -379,7 +433,9 @@ def evaluate_all(engine, topics, gens, layers, coeffs, args, suffix) -> None:
               "candidates": candidate_report(table, full_grid, engine.n_layers),
               "settings": {f"{s[0]}|{s[1]:g}": v for s, v in settings_report(table, layers, coeffs).items()}}
     if not args.quick:
-        report["headline"] = headline(table, layers, coeffs, engine.n_layers)
+        score_probes(engine, topics, gens, PROBE_LAYERS, coeffs, scores, RESULTS / f"quality_scores{suffix}.json")
+        probes = probe_table(topics, scores, PROBE_LAYERS, coeffs, rule_fluent)
+        report["headline"] = headline(table, probes, layers, coeffs, engine.n_layers)
     if not args.no_timing:
         report["autotune_runs"] = timed_autotune(engine, topics, gens["meta"]["max_new_tokens"])
     print_report(report, layers, coeffs)
@@ -410,16 +466,42 @@ def print_report(report, layers, coeffs) -> None:
         print(f"  (a) fixed default layer {DEFAULT_SETTING[0]} coeff {DEFAULT_SETTING[1]}: {h['default'][0]:.3f} (n={h['default'][1]})")
         print(f"  (b) autotune tuned on prompt 0:           {h['autotune'][0]:.3f}  picks {h['autotune_picks']}")
         print(f"      (tuned on each prompt in turn, mean:  {h['autotune_every_tuning_prompt']:.3f})")
+        print(f"      with the two probe prompts:           {h['autotune_with_probes'][0]:.3f}"
+              f" (each prompt in turn: {h['autotune_with_probes_every_tuning_prompt']:.3f})")
         print(f"  (c) largest effect:                       {h['largest_effect'][0]:.3f}  picks {h['largest_effect_picks']}")
         print(f"  best fixed default, leave-one-topic-out:  {h['default_leave_one_topic_out']}")
     for run in report.get("autotune_runs", []):
         print(f"  autotune {run['topic']}: layer {run['layer']} coeff {run['coeff']} {run['seconds']} s")
 
 
+def generate_probes(engine, topics, layers, coeffs, tokens, path: Path) -> dict:
+    """The grid's outputs on autotune's probe prompts (keys "topic|probeJ|layer|coeff")."""
+    from steering import generate as G
+    from steering import quality as Q
+
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    sampling = G.Sampling(max_new_tokens=tokens)
+    for topic in topics:
+        for j, prompt in enumerate(Q.PROBE_PROMPTS):
+            pk = f"probe{j}"
+            jobs = [(None, [[]])] if key(topic["name"], pk) not in rows else []
+            jobs += [((layer, c), [(spec_for(topic, layer), c)]) for layer in layers for c in coeffs
+                     if key(topic["name"], pk, layer, c) not in rows]
+            for first in range(0, len(jobs), 8):
+                batch = jobs[first : first + 8]
+                final = G.run_rows(engine, prompt, [r if r != [[]] else [] for _, r in batch], sampling)
+                for (setting, _), text, ids in zip(batch, final.texts, final.token_ids):
+                    rows[key(topic["name"], pk, *(setting or ()))] = {"text": text, "ids": ids}
+                _save(path, data)
+        print(f"  probes of {topic['name']} generated", flush=True)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small set, 1 layer, 16 tokens")
-    parser.add_argument("--stage", choices=("generate", "all"), default="all")
+    parser.add_argument("--stage", choices=("generate", "probes", "all"), default="all")
     parser.add_argument("--sample", type=int, default=0, help="print N random outputs with their labels and stop")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed autotune runs")
@@ -430,6 +512,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     engine = load_engine()
     gens = generate_all(engine, topics, layers, coeffs, tokens, RESULTS / f"quality_generations{suffix}.json")
+    if args.stage == "probes":
+        generate_probes(engine, topics, PROBE_LAYERS, coeffs, tokens, RESULTS / f"quality_generations{suffix}.json")
+        return
     if args.stage == "generate":
         return
     evaluate_all(engine, topics, gens, layers, coeffs, args, suffix)
