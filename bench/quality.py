@@ -137,8 +137,14 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
                 continue
             context = G.prompt_ids(engine.tokenizer, prompt)
             ids = [gens["rows"][k]["ids"] for k in keys]
-            out = {k: {"n": len(i), "repetition": Q.repetition(i), "on_topic": on_topic(gens["rows"][k]["text"], topic["words"])}
-                   for k, i in zip(keys, ids)}
+            out = {
+                k: {
+                    "n": len(i),
+                    "repetition": Q.repetition(i),
+                    "on_topic": on_topic(gens["rows"][k]["text"], topic["words"]),
+                }
+                for k, i in zip(keys, ids)
+            }
             out[keys[0]].update({m: 0.0 for m in METHODS})
             texts = {k: topic.get(k, "") for k in ("text", "positive", "negative")}
             for method, connector in (("logprob", Q.CONNECTOR), ("logprob-plain", "")):  # + perplexity, one pass
@@ -148,8 +154,12 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
             out[keys[0]]["perplexity"] = Q.output_perplexities(engine, context, ids[:1])[0]
             for method in ("hidden", "embed"):  # only "hidden" depends on the layer (its direction)
                 for layer in layers if method == "hidden" else layers[:1]:
-                    picked = [i for i, k in enumerate(keys[1:], 1) if method != "hidden" or k.split("|")[2] == str(layer)]
-                    values = Q.relevance_scores(engine, context, [ids[i] for i in picked], ids[0], spec_for(topic, layer), method=method)
+                    picked = [
+                        i for i, k in enumerate(keys[1:], 1) if method != "hidden" or k.split("|")[2] == str(layer)
+                    ]
+                    values = Q.relevance_scores(
+                        engine, context, [ids[i] for i in picked], ids[0], spec_for(topic, layer), method=method
+                    )
                     for i, v in zip(picked, values):
                         out[keys[i]][method] = v
             rows.update(out)
@@ -175,10 +185,20 @@ def score_probes(engine, topics, gens, layers, coeffs, scores: dict, path: Path)
             ids = [gens["rows"][k]["ids"] for k in keys]
             values, ppl = Q.logprob_scores(engine, context, ids[1:], ids[0], **texts)
             for k, i, v, pp in zip(keys[1:], ids[1:], values, ppl):
-                rows[k] = {"n": len(i), "repetition": Q.repetition(i), "perplexity": pp, "logprob": v,
-                           "on_topic": on_topic(gens["rows"][k]["text"], topic["words"])}
-            rows[keys[0]] = {"n": len(ids[0]), "repetition": Q.repetition(ids[0]), "logprob": 0.0, "on_topic": False,
-                             "perplexity": Q.output_perplexities(engine, context, ids[:1])[0]}
+                rows[k] = {
+                    "n": len(i),
+                    "repetition": Q.repetition(i),
+                    "perplexity": pp,
+                    "logprob": v,
+                    "on_topic": on_topic(gens["rows"][k]["text"], topic["words"]),
+                }
+            rows[keys[0]] = {
+                "n": len(ids[0]),
+                "repetition": Q.repetition(ids[0]),
+                "logprob": 0.0,
+                "on_topic": False,
+                "perplexity": Q.output_perplexities(engine, context, ids[:1])[0],
+            }
             _save(path, scores)
 
 
@@ -222,7 +242,9 @@ def build_table(topics, scores, layers, coeffs, rule) -> dict:
                 row = dict(scores["rows"][key(name, p, *(() if setting[0] is None else setting))])
                 row["fluent"] = rule(row)
                 row["good"] = row["fluent"] and row["on_topic"]
-                row["effect"] = 0.0 if setting[0] is None else scores["effect"][f"{name}|{setting[0]}"][f"{setting[1]:g}"]
+                row["effect"] = (
+                    0.0 if setting[0] is None else scores["effect"][f"{name}|{setting[0]}"][f"{setting[1]:g}"]
+                )
                 cells[setting] = row
             table[name].append(cells)
     return table
@@ -254,7 +276,7 @@ def candidate_report(table, grid, n_layers) -> dict:
     out = {}
     for method in METHODS + ("effect", "effect-any"):
         rows_rho, set_rho, picked_best, picked_good, transfer = [], [], [], [], []
-        for name, prompts in table.items():
+        for _name, prompts in table.items():
             rates = {s: _mean(prompts[p][s]["good"] for p in range(len(prompts))) for s in grid}
             best_rate = max(rates.values())
             gated = {s: [] for s in grid}
@@ -297,7 +319,10 @@ def pick_across(table, probes, topic, tune, grid, n_layers, with_probes=True):
     from steering import quality as Q
 
     contexts = [table[topic][tune]] + (probes[topic] if with_probes else [])
-    rows = [[dict(layer=s[0], coeff=s[1], relevance=c[s][Q.RELEVANCE], fluent=c[s]["fluent"]) for s in grid] for c in contexts]
+    rows = [
+        [dict(layer=s[0], coeff=s[1], relevance=c[s][Q.RELEVANCE], fluent=c[s]["fluent"]) for s in grid]
+        for c in contexts
+    ]
     best, _, _ = Q.choose_across(rows, n_layers)
     return best["layer"], best["coeff"]
 
@@ -337,7 +362,9 @@ def headline(table, probes, layers, coeffs, n_layers) -> dict:
         rotations = []
         for tune in range(min(len(v) for v in table.values())):
             rot = {t: pick_across(table, probes, t, tune, tuned_grid, n_layers, with_probes) for t in table}
-            rotations.append(good_rate(table, rot, lambda t, tune=tune: [q for q in range(len(table[t])) if q != tune])[0])
+            rotations.append(
+                good_rate(table, rot, lambda t, tune=tune: [q for q in range(len(table[t])) if q != tune])[0]
+            )
         out[label + "_every_tuning_prompt"] = _mean(rotations)
     effect_picks = {t: max(full_grid, key=lambda s: table[t][0][s]["effect"]) for t in table}
     out["largest_effect"] = good_rate(table, effect_picks, rest)
@@ -363,8 +390,10 @@ def print_sample(topics, gens, scores, n: int, seed: int) -> None:
     words = {t["name"]: t["words"] for t in topics}
     for k in random.Random(seed).sample(keys, min(n, len(keys))):
         row = scores["rows"][k]
-        print(f"{k}  topic={row['on_topic']} fluent={rule_fluent(row)} ppl={row['perplexity'] or 0:.1f} "
-              f"rep={row['repetition']:.2f} n={row['n']} words={words[k.split('|')[0]][:3]}\n    {gens['rows'][k]['text']!r}")
+        print(
+            f"{k}  topic={row['on_topic']} fluent={rule_fluent(row)} ppl={row['perplexity'] or 0:.1f} "
+            f"rep={row['repetition']:.2f} n={row['n']} words={words[k.split('|')[0]][:3]}\n    {gens['rows'][k]['text']!r}"  # noqa: E501
+        )
 
 
 def fit_fluency(scores) -> dict | None:
@@ -380,16 +409,27 @@ def fit_fluency(scores) -> dict | None:
         ok = [((r["perplexity"] or 1e9) <= ppl and r["repetition"] <= rep and r["n"] >= tokens) == v for r, v in rows]
         return sum(ok) / len(ok)
 
-    grid = [(rep, ppl, tok) for rep in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 1.0) for ppl in (15, 20, 30, 40, 60, 80, 120, 1e9)
-            for tok in (1, 4, 8, 12)]
+    grid = [
+        (rep, ppl, tok)
+        for rep in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 1.0)
+        for ppl in (15, 20, 30, 40, 60, 80, 120, 1e9)
+        for tok in (1, 4, 8, 12)
+    ]
     ranked = sorted(grid, key=lambda g: (-accuracy(*g), -g[0], -g[1], g[2]))  # ties: the loosest rule
     agree_rule = sum(rule_fluent(r) == v for r, v in rows) / len(rows)
     agree_ppl_only = max(accuracy(1.0, ppl, 1) for ppl in (15, 20, 30, 40, 60, 80, 120))
     agree_rep_only = max(accuracy(rep, 1e9, 1) for rep in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4))
-    return {"n_labelled": len(rows), "eye_fluent_share": sum(v for _, v in rows) / len(rows), "rule_agreement": agree_rule,
-            "best_perplexity_only": agree_ppl_only, "best_repetition_only": agree_rep_only,
-            "top_rules": [{"max_repetition": a, "max_perplexity": b, "min_tokens": c, "agreement": accuracy(a, b, c)}
-                          for a, b, c in ranked[:5]]}
+    return {
+        "n_labelled": len(rows),
+        "eye_fluent_share": sum(v for _, v in rows) / len(rows),
+        "rule_agreement": agree_rule,
+        "best_perplexity_only": agree_ppl_only,
+        "best_repetition_only": agree_rep_only,
+        "top_rules": [
+            {"max_repetition": a, "max_perplexity": b, "min_tokens": c, "agreement": accuracy(a, b, c)}
+            for a, b, c in ranked[:5]
+        ],
+    }
 
 
 def eye_check(scores) -> dict | None:
@@ -400,10 +440,12 @@ def eye_check(scores) -> dict | None:
     rows = [(scores["rows"][k], v) for k, v in check.items() if k in scores["rows"]]
     if not rows:
         return None
-    return {"n": len(rows),
-            "on_topic_changed": sum(r["on_topic"] != v["on_topic"] for r, v in rows),
-            "fluent_changed": sum(rule_fluent(r) != v["fluent"] for r, v in rows),
-            "good_changed": sum((r["on_topic"] and rule_fluent(r)) != (v["on_topic"] and v["fluent"]) for r, v in rows)}
+    return {
+        "n": len(rows),
+        "on_topic_changed": sum(r["on_topic"] != v["on_topic"] for r, v in rows),
+        "fluent_changed": sum(rule_fluent(r) != v["fluent"] for r, v in rows),
+        "good_changed": sum((r["on_topic"] and rule_fluent(r)) != (v["on_topic"] and v["fluent"]) for r, v in rows),
+    }
 
 
 def timed_autotune(engine, topics, tokens) -> list[dict]:
@@ -415,10 +457,19 @@ def timed_autotune(engine, topics, tokens) -> list[dict]:
         texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
         started = time.time()
         result = Q.autotune(engine, topic["prompts"][0], max_new_tokens=tokens, **texts)
-        out.append({"topic": topic["name"], "layer": result["layer"], "coeff": result["coeff"],
-                    "seconds": round(time.time() - started, 1), "reason": result["reason"]})
-        print(f"  autotune {topic['name']}: layer {result['layer']} coeff {result['coeff']} "
-              f"in {out[-1]['seconds']} s", flush=True)
+        out.append(
+            {
+                "topic": topic["name"],
+                "layer": result["layer"],
+                "coeff": result["coeff"],
+                "seconds": round(time.time() - started, 1),
+                "reason": result["reason"],
+            }
+        )
+        print(
+            f"  autotune {topic['name']}: layer {result['layer']} coeff {result['coeff']} in {out[-1]['seconds']} s",
+            flush=True,
+        )
     return out
 
 
@@ -429,9 +480,12 @@ def evaluate_all(engine, topics, gens, layers, coeffs, args, suffix) -> None:
         return
     table = build_table(topics, scores, layers, coeffs, rule_fluent)
     full_grid = [(layer, c) for layer in layers for c in coeffs]
-    report = {"fluency_fit": fit_fluency(scores), "eye_check": eye_check(scores),
-              "candidates": candidate_report(table, full_grid, engine.n_layers),
-              "settings": {f"{s[0]}|{s[1]:g}": v for s, v in settings_report(table, layers, coeffs).items()}}
+    report = {
+        "fluency_fit": fit_fluency(scores),
+        "eye_check": eye_check(scores),
+        "candidates": candidate_report(table, full_grid, engine.n_layers),
+        "settings": {f"{s[0]}|{s[1]:g}": v for s, v in settings_report(table, layers, coeffs).items()},
+    }
     if not args.quick:
         score_probes(engine, topics, gens, PROBE_LAYERS, coeffs, scores, RESULTS / f"quality_scores{suffix}.json")
         probes = probe_table(topics, scores, PROBE_LAYERS, coeffs, rule_fluent)
@@ -448,11 +502,21 @@ def print_report(report, layers, coeffs) -> None:
     if report["eye_check"]:
         print("automatic labels vs by-eye check:", report["eye_check"])
     print("\ncandidate scores (means over topics/prompts):")
-    print(f"  {'score':14s} {'rho rows~topic':>14s} {'rho settings':>12s} {'picked=best':>11s} {'picked good':>11s} {'transfer':>8s}")
+    print(
+        f"  {'score':14s} {'rho rows~topic':>14s} {'rho settings':>12s} {'picked=best':>11s} {'picked good':>11s} {'transfer':>8s}"  # noqa: E501
+    )
     for m, v in report["candidates"].items():
-        cells = [v["spearman_rows_vs_on_topic"], v["spearman_settings_vs_good_rate"], v["picked_is_best"],
-                 v["picked_row_good"], v["transfer_good_rate"]]
-        print(f"  {m:14s}" + "".join(f" {'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (14, 12, 11, 11, 8))))
+        cells = [
+            v["spearman_rows_vs_on_topic"],
+            v["spearman_settings_vs_good_rate"],
+            v["picked_is_best"],
+            v["picked_row_good"],
+            v["transfer_good_rate"],
+        ]
+        print(
+            f"  {m:14s}"
+            + "".join(f" {'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (14, 12, 11, 11, 8)))
+        )
     print("\non-topic / fluent / both, per setting (all topics and prompts):")
     print("  layer " + "".join(f"{c:>15g}" for c in coeffs))
     for layer in layers:
@@ -463,12 +527,18 @@ def print_report(report, layers, coeffs) -> None:
     if "headline" in report:
         h = report["headline"]
         print("\non-topic-and-fluent rate on the 5 held-out prompts of each topic:")
-        print(f"  (a) fixed default layer {DEFAULT_SETTING[0]} coeff {DEFAULT_SETTING[1]}: {h['default'][0]:.3f} (n={h['default'][1]})")
+        print(
+            f"  (a) fixed default layer {DEFAULT_SETTING[0]} coeff {DEFAULT_SETTING[1]}: {h['default'][0]:.3f} (n={h['default'][1]})"  # noqa: E501
+        )
         print(f"  (b) autotune tuned on prompt 0:           {h['autotune'][0]:.3f}  picks {h['autotune_picks']}")
         print(f"      (tuned on each prompt in turn, mean:  {h['autotune_every_tuning_prompt']:.3f})")
-        print(f"      with the two probe prompts:           {h['autotune_with_probes'][0]:.3f}"
-              f" (each prompt in turn: {h['autotune_with_probes_every_tuning_prompt']:.3f})")
-        print(f"  (c) largest effect:                       {h['largest_effect'][0]:.3f}  picks {h['largest_effect_picks']}")
+        print(
+            f"      with the two probe prompts:           {h['autotune_with_probes'][0]:.3f}"
+            f" (each prompt in turn: {h['autotune_with_probes_every_tuning_prompt']:.3f})"
+        )
+        print(
+            f"  (c) largest effect:                       {h['largest_effect'][0]:.3f}  picks {h['largest_effect_picks']}"  # noqa: E501
+        )
         print(f"  best fixed default, leave-one-topic-out:  {h['default_leave_one_topic_out']}")
     for run in report.get("autotune_runs", []):
         print(f"  autotune {run['topic']}: layer {run['layer']} coeff {run['coeff']} {run['seconds']} s")
@@ -486,8 +556,12 @@ def generate_probes(engine, topics, layers, coeffs, tokens, path: Path) -> dict:
         for j, prompt in enumerate(Q.PROBE_PROMPTS):
             pk = f"probe{j}"
             jobs = [(None, [[]])] if key(topic["name"], pk) not in rows else []
-            jobs += [((layer, c), [(spec_for(topic, layer), c)]) for layer in layers for c in coeffs
-                     if key(topic["name"], pk, layer, c) not in rows]
+            jobs += [
+                ((layer, c), [(spec_for(topic, layer), c)])
+                for layer in layers
+                for c in coeffs
+                if key(topic["name"], pk, layer, c) not in rows
+            ]
             for first in range(0, len(jobs), 8):
                 batch = jobs[first : first + 8]
                 final = G.run_rows(engine, prompt, [r if r != [[]] else [] for _, r in batch], sampling)

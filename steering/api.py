@@ -17,7 +17,7 @@ from dataclasses import replace
 from threading import Event
 
 from steering import engine as eng
-from steering import estimate, generate, lifecycle, limits, vector_io
+from steering import estimate, generate, lifecycle, limits, quality, vector_io
 from steering.errors import InputError
 from steering.loaded import LoadedModel, decoder_layers
 from steering.loader import Attempt, get_manager
@@ -278,10 +278,13 @@ def sweep(
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
 
     Returns:
-        {"rows": [{"coeff", "text", "effect", "perplexity"}], "model", "layer", "fallback"}.
-        effect: mean per-token log-prob of the steering text after a neutral prompt, steered minus
-        unsteered (higher = the model leans towards the text). perplexity: of the generated text
-        under the unsteered model (lower = more fluent).
+        {"rows": [{"coeff", "text", "relevance", "perplexity", "repetition", "fluent", "effect"}],
+        "recommended" (the coefficient of the most relevant fluent row, or None), "model", "layer",
+        "fallback"}. relevance: how much more likely the unsteered model finds the steering text
+        after this output than after the baseline's (nats per token): the score to pick by.
+        fluent: repetition (1 - distinct-2) <= 0.2, perplexity (under the unsteered model) <= 30
+        and at least 8 tokens. effect: the steering text's log-prob after a neutral prompt, steered
+        minus unsteered; it keeps rising where the output has degenerated, so do not pick by it.
     """
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
@@ -293,18 +296,40 @@ def sweep(
         engine = eng.engine_for(attempt.loaded)
         final = generate.run_rows(engine, prompt, rows, sampling, one_row=attempt.one_row)
         effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
-        ppl = generate.perplexities(engine, prompt, final.token_ids, one_row=attempt.one_row)
+        scored = _quality_columns(engine, prompt, rows, final.token_ids, text, sampling)
+        out = [
+            {"coeff": float(row[0][1]), "text": out, "effect": eff, **cols}
+            for row, out, eff, cols in zip(rows, final.texts, effects, scored)
+        ]
+        fluent = [r for r in out if r["fluent"] and r["relevance"] > 0]
+        best = max(fluent, key=lambda r: r["relevance"]) if fluent else None
         return {
-            "rows": [
-                {"coeff": float(row[0][1]), "text": out, "effect": eff, "perplexity": p}
-                for row, out, eff, p in zip(rows, final.texts, effects, ppl)
-            ],
+            "rows": out,
+            "recommended": None if best is None else best["coeff"],
             "model": attempt.loaded.model_id,
             "layer": attempt.layer(layer),
         }
 
     fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
     return _run("sweep", [("layer", layer)], work, fits=fits)
+
+
+def _quality_columns(engine, prompt, rows, generations, text, sampling) -> list[dict]:
+    """relevance, perplexity, repetition and fluent of each sweep row (steering/quality.py); the
+    baseline is the coefficient-0 row when there is one, else a generation of its own."""
+    zero = [i for i, row in enumerate(rows) if row[0][1] == 0]
+    if zero:
+        baseline = generations[zero[0]]
+    else:
+        baseline = generate.run_rows(engine, prompt, [[]], sampling).token_ids[0]
+    context = generate.prompt_ids(engine.tokenizer, prompt)
+    relevance, ppl = quality.logprob_scores(engine, context, generations, baseline, text=text)
+    columns = []
+    for ids, rel, p in zip(generations, relevance, ppl):
+        rep = quality.repetition(ids)
+        fluent = quality.is_fluent(p, rep, len(ids), sampling.max_new_tokens)
+        columns.append({"relevance": rel, "perplexity": p, "repetition": rep, "fluent": fluent})
+    return columns
 
 
 def similarity(texts: list[str], layer: int) -> dict:
@@ -328,6 +353,80 @@ def similarity(texts: list[str], layer: int) -> dict:
 
     fits = _token_fits("sweep", texts=[(f"texts[{i}]", t) for i, t in enumerate(texts)])  # up to 8 rows
     return _run("similarity", [("layer", layer)], work, fits=fits)
+
+
+def autotune(
+    prompt: str,
+    text: str = "",
+    positive: str = "",
+    negative: str = "",
+    layers: list[int] | None = None,
+    max_new_tokens: int = 40,
+    seed: int = _D["seed"],
+) -> dict:
+    """Search layers x coefficients for the setting that steers the output toward the text while
+    it stays fluent (greedy decoding, candidates as rows of batches of up to 8).
+
+    Args:
+        prompt: the user message the setting is tuned on.
+        text: the steering text (or give positive and negative instead).
+        positive: the text to steer toward, for a contrastive pair.
+        negative: the text to steer away from, for a contrastive pair.
+        layers: up to 4 layers to search, 0 .. n_layers-1; default: the middle layer and 3/5 of the way up.
+        max_new_tokens: tokens per candidate, 1 to 512 (40 measures fluency well).
+        seed: random seed (decoding is greedy; it only breaks ties).
+
+    Returns:
+        {"layer", "coeff", "score", "rows": [{"layer", "coeff", "text", "relevance", "perplexity",
+        "repetition", "fluent", "score"}], "reason", "model", "fallback"}. relevance: how much more
+        likely the unsteered model finds the steering text after this output than after the
+        baseline's (nats per token). fluent: repetition (1 - distinct-2) <= 0.2, perplexity <= 30
+        and at least 8 tokens. The chosen row is the most relevant fluent one; "reason" says why.
+        On the embedded model at the defaults it takes about 7 s on 2 CPU cores.
+    """
+    return autotune_controlled(prompt, text, positive, negative, layers, max_new_tokens, seed)
+
+
+def autotune_controlled(
+    prompt: str,
+    text: str = "",
+    positive: str = "",
+    negative: str = "",
+    layers: list[int] | None = None,
+    max_new_tokens: int = 40,
+    seed: int = _D["seed"],
+    *,
+    stop: Event | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
+) -> dict:
+    """`autotune` with a Stop flag, a progress callback and the capture mode (the UI's form)."""
+    prompt = generate.check_prompt(prompt)
+    tokens = limits.check("max_new_tokens", max_new_tokens)
+    seed = limits.check("seed", seed)
+    capture_mode = _check_capture_mode(capture_mode)
+    pair = bool(positive or negative)
+    if pair == bool(text):
+        raise InputError("text", "give a steering text, or a positive and a negative text (not both)")
+    named = [("positive", positive), ("negative", negative)] if pair else [("text", text)]
+    for field, value in named:
+        limits.check_text(value, field)
+    if layers is not None:
+        limits.check_count("autotune_layers", layers, "layers")
+        layers = [limits.check_layer(v, f"layers[{i}]", _known_layers()) for i, v in enumerate(layers)]
+
+    def work(attempt: Attempt) -> dict:
+        engine = eng.engine_for(attempt.loaded)
+        mapped = None if layers is None else sorted({attempt.layer(v) for v in layers})
+        result = quality.autotune(
+            engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
+            max_new_tokens=tokens, seed=seed, capture_mode=capture_mode,
+            stop=stop, progress=progress,
+        )  # fmt: skip
+        return {**result, "model": attempt.loaded.model_id}
+
+    checks = [(f"layers[{i}]", v) for i, v in enumerate(layers or [])]
+    return _run("autotune", checks, work, fits=_token_fits("sweep", prompt=prompt, new_tokens=tokens, texts=named))
 
 
 def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str = eng.DEFAULT_CAPTURE_MODE) -> dict:

@@ -324,25 +324,7 @@ class ModelManager:
         return self._record(asked, reason, stage, reading)
 
     def _record(self, asked: tuple[str, str], reason: str, stage: str, before: gpu.DeviceReading) -> dict:
-        loaded = self._current
-        event = self.events.record(
-            stage=stage,
-            asked=asked,
-            loaded={"model": loaded.model_id, "quant": loaded.quant, "device": loaded.device},
-            reason=reason,
-            free_before_bytes=before.headroom_bytes,
-            free_after_bytes=self.probe().headroom_bytes,
-            recovery="fallback",
-        )
-        logger.warning(
-            "downgraded: asked %s %s, loaded %s %s on %s: %s",
-            *asked,
-            loaded.model_id,
-            loaded.quant,
-            loaded.device,
-            reason,
-        )
-        return event
+        return _record_downgrade(self.events, self._current, asked, reason, stage, before, self.probe())
 
     # -- helpers -------------------------------------------------------------------------------
     def _materialize(self, spec: catalog.ModelSpec, source: str, quant: str, device: str | None = None) -> None:
@@ -392,6 +374,29 @@ def _resolve_quant(
             return "fp32"
         return "bf16" if reading.supports_bf16 else "fp16"
     return estimate.resolve_quant(spec, quant, reading, context_tokens=context_tokens, margin_bytes=margin_bytes)
+
+
+def _record_downgrade(
+    events: EventLog,
+    loaded: LoadedModel,
+    asked: tuple[str, str],
+    reason: str,
+    stage: str,
+    before: gpu.DeviceReading,
+    after: gpu.DeviceReading,
+) -> dict:
+    logger.warning(
+        "downgraded: asked %s %s, loaded %s %s on %s: %s", *asked, loaded.model_id, loaded.quant, loaded.device, reason
+    )
+    return events.record(
+        stage=stage,
+        asked=asked,
+        loaded={"model": loaded.model_id, "quant": loaded.quant, "device": loaded.device},
+        reason=reason,
+        free_before_bytes=before.headroom_bytes,
+        free_after_bytes=after.headroom_bytes,
+        recovery="fallback",
+    )
 
 
 def _record_one_row_retry(events: EventLog, loaded: LoadedModel, failure: str, what: str) -> dict:

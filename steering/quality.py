@@ -75,7 +75,9 @@ def is_fluent(perplexity: float | None, repetition: float, n_tokens: int, max_ne
 
 
 # -- lean log-probs --------------------------------------------------------------------------------
-def token_logprobs(engine: SteeringEngine, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+def token_logprobs(
+    engine: SteeringEngine, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
     """Log-prob of the tokens seqs[b][start:end] under the model as it is (b-th span), per row.
 
     Rows are right-padded and run `ROW_CHUNK` at a time through the decoder body; only the hidden
@@ -110,7 +112,9 @@ def token_logprobs(engine: SteeringEngine, seqs: Sequence[Sequence[int]], spans:
     return out
 
 
-def output_perplexities(engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]]) -> list[float | None]:
+def output_perplexities(
+    engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]]
+) -> list[float | None]:
     """Perplexity of each generated continuation under the model (same values as
     `generate.perplexities`, computed lean)."""
     seqs = [list(context) + list(g) for g in generations]
@@ -124,7 +128,11 @@ def _target_ids(engine: SteeringEngine, text: str) -> list[int]:
 
 
 def text_logprob_after(
-    engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]], text: str, connector: str = CONNECTOR
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    text: str,
+    connector: str = CONNECTOR,
 ) -> tuple[list[float], list[float | None]]:
     """Per row: the mean log-prob per token of `text` read after context + output + `connector`,
     and (from the same forward pass) the perplexity of the output itself (None when empty)."""
@@ -194,14 +202,22 @@ def relevance_hidden(
 
 
 def relevance_embed(
-    engine: SteeringEngine, generations: Sequence[Sequence[int]], baseline: Sequence[int], *, text: str = "", positive: str = "", negative: str = ""
+    engine: SteeringEngine,
+    generations: Sequence[Sequence[int]],
+    baseline: Sequence[int],
+    *,
+    text: str = "",
+    positive: str = "",
+    negative: str = "",
 ) -> list[float]:
     """Per output: cosine of its mean input embedding with the steering text's (positive minus
     negative for a pair), minus the baseline's. No forward pass."""
     table = engine.model.get_input_embeddings().weight
 
     def mean_of(ids):
-        return table[torch.tensor(list(ids), dtype=torch.long, device=table.device)].float().mean(dim=0) if ids else None
+        return (
+            table[torch.tensor(list(ids), dtype=torch.long, device=table.device)].float().mean(dim=0) if ids else None
+        )
 
     with torch.inference_mode():
         if positive or negative:
@@ -273,7 +289,9 @@ def _check_request(engine, prompt, text, positive, negative, layers, coeffs, max
     if 0.0 in coeffs:
         raise InputError("coeffs", "0 is the baseline, which autotune always runs; give non-zero coefficients")
     tokens = limits.check("max_new_tokens", max_new_tokens)
-    specs = {layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative) for layer in layers}
+    specs = {
+        layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative) for layer in layers
+    }
     return specs, coeffs, tokens
 
 
@@ -305,7 +323,9 @@ def generate_candidates(engine, prompt, specs, coeffs, sampling, *, capture_mode
     return baseline, out, False
 
 
-def score_rows(engine, prompt, specs, candidates, baseline, max_new_tokens, *, capture_mode=DEFAULT_CAPTURE_MODE) -> list[dict]:
+def score_rows(
+    engine, prompt, specs, candidates, baseline, max_new_tokens, *, capture_mode=DEFAULT_CAPTURE_MODE
+) -> list[dict]:
     """Relevance, perplexity, repetition, fluent and score of every candidate row."""
     from steering.generate import prompt_ids
 
@@ -321,7 +341,9 @@ def score_rows(engine, prompt, specs, candidates, baseline, max_new_tokens, *, c
         # "hidden" depends on the layer (its direction); the others score every row at once.
         groups = {layer: [i for i, c in enumerate(candidates) if c[0] == layer] for layer in specs}
         for layer, picked in groups.items() if RELEVANCE == "hidden" else [(spec.layer, list(range(len(gens))))]:
-            values = relevance_scores(engine, context, [gens[i] for i in picked], baseline, specs[layer], capture_mode=capture_mode)
+            values = relevance_scores(
+                engine, context, [gens[i] for i in picked], baseline, specs[layer], capture_mode=capture_mode
+            )
             for i, v in zip(picked, values):
                 relevance[i] = v
     rows = []
@@ -329,8 +351,16 @@ def score_rows(engine, prompt, specs, candidates, baseline, max_new_tokens, *, c
         rep = repetition(ids)
         fluent = is_fluent(p, rep, len(ids), max_new_tokens)
         rows.append(
-            dict(layer=layer, coeff=coeff, text=text, relevance=round(rel, 4), perplexity=None if p is None else round(p, 2),
-                 repetition=round(rep, 3), fluent=fluent, score=round(rel, 4) if fluent else None)
+            dict(
+                layer=layer,
+                coeff=coeff,
+                text=text,
+                relevance=round(rel, 4),
+                perplexity=None if p is None else round(p, 2),
+                repetition=round(rep, 3),
+                fluent=fluent,
+                score=round(rel, 4) if fluent else None,
+            )
         )
     return rows
 
@@ -347,7 +377,11 @@ def choose(rows: Sequence[dict], n_layers: int) -> tuple[dict | None, str]:
     fluent = [r for r in rows if r["fluent"]]
     if fluent:
         best = min(fluent, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
-        return best, "no fluent row moved toward the text; the gentlest fluent setting is returned: try other layers or a longer text"
+        return (
+            best,
+            "no fluent row moved toward the text; the gentlest fluent setting is returned: "
+            "try other layers or a longer text",
+        )
     if rows:
         best = min(rows, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
         return best, "no candidate row stayed fluent; the gentlest setting is returned: try smaller coefficients"
@@ -374,9 +408,14 @@ def choose_across(rows_per_prompt: Sequence[Sequence[dict]], n_layers: int) -> t
         best, reason = choose(rows_per_prompt[0], n_layers)
         return best, None if best is None else best["relevance"], reason
     n_ok, mean, _, setting = max(ranked)
-    return own[setting], mean, (
-        f"fluent and moved toward the text on {n_ok} of {len(rows_per_prompt)} prompts (yours and "
-        f"{len(rows_per_prompt) - 1} neutral probes), mean relevance {mean:+.3f} nats/token over the unsteered output"
+    return (
+        own[setting],
+        mean,
+        (
+            f"fluent and moved toward the text on {n_ok} of {len(rows_per_prompt)} prompts (yours and "
+            f"{len(rows_per_prompt) - 1} neutral probes), "
+            f"mean relevance {mean:+.3f} nats/token over the unsteered output"
+        ),
     )
 
 
@@ -408,7 +447,8 @@ def autotune(
     "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen row's
     relevance; a row's `score` is its relevance when it is fluent, else None. When no row is
     fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
-    says so; layer, coeff and score are None only when no row was generated (stopped at once). `stop` (set from another thread)
+    says so; layer, coeff and score are None only when no row was generated (stopped at once).
+    `stop` (set from another thread)
     ends the search between or within batches; the rows finished so far are still scored.
     The caller holds the model manager's lock.
     """
@@ -425,15 +465,23 @@ def autotune(
             engine, each, specs, coeffs, sampling, capture_mode=capture_mode, stop=stop, progress=share
         )
         if candidates and (not stopped or index == 0):
-            rows_per_prompt.append(score_rows(engine, each, specs, candidates, baseline, tokens, capture_mode=capture_mode))
+            rows_per_prompt.append(
+                score_rows(engine, each, specs, candidates, baseline, tokens, capture_mode=capture_mode)
+            )
         if stopped:
             break
     rows = rows_per_prompt[0] if rows_per_prompt else []
-    best, score, reason = choose_across(rows_per_prompt, engine.n_layers) if rows else (None, None, "no candidate row was generated")
+    best, score, reason = (
+        choose_across(rows_per_prompt, engine.n_layers) if rows else (None, None, "no candidate row was generated")
+    )
     n_all = len(specs) * len(coeffs)
     if stopped:
-        reason = f"stopped after {len(rows)} of {n_all} candidates on your prompt and {len(rows_per_prompt) - 1} probes; " + reason
-    reason += f" ({n_all} candidates at layers {sorted(specs)} x coefficients {list(coeffs)}, {time.monotonic() - started:.0f} s)"
+        reason = (
+            f"stopped after {len(rows)} of {n_all} candidates on your prompt and {len(rows_per_prompt) - 1} probes; "
+            + reason
+        )
+    elapsed = time.monotonic() - started
+    reason += f" ({n_all} candidates at layers {sorted(specs)} x coefficients {list(coeffs)}, {elapsed:.0f} s)"
     if progress is not None:
         progress(1.0, "done")
     return {

@@ -84,6 +84,7 @@ ENDPOINTS = (
     (api.steer, "steer", MODEL),
     (api.sweep, "sweep", MODEL),
     (api.similarity, "similarity", MODEL),
+    (api.autotune, "autotune", MODEL),
     (export_vectors, "export_vectors", MODEL),
     (import_vectors, "import_vectors", MODEL),
     (api.load_model, "load_model", MODEL),
@@ -480,7 +481,8 @@ def _decoding_panel() -> SimpleNamespace:
         capture = gr.Radio(
             list(engine.CAPTURE_MODES),
             value=engine.DEFAULT_CAPTURE_MODE,
-            label="Capture mode (stock = llm-steer's own)",
+            label="Capture mode (stock: comparison only — llm-steer's own capture, "
+            "which does not carry the text's meaning)",
         )
         raw_prompt = gr.Checkbox(False, label="Raw prompt (skip the chat template)")
     return SimpleNamespace(
@@ -517,8 +519,11 @@ def _steer_tab(n_layers: int) -> SimpleNamespace:
 def _sweep_tab(n_layers: int) -> SimpleNamespace:
     with gr.Tab("Sweep"):
         gr.Markdown(
-            "One steering text at several coefficients, all rows of one batch. **effect**: how much more "
-            "likely the model finds the text (nats/token); **perplexity**: fluency of the output."
+            "One steering text at several coefficients, all rows of one batch. Pick by **relevance** among "
+            "**fluent** rows (★): relevance is how much more likely the unsteered model finds the steering "
+            "text after the output than after the baseline's (nats/token); fluent means perplexity ≤ 30, "
+            "repetition (1 − distinct-2) ≤ 0.2 and at least 8 tokens. `effect` keeps rising where the text "
+            "has degenerated: do not pick by it."
         )
         with gr.Row():
             text = gr.Textbox("dogs", label="Steering text")
@@ -532,7 +537,7 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
             x="coeff",
             y="value",
             color="metric",
-            title="Effect and ln(perplexity) vs coefficient",
+            title="Relevance and ln(perplexity) vs coefficient (above the boundary: not fluent)",
             x_title="coefficient",
             y_title="nats per token",
         )

@@ -20,14 +20,15 @@ from steering.limits import LIMITS, MAX_PROMPT_CHARS, MAX_SWEEP_ROWS, MAX_VECTOR
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
 VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled")
-SWEEP_COLUMNS = ("coeff", "effect", "perplexity", "text")
+SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetition", "effect", "text")
+FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule; the plot draws it as the fluency boundary
 RECIPE_FORMAT = "steering-lab-recipe"
 RECIPE_VERSION = 1
 DEFAULT_SETTINGS = {name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")}
 
-# Built-in recipes, measured on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer
-# coefficient 0.5 keeps the text fluent while it drifts to the topic, and 1.0 already degenerates
-# into repeating the steering word. A layer of None means "the loaded model's default layer"
+# Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer 0.3-0.5
+# steers while most outputs stay fluent, and from 0.6 most loop (docs/quality.md).
+# A layer of None means "the loaded model's default layer"
 # (n_layers // 2), so the recipes also apply to other models.
 EXAMPLES: dict[str, dict] = {
     "Dogs": {
@@ -414,22 +415,37 @@ def event_rows(events: Sequence[dict]) -> list[list]:
 
 
 # -- sweep and similarity ----------------------------------------------------------------------
+def _rounded(value, digits: int):
+    return None if value is None else round(value, digits)
+
+
 def sweep_rows(result: dict) -> list[list]:
-    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded for reading."""
+    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row."""
     return [
-        [r["coeff"], round(r["effect"], 3), None if r["perplexity"] is None else round(r["perplexity"], 2), r["text"]]
+        [
+            r["coeff"],
+            "★" if r["coeff"] == result.get("recommended") else "",
+            _rounded(r.get("relevance"), 3),
+            "yes" if r.get("fluent") else "no",
+            _rounded(r["perplexity"], 2),
+            _rounded(r.get("repetition"), 2),
+            _rounded(r["effect"], 3),
+            r["text"],
+        ]
         for r in result.get("rows", [])
     ]
 
 
 def sweep_points(result: dict) -> list[dict]:
-    """Long-format points for the sweep plot. Both series are in nats per token: `effect` is a
-    difference of mean log-probs, and ln(perplexity) is the mean negative log-likelihood."""
+    """Long-format points for the sweep plot, all in nats per token: relevance (a difference of
+    mean log-probs), ln(perplexity) (the mean negative log-likelihood) and the fluency boundary
+    ln(30): a row above it is not fluent."""
     points = []
     for r in result.get("rows", []):
-        points.append({"coeff": r["coeff"], "value": r["effect"], "metric": "effect"})
+        points.append({"coeff": r["coeff"], "value": r.get("relevance", 0.0), "metric": "relevance"})
         if r["perplexity"]:
             points.append({"coeff": r["coeff"], "value": math.log(r["perplexity"]), "metric": "ln(perplexity)"})
+        points.append({"coeff": r["coeff"], "value": math.log(FLUENT_MAX_PERPLEXITY), "metric": "fluency boundary"})
     return points
 
 

@@ -293,3 +293,46 @@ def test_stop_before_the_first_token_ends_the_prefill_too(api):
     assert time.perf_counter() - started < 3.0  # not the rest of the prefill and 200 tokens x 2 rows
     short = steer(api, [], max_new_tokens=2)  # the model lock was released
     assert short["steered"]
+
+
+def test_sweep_scores_relevance_and_fluency_and_recommends_a_row(api):
+    result = api.predict(PROMPT, "the ocean", LAYER, [0.0, 0.4, 3.0], 16, api_name="/sweep")
+    rows = {r["coeff"]: r for r in result["rows"]}
+    assert set(rows[0.4]) == {"coeff", "text", "relevance", "perplexity", "repetition", "fluent", "effect"}
+    assert rows[0.0]["relevance"] == pytest.approx(0.0, abs=1e-6)  # the baseline is the zero row itself
+    assert rows[3.0]["fluent"] is False  # far past where SmolLM2's outputs loop
+    if result["recommended"] is not None:
+        best = rows[result["recommended"]]
+        assert best["fluent"] and best["relevance"] > 0
+        assert all(best["relevance"] >= r["relevance"] for r in rows.values() if r["fluent"])
+
+
+def test_autotune_returns_the_documented_setting(api):
+    result = api.predict(PROMPT, "the ocean", "", "", [LAYER], 12, 0, api_name="/autotune")
+    assert set(result) >= {"layer", "coeff", "score", "rows", "reason", "model", "fallback"}
+    assert result["rows"] and all(
+        set(r) == {"layer", "coeff", "text", "relevance", "perplexity", "repetition", "fluent", "score"}
+        for r in result["rows"]
+    )
+    assert {r["layer"] for r in result["rows"]} == {LAYER}
+    assert all((r["score"] is None) == (not r["fluent"]) for r in result["rows"])
+    assert isinstance(result["reason"], str) and result["reason"]
+    chosen = [r for r in result["rows"] if (r["layer"], r["coeff"]) == (result["layer"], result["coeff"])]
+    assert chosen, "the chosen setting is one of the rows"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((PROMPT, "dogs", "happy", "sad"), r"^text: give a steering text, or a positive and a negative text"),
+        ((PROMPT, "", "", ""), r"^text: give a steering text"),
+        ((PROMPT, "dogs", "", "", [1, 2, 3, 4, 5]), r"^layers: give 1 to 4 layers; got 5"),
+        ((PROMPT, "dogs", "", "", [99]), r"^layers\[0\]: must be an integer from 0 to 29; got 99"),
+        ((PROMPT, "dogs", "", "", None, 0), r"^max_new_tokens: must be an integer from 1 to 512"),
+    ],
+    ids=["text-and-pair", "nothing", "too-many-layers", "layer-range", "tokens"],
+)
+def test_autotune_refuses_bad_input(api, args, expected):
+    with pytest.raises(AppError) as caught:
+        api.predict(*args, api_name="/autotune")
+    assert re.search(expected, str(caught.value)), str(caught.value)

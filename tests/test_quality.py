@@ -61,13 +61,18 @@ def test_lean_scores_equal_full_logits_and_only_scored_positions_reach_the_head(
         start = ids.shape[1] - len(target)
         naive = torch.stack([logp[p - 1, ids[0, p]] for p in range(start, ids.shape[1])]).mean()
         assert value == pytest.approx(float(naive), abs=1e-4)
-    assert Q.output_perplexities(smol_engine, context, gens) == pytest.approx(G.perplexities(smol_engine, PROMPT, gens), rel=1e-4)
+    assert Q.output_perplexities(smol_engine, context, gens) == pytest.approx(
+        G.perplexities(smol_engine, PROMPT, gens), rel=1e-4
+    )
 
 
 def test_relevance_prefers_the_output_about_the_text(smol_engine):
     tokenizer = smol_engine.tokenizer
     context = G.prompt_ids(tokenizer, PROMPT)
-    sea, home = _ids(tokenizer, SENTENCE), _ids(tokenizer, "Stay at home, read a good novel and cook a nice dinner for your family.")
+    sea, home = (
+        _ids(tokenizer, SENTENCE),
+        _ids(tokenizer, "Stay at home, read a good novel and cook a nice dinner for your family."),
+    )
     toward, away = Q.relevance_logprob(smol_engine, context, [sea, home], home, text="the ocean")
     assert toward > 0.5 and away == pytest.approx(0.0, abs=1e-4)  # same text: padding noise only
     pair = Q.relevance_logprob(smol_engine, context, [sea], home, positive="the ocean", negative="a quiet home")
@@ -77,7 +82,12 @@ def test_relevance_prefers_the_output_about_the_text(smol_engine):
 def test_autotune_shape_and_choice(smol_engine):
     progress = []
     result = Q.autotune(
-        smol_engine, PROMPT, text="the ocean", layers=[15], coeffs=[0.2, 0.4], max_new_tokens=10,
+        smol_engine,
+        PROMPT,
+        text="the ocean",
+        layers=[15],
+        coeffs=[0.2, 0.4],
+        max_new_tokens=10,
         progress=lambda f, m: progress.append(f),
     )
     assert set(result) == {"layer", "coeff", "score", "rows", "reason"}
@@ -96,8 +106,14 @@ def test_autotune_stops_between_batches(smol_engine):
     stop = threading.Event()
     # baseline + 2 layers x 4 coefficients = 9 rows: a batch of 8, then one of 1, which never runs.
     result = Q.autotune(
-        smol_engine, PROMPT, text="the ocean", layers=[12, 15], coeffs=[0.2, 0.3, 0.4, 0.5], max_new_tokens=4,
-        stop=stop, progress=lambda f, m: stop.set(),
+        smol_engine,
+        PROMPT,
+        text="the ocean",
+        layers=[12, 15],
+        coeffs=[0.2, 0.3, 0.4, 0.5],
+        max_new_tokens=4,
+        stop=stop,
+        progress=lambda f, m: stop.set(),
     )
     assert len(result["rows"]) == 7 and result["reason"].startswith("stopped")
     stop.clear()

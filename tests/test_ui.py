@@ -134,12 +134,22 @@ def test_heatmap_and_sweep_views():
     html = views.heatmap_html(["<b>x</b>", "y"], [[1.0, -0.5], [-0.5, 1.0]], 15)
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html  # texts are escaped
     assert "rgb(0,0,255)" in html and "rgb(255,127,127)" in html  # +1 blue, -0.5 light red
-    result = {"rows": [{"coeff": 0.0, "text": "a", "effect": 0.0, "perplexity": math.e}]}
+    row = {
+        "coeff": 0.5,
+        "text": "a",
+        "effect": 0.3,
+        "perplexity": math.e,
+        "relevance": 0.25,
+        "repetition": 0.1,
+        "fluent": True,
+    }
+    result = {"rows": [row], "recommended": 0.5}
     assert views.sweep_points(result) == [
-        {"coeff": 0.0, "value": 0.0, "metric": "effect"},
-        {"coeff": 0.0, "value": pytest.approx(1.0), "metric": "ln(perplexity)"},
+        {"coeff": 0.5, "value": 0.25, "metric": "relevance"},
+        {"coeff": 0.5, "value": pytest.approx(1.0), "metric": "ln(perplexity)"},
+        {"coeff": 0.5, "value": pytest.approx(math.log(30)), "metric": "fluency boundary"},
     ]
-    assert views.sweep_rows(result) == [[0.0, 0.0, 2.72, "a"]]
+    assert views.sweep_rows(result) == [[0.5, "★", 0.25, "yes", 2.72, 0.1, 0.3, "a"]]
 
 
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
