@@ -79,7 +79,10 @@ def test_sigterm_during_a_long_steer_exits_quickly_and_the_client_hears_why(embe
         app.wait_serving()
         from gradio_client.utils import Status
 
-        job = client(app.url).submit("Tell me a long story.", [], 512, api_name="/steer")
+        # A strong vector makes the output loop ("dogs dogs dogs ..."), so it never ends early with
+        # an end-of-text token: the generation really is 512 tokens long.
+        loop = [{"text": "dogs", "coeff": 8.0, "layer": 15}]
+        job = client(app.url).submit("Tell me a long story.", loop, 512, api_name="/steer")
         deadline = time.monotonic() + 120
         while job.status().code != Status.PROCESSING and time.monotonic() < deadline:
             time.sleep(0.1)
