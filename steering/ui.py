@@ -608,6 +608,19 @@ def _recipes_tab() -> SimpleNamespace:
     )
 
 
+def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
+    """Give each parameter of a `gr.api` endpoint its name and its docstring line on the API page
+    ("Use via API"); Gradio labels them '1st', '2nd', ... and leaves the description empty."""
+    from gradio.utils import get_function_description
+
+    _, described, _ = get_function_description(fn)
+    block_fn = next(f for f in demo.fns.values() if f.name == name)
+    for component, parameter in zip(block_fn.inputs, inspect.signature(fn).parameters):
+        component.label = parameter
+        if described.get(parameter):
+            component._api_info = {**component._api_info, "additional_description": described[parameter]}
+
+
 # -- wiring ------------------------------------------------------------------------------------
 def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, memory, recipes) -> None:
     form, decoding = steer.form, steer.decoding
@@ -689,6 +702,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
         # The client API: the api functions themselves, typed, with their docstrings.
         for fn, name, group in ENDPOINTS:
             gr.api(_endpoint(fn), api_name=name, **group)
+            _document_parameters(demo, name, fn)
         _wire(demo, prompt, model, steer, sweep, vectors, memory, recipes)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)

@@ -60,6 +60,13 @@ def test_named_endpoints_are_exactly_the_public_api(api):
         ("coeffs", "list[float]"),
     ]
     assert "steering vectors" in info["named_endpoints"]["/steer"]["description"]  # the docstring
+    # The API page: every parameter is labelled by its name and described by its docstring line.
+    for endpoint, spec in info["named_endpoints"].items():
+        for parameter in spec["parameters"]:
+            assert parameter["label"] == parameter["parameter_name"], (endpoint, parameter)
+            assert parameter["python_type"]["description"], (endpoint, parameter["parameter_name"])
+    (tokens,) = [p for p in info["named_endpoints"]["/steer"]["parameters"] if p["parameter_name"] == "max_new_tokens"]
+    assert tokens["python_type"]["description"] == "tokens to generate, 1 to 512."
 
 
 def test_rest_calls_cannot_skip_the_queue(url):
