@@ -294,26 +294,53 @@ def sweep_rows(text: str, layer: int, coeffs: Sequence[float]) -> list[list[tupl
     return [[(spec, c)] for c in values]
 
 
-def token_logprobs(engine: SteeringEngine, ids: torch.Tensor, mask: torch.Tensor | None, first: int) -> torch.Tensor:
-    """Log-prob of every token `ids[:, first:]` given the tokens before it: (B, W - first) fp32.
+SCORE_ROW_CHUNK = 8  # rows per scoring forward pass (the sweep's batch: what the plan prices)
 
-    Lean: the base model gives hidden states (B, W, H); only the positions that predict a scored
-    token go through the output head, SCORE_CHUNK_ELEMENTS logits at a time, so no (B, W, V)
-    tensor of full-vocabulary logits ever exists (V is 49k-152k: that would be 8-10 bytes per
-    element after the fp32 log-softmax). Whatever steering is installed applies.
+
+def token_logprobs(
+    engine: SteeringEngine,
+    seqs: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int]],
+    *,
+    row_chunk: int = SCORE_ROW_CHUNK,
+) -> list[torch.Tensor]:
+    """Log-prob of the tokens seqs[b][start:end] given everything before them, per row (fp32).
+
+    Lean: rows are right-padded and run `row_chunk` at a time through the decoder body; only the
+    hidden states of the positions that predict a scored token go through the output head,
+    SCORE_CHUNK_ELEMENTS logits at a time, so no (rows, T, V) tensor of full-vocabulary logits ever
+    exists (V is 49k-152k: 8-10 bytes per element after the fp32 log-softmax). Whatever steering is
+    installed applies; installed per-row steering needs `row_chunk` >= the number of rows.
     """
     head = engine.model.get_output_embeddings()
-    with torch.inference_mode():
-        hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        scoring = hidden[:, first - 1 : -1].reshape(-1, hidden.shape[-1])  # (B * S, H)
-        targets = ids[:, first:].reshape(-1)  # (B * S,)
-        step = max(1, SCORE_CHUNK_ELEMENTS // head.weight.shape[0])  # positions per chunk
-        out = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
-        for start in range(0, targets.numel(), step):
-            logits = head(scoring[start : start + step]).float()  # (n, V)
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[start : start + step, None])
-            out[start : start + step] = picked.squeeze(-1)
-    return out.view(ids.shape[0], -1)
+    pad = engine.tokenizer.pad_token_id or 0
+    step = max(1, SCORE_CHUNK_ELEMENTS // head.weight.shape[0])  # positions per head call
+    out: list[torch.Tensor] = []
+    for first in range(0, len(seqs), row_chunk):
+        chunk, chunk_spans = seqs[first : first + row_chunk], spans[first : first + row_chunk]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=engine.device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=engine.device)
+        for b, seq in enumerate(chunk):
+            ids[b, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        # Position p predicts token p + 1: the predicting positions of every span, row by row.
+        where = [(b, p) for b, (start, end) in enumerate(chunk_spans) for p in range(start - 1, end - 1)]
+        index_b = torch.tensor([b for b, _ in where], dtype=torch.long, device=engine.device)
+        index_p = torch.tensor([p for _, p in where], dtype=torch.long, device=engine.device)
+        picked = torch.empty(len(where), dtype=torch.float32, device=engine.device)
+        with torch.inference_mode():
+            hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            scoring, targets = hidden[index_b, index_p], ids[index_b, index_p + 1]  # (n, H), (n,)
+            for start in range(0, len(where), step):
+                logits = head(scoring[start : start + step]).float()  # (<= step, V)
+                chosen = torch.log_softmax(logits, dim=-1).gather(-1, targets[start : start + step, None])
+                picked[start : start + step] = chosen.squeeze(-1)
+        offset = 0
+        for start, end in chunk_spans:
+            out.append(picked[offset : offset + max(end - start, 0)].cpu())
+            offset += max(end - start, 0)
+    return out
 
 
 def effect_scores(
@@ -324,15 +351,30 @@ def effect_scores(
     One batched forward: row 0 is unsteered, rows 1.. are `rows` (with `one_row`, a forward each).
     """
     context = prompt_ids(engine.tokenizer, NEUTRAL_PROMPT)
-    target = engine.tokenizer.encode(text, add_special_tokens=False)
+    seq = context + engine.tokenizer.encode(text, add_special_tokens=False)
     batches = [[[]] + list(rows)] if not one_row else [[row] for row in [[]] + list(rows)]
-    picked = []
+    scores = []
     for batch in batches:
-        ids = torch.tensor([context + target] * len(batch), device=engine.device)  # (rows, T)
-        with engine.installed(batch, capture_mode):
-            picked.append(token_logprobs(engine, ids, None, len(context)).mean(dim=-1))
-    scores = torch.cat(picked)  # (R+1,)
-    return (scores[1:] - scores[0]).tolist()
+        with engine.installed(batch, capture_mode):  # one steering row per batch row: no row chunks
+            logps = token_logprobs(
+                engine, [seq] * len(batch), [(len(context), len(seq))] * len(batch), row_chunk=len(batch)
+            )
+        scores += [float(lp.mean()) for lp in logps]
+    return [s - scores[0] for s in scores[1:]]
+
+
+def context_perplexities(
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    *,
+    row_chunk: int = SCORE_ROW_CHUNK,
+) -> list[float | None]:
+    """Perplexity of each generated continuation after `context` under the model as it is."""
+    seqs = [list(context) + list(g) for g in generations]
+    spans = [(len(context), len(context) + len(g)) for g in generations]
+    logps = token_logprobs(engine, seqs, spans, row_chunk=row_chunk)
+    return [math.exp(-float(lp.mean())) if len(lp) else None for lp in logps]
 
 
 def perplexities(
@@ -340,22 +382,8 @@ def perplexities(
 ) -> list[float | None]:
     """Perplexity of each generated continuation under the unsteered model (fluency), batched
     (with `one_row`, a forward pass per row)."""
-    if one_row and len(generations) > 1:
-        return [perplexities(engine, prompt, [g])[0] for g in generations]
     context = prompt_ids(engine.tokenizer, prompt)
-    rows = [list(g) for g in generations]
-    if not any(rows):
-        return [None] * len(rows)
-    width = len(context) + max(len(g) for g in rows)
-    pad = engine.tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), width), pad, device=engine.device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=engine.device)
-    for b, g in enumerate(rows):
-        seq = context + g
-        ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, : len(seq)] = 1
-    logprobs = token_logprobs(engine, ids, mask, len(context))  # (B, max generated)
-    return [math.exp(-logprobs[b, : len(g)].mean().item()) if g else None for b, g in enumerate(rows)]
+    return context_perplexities(engine, context, generations, row_chunk=1 if one_row else SCORE_ROW_CHUNK)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

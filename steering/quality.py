@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from steering import limits
+from steering import generate, limits
 from steering.engine import DEFAULT_CAPTURE_MODE, NEUTRAL_TEXTS, SteeringEngine, VectorSpec
 from steering.errors import InputError
 
@@ -42,7 +42,7 @@ MAX_REPETITION = 0.2  # 1 - distinct-2 above this: the output loops
 MAX_PERPLEXITY = 30.0  # above this (the unsteered model's view of the output): word salad
 MIN_TOKENS = 8  # an answer that stops before this many tokens is a fragment ('"stay-water"')
 
-ROW_CHUNK = 8  # rows per scoring forward pass
+ROW_CHUNK = generate.SCORE_ROW_CHUNK  # rows per scoring forward pass
 # The text read after an output by `relevance_logprob` (the steering text follows it).
 CONNECTOR = "\n\nThis text is about"
 
@@ -74,53 +74,12 @@ def is_fluent(perplexity: float | None, repetition: float, n_tokens: int, max_ne
     return repetition <= MAX_REPETITION and perplexity <= MAX_PERPLEXITY and n_tokens >= floor
 
 
-# -- lean log-probs --------------------------------------------------------------------------------
-def token_logprobs(
-    engine: SteeringEngine, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
-) -> list[torch.Tensor]:
-    """Log-prob of the tokens seqs[b][start:end] under the model as it is (b-th span), per row.
-
-    Rows are right-padded and run `ROW_CHUNK` at a time through the decoder body; only the hidden
-    states of the positions that predict the scored tokens go through the output head.
-    """
-    head = engine.model.get_output_embeddings()
-    pad = engine.tokenizer.pad_token_id or 0
-    out: list[torch.Tensor] = []
-    for first in range(0, len(seqs), ROW_CHUNK):
-        chunk, chunk_spans = seqs[first : first + ROW_CHUNK], spans[first : first + ROW_CHUNK]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=engine.device)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=engine.device)
-        for b, seq in enumerate(chunk):
-            ids[b, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-            mask[b, : len(seq)] = 1
-        with torch.inference_mode():
-            hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            # Position p predicts token p + 1: gather the predicting positions of every span.
-            rows = [(b, p) for b, (s, e) in enumerate(chunk_spans) for p in range(s - 1, e - 1)]
-            if not rows:
-                out.extend(torch.zeros(0) for _ in chunk)
-                continue
-            index_b = torch.tensor([b for b, _ in rows], device=engine.device)
-            index_p = torch.tensor([p for _, p in rows], device=engine.device)
-            logits = head(hidden[index_b, index_p]).float()  # (scored positions, V)
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[index_b, index_p + 1][:, None]).squeeze(-1)
-        start = 0
-        for s, e in chunk_spans:
-            out.append(picked[start : start + max(e - s, 0)].cpu())
-            start += max(e - s, 0)
-    return out
-
-
+# -- lean log-probs: generate.token_logprobs ------------------------------------------------------
 def output_perplexities(
     engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]]
 ) -> list[float | None]:
-    """Perplexity of each generated continuation under the model (same values as
-    `generate.perplexities`, computed lean)."""
-    seqs = [list(context) + list(g) for g in generations]
-    spans = [(len(context), len(context) + len(g)) for g in generations]
-    logps = token_logprobs(engine, seqs, spans)
-    return [math.exp(-float(lp.mean())) if len(lp) else None for lp in logps]
+    """Perplexity of each generated continuation under the model (`generate.context_perplexities`)."""
+    return generate.context_perplexities(engine, context, generations)
 
 
 def _target_ids(engine: SteeringEngine, text: str) -> list[int]:
@@ -139,7 +98,7 @@ def text_logprob_after(
     bridge = engine.tokenizer.encode(connector, add_special_tokens=False) if connector else []
     target = _target_ids(engine, text)
     seqs = [list(context) + list(g) + bridge + target for g in generations]
-    logps = token_logprobs(engine, seqs, [(len(context), len(s)) for s in seqs])
+    logps = generate.token_logprobs(engine, seqs, [(len(context), len(s)) for s in seqs])
     text_lp = [float(lp[-len(target) :].mean()) for lp in logps]
     ppl = [math.exp(-float(lp[: len(g)].mean())) if len(g) else None for lp, g in zip(logps, generations)]
     return text_lp, ppl
