@@ -384,27 +384,9 @@ def autotune(
         and at least 8 tokens. The chosen row is the most relevant fluent one; "reason" says why.
         On the embedded model at the defaults it takes about 7 s on 2 CPU cores.
     """
-    return autotune_controlled(prompt, text, positive, negative, layers, max_new_tokens, seed)
-
-
-def autotune_controlled(
-    prompt: str,
-    text: str = "",
-    positive: str = "",
-    negative: str = "",
-    layers: list[int] | None = None,
-    max_new_tokens: int = 40,
-    seed: int = _D["seed"],
-    *,
-    stop: Event | None = None,
-    progress: Callable[[float, str], None] | None = None,
-    capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
-) -> dict:
-    """`autotune` with a Stop flag, a progress callback and the capture mode (the UI's form)."""
     prompt = generate.check_prompt(prompt)
     tokens = limits.check("max_new_tokens", max_new_tokens)
     seed = limits.check("seed", seed)
-    capture_mode = _check_capture_mode(capture_mode)
     pair = bool(positive or negative)
     if pair == bool(text):
         raise InputError("text", "give a steering text, or a positive and a negative text (not both)")
@@ -420,8 +402,7 @@ def autotune_controlled(
         mapped = None if layers is None else sorted({attempt.layer(v) for v in layers})
         result = quality.autotune(
             engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
-            max_new_tokens=tokens, seed=seed, capture_mode=capture_mode,
-            stop=stop, progress=progress,
+            max_new_tokens=tokens, seed=seed,
         )  # fmt: skip
         return {**result, "model": attempt.loaded.model_id}
 
