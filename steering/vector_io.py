@@ -83,7 +83,7 @@ def export_file(engine: SteeringEngine, specs: list[VectorSpec], fmt: str, *, mo
         ),
         f"{OURS}.note": NOTE,
     }
-    path = _new_export_path(fmt)
+    path = files.app_file("vectors", f".{fmt}")
     if fmt == "gguf":
         _write_gguf(path, tensors, metadata)
     else:
@@ -111,10 +111,6 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
 
     header = {"general.architecture": ARCH, f"{ARCH}.layer_count": str(len(tensors)), **metadata}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=header)
-
-
-def _new_export_path(fmt: str) -> Path:
-    return files.app_file("vectors", f".{fmt}")
 
 
 # -- import -------------------------------------------------------------------------------------
