@@ -231,6 +231,8 @@ def steer(
     top_p: float = _D["top_p"],
     seed: int = _D["seed"],
     compare: bool = True,
+    capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
+    raw_prompt: bool = False,
 ) -> dict:
     """Generate with steering vectors, and (by default) the unsteered baseline beside it.
 
@@ -248,12 +250,19 @@ def steer(
         top_p: nucleus sampling threshold in (0, 1].
         seed: random seed (0 to 2**31-1); each batch row samples with its own generator.
         compare: also generate the unsteered baseline, in the same batch.
+        capture_mode: how a text becomes a vector: "bos-neutral" (default: after a start token,
+            minus the mean of neutral sentences), "bos" (after a start token), or "stock"
+            (llm-steer's own capture; comparison only, it does not carry the text's meaning).
+        raw_prompt: send the prompt as it is, without the model's chat template.
 
     Returns:
         {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
         "fallback" (None, or the downgrade event when this request ran out of memory)}.
     """
-    stream = steer_stream(prompt, vectors, max_new_tokens, temperature, top_p, seed, compare)
+    stream = steer_stream(
+        prompt, vectors, max_new_tokens, temperature, top_p, seed, compare,
+        capture_mode=capture_mode, raw_prompt=raw_prompt,
+    )  # fmt: skip
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
