@@ -214,7 +214,8 @@ def steer_stream(
             capture_mode=capture_mode,
         ):
             baseline = update.texts[1] if compare else None
-            yield {**base, "steered": update.texts[0], "baseline": baseline, "done": update.done}
+            tokens = [len(ids) for ids in update.token_ids]  # generated so far, per row
+            yield {**base, "steered": update.texts[0], "baseline": baseline, "tokens": tokens, "done": update.done}
 
     layers, sizes = _vector_checks(specs)
     fits = _token_fits(
@@ -257,7 +258,8 @@ def steer(
 
     Returns:
         {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
-        "fallback" (None, or the downgrade event when this request ran out of memory)}.
+        "tokens" (new tokens per row: [steered, baseline]), "fallback" (None, or the downgrade
+        event when this request ran out of memory)}.
     """
     stream = steer_stream(
         prompt, vectors, max_new_tokens, temperature, top_p, seed, compare,
@@ -266,6 +268,49 @@ def steer(
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
+
+
+def sweep_stream(
+    prompt: str,
+    text: str,
+    layer: int,
+    coeffs: list[float],
+    max_new_tokens: int = _D["sweep_max_new_tokens"],
+    seed: int = _D["seed"],
+    *,
+    stop: Event | None = None,
+) -> Iterator[dict]:
+    """Streaming form of `sweep` (the UI's): yields {"rows": [{"coeff", "text"}], "done": False,
+    ...} as the rows' tokens arrive, then the scored result with "done": True. When `stop` is set
+    the generation ends and the last update carries the texts so far, unscored, with "stopped"."""
+    prompt = generate.check_prompt(prompt)
+    sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
+    layer = limits.check_layer(layer, "layer", _known_layers())
+    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before waiting for the model
+    stop = stop or Event()
+
+    def work(attempt: Attempt) -> Iterator[dict]:
+        rows = generate.sweep_rows(text, attempt.layer(layer), coeffs)
+        engine = eng.engine_for(attempt.loaded)
+        base = {"model": attempt.loaded.model_id, "layer": attempt.layer(layer), "recommended": None}
+        stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
+        final = None
+        for final in stream(engine, prompt, rows, sampling, stop=stop):
+            texts = [{"coeff": float(row[0][1]), "text": out} for row, out in zip(rows, final.texts)]
+            if not final.done:
+                yield {**base, "rows": texts, "done": False}
+        if stop.is_set():
+            yield {**base, "rows": texts, "done": True, "stopped": True}
+            return
+        effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
+        scored = _quality_columns(engine, prompt, rows, final.token_ids, text, sampling)
+        out = [{**row, "effect": eff, **cols} for row, eff, cols in zip(texts, effects, scored)]
+        fluent = [r for r in out if r["fluent"] and r["relevance"] > 0]
+        best = max(fluent, key=lambda r: r["relevance"]) if fluent else None
+        yield {**base, "rows": out, "recommended": None if best is None else best["coeff"], "done": True}
+
+    fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
+    yield from _stream("sweep", [("layer", layer)], work, fits=fits)
 
 
 def sweep(
@@ -295,32 +340,9 @@ def sweep(
         and at least 8 tokens. effect: the steering text's log-prob after a neutral prompt, steered
         minus unsteered; it keeps rising where the output has degenerated, so do not pick by it.
     """
-    prompt = generate.check_prompt(prompt)
-    sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
-    layer = limits.check_layer(layer, "layer", _known_layers())
-    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before waiting for the model
-
-    def work(attempt: Attempt) -> dict:
-        rows = generate.sweep_rows(text, attempt.layer(layer), coeffs)
-        engine = eng.engine_for(attempt.loaded)
-        final = generate.run_rows(engine, prompt, rows, sampling, one_row=attempt.one_row)
-        effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
-        scored = _quality_columns(engine, prompt, rows, final.token_ids, text, sampling)
-        out = [
-            {"coeff": float(row[0][1]), "text": out, "effect": eff, **cols}
-            for row, out, eff, cols in zip(rows, final.texts, effects, scored)
-        ]
-        fluent = [r for r in out if r["fluent"] and r["relevance"] > 0]
-        best = max(fluent, key=lambda r: r["relevance"]) if fluent else None
-        return {
-            "rows": out,
-            "recommended": None if best is None else best["coeff"],
-            "model": attempt.loaded.model_id,
-            "layer": attempt.layer(layer),
-        }
-
-    fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
-    return _run("sweep", [("layer", layer)], work, fits=fits)
+    result = collections.deque(sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed), maxlen=1)[0]
+    result.pop("done", None)
+    return result
 
 
 def _quality_columns(engine, prompt, rows, generations, text, sampling) -> list[dict]:
