@@ -91,6 +91,13 @@ def startup_warnings(args: argparse.Namespace, *, mcp_installed: bool) -> list[s
         warnings.append(f"--share without --auth (or {AUTH_ENV}): anyone with the link can use this app and its model")
     if args.mcp and not mcp_installed:
         warnings.append("--mcp needs the MCP extra: pip install 'gradio[mcp]==6.31.0'. Serving without MCP tools.")
+    elif args.mcp and args.auth:
+        # Gradio's MCP server calls each tool through a client of its own that does not log in
+        # (gradio 6.31, mcp 1.30): every call is refused.
+        warnings.append(
+            "--mcp with --auth: Gradio's MCP tool calls do not log in, so every call is refused "
+            "('credentials were not provided'); for MCP, run a server without --auth on 127.0.0.1."
+        )
     return warnings
 
 
