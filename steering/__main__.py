@@ -36,6 +36,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return gpu.parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -54,8 +61,15 @@ def add_plan_arguments(plan_parser: argparse.ArgumentParser) -> None:
     plan_parser.add_argument("--vram-limit", type=_size, metavar="SIZE", help="cap on VRAM the app may use")
     plan_parser.add_argument("--margin", type=_size, metavar="SIZE", default=estimate.MARGIN_DEFAULT_BYTES)
     plan_parser.add_argument("--cuda-index", type=int, default=0, help="CUDA device index (default 0)")
-    plan_parser.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan for a simulated card")
-    plan_parser.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the simulated card")
+    plan_parser.add_argument(
+        "--simulate-gpu", type=_sizes, metavar="SIZE[,SIZE...]", help="plan for simulated cards (8GiB or 8GiB,8GiB)"
+    )
+    plan_parser.add_argument(
+        "--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the (first) simulated card"
+    )
+    plan_parser.add_argument(
+        "--simulate-ram", type=_size, metavar="SIZE", help="plan as if this much system RAM were available (offload)"
+    )
     plan_parser.add_argument(
         "--fallback-model",
         metavar="ID",
@@ -77,10 +91,14 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"python -m steering plan: error: {exc}", file=sys.stderr)
             return 2
     with gpu.use_nvml(backend):
+        gpus = gpu.probe_all(vram_limit_bytes=args.vram_limit)
         reading = gpu.probe(args.cuda_index, vram_limit_bytes=args.vram_limit)
+    ram = gpu.system_ram(args.simulate_ram) if args.simulate_ram is not None else None
     try:
         result = estimate.plan(
             reading,
+            gpus=gpus,
+            ram=ram,
             model=args.model,
             quant=args.quant,
             context_tokens=args.context,

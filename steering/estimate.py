@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from steering.catalog import CATALOG, EMBEDDED_ID, FALLBACK_ID, FALLBACK_QUANT, ModelSpec, gated_message, get_spec
@@ -372,7 +373,12 @@ def fitted_tokens(
         need = request_need_bytes(spec, quant, rows, tokens, on_gpu=on_gpu, compute_capability=compute_capability)
         return need - resident_bytes <= budget_bytes
 
-    low, high = 0, spec.max_positions  # fits(low) holds (or low == 0); find the last that fits
+    return largest_fitting(fits, spec.max_positions)
+
+
+def largest_fitting(fits, high: int) -> int:
+    """The largest n in 0..high with fits(n) (fits must be monotone); 0 when not even 1 fits."""
+    low = 0  # fits(low) holds (or low == 0); find the last that fits
     if fits(high):
         return high
     while high - low > 1:
@@ -492,6 +498,76 @@ def resolve_quant(
     return chosen or "4bit"
 
 
+def placement(
+    spec: ModelSpec,
+    quant: str,
+    est: Estimate,
+    gpus: Sequence[DeviceReading],
+    ram: DeviceReading | Callable[[], DeviceReading] | None,
+    margin_bytes: int = MARGIN_DEFAULT_BYTES,
+):
+    """Where `spec` in `quant` runs the workload `est` (a `steering.devices.Placement`): the whole
+    model on the first device when that is stable; otherwise, through accelerate, split across
+    the GPUs (`stable` when each keeps its margin) or, for what is `wont_fit` on one card, with
+    layers left in CPU RAM (`offload`). A `fragile` single card stays fragile: a split is tried
+    only with several GPUs. `ram` may be a callable, read only when an offload is considered."""
+    from steering import devices  # torch, transformers and accelerate are imported only from here
+
+    first = gpus[0]
+    single = verdict(est.need_bytes, first.headroom_bytes, margin_bytes)
+    if single == "stable" or not first.is_gpu:
+        return replace_verdict(devices.single_card(spec, est, first), single)
+    if len(gpus) > 1 or single == "wont_fit":
+        placed = devices.place(spec, quant, est, gpus, ram() if callable(ram) else ram, margin_bytes=margin_bytes)
+        if placed.verdict == "stable" or (placed.verdict == "offload" and single == "wont_fit"):
+            return placed
+        if single == "wont_fit":
+            return devices.Placement(verdict="wont_fit", note=placed.note)
+    return replace_verdict(devices.single_card(spec, est, first), single)
+
+
+def replace_verdict(placed, new_verdict: str):
+    placed.verdict = new_verdict
+    return placed
+
+
+def plan_row(
+    spec: ModelSpec,
+    quant: str,
+    gpus: Sequence[DeviceReading],
+    ram: DeviceReading | Callable[[], DeviceReading] | None,
+    *,
+    context_tokens: int = 2048,
+    margin_bytes: int = MARGIN_DEFAULT_BYTES,
+    batch_rows: int = 2,
+) -> tuple[dict, object]:
+    """One row of the plan (need, breakdown, verdict, devices, offload, fitted limits) and its
+    `Placement` (with accelerate's device map, for the loader)."""
+    from steering import devices
+
+    first = gpus[0]
+    est, workload = workload_estimate(spec, quant, first, context_tokens, batch_rows)
+    placed = placement(spec, quant, est, gpus, ram, margin_bytes)
+    if len(placed.bytes) > 1:
+        fit = devices.split_fit(spec, quant, placed, gpus, margin_bytes=margin_bytes, loaded=False)
+    else:
+        fit = fit_limits(spec, quant, first, margin_bytes=margin_bytes, loaded=False)
+    row = {
+        "id": spec.id,
+        "quant": quant,
+        "need_bytes": est.need_bytes,
+        "breakdown": dict(est.breakdown),
+        "verdict": placed.verdict,
+        "workload": workload,
+        "fit": fit,
+        "devices": placed.devices() if placed.verdict != "wont_fit" else [],
+        "offload": placed.offload(),
+    }
+    if placed.note:
+        row["note"] = placed.note
+    return row, placed
+
+
 def plan(
     reading: DeviceReading,
     *,
@@ -501,9 +577,13 @@ def plan(
     margin_bytes: int = MARGIN_DEFAULT_BYTES,
     batch_rows: int = 2,
     fallback: tuple[str, str] = (FALLBACK_ID, FALLBACK_QUANT),
+    gpus: Sequence[DeviceReading] | None = None,
+    ram: DeviceReading | None = None,
 ) -> dict:
     """The `python -m steering plan --json` object: device, headroom, matrix and choice.
 
+    `reading` is the first device; `gpus` every visible GPU (default: `reading` alone) and `ram`
+    the system RAM that offloaded layers would use (default: read when first needed).
     `fallback` is the (model, quantization) the app downgrades to (`--fallback-model`): the
     choice names it when the requested model, or every catalog model, is not stable.
     Raises `ModelUnavailableError` (from `get_spec`) when `model` cannot be resolved offline.
@@ -512,6 +592,16 @@ def plan(
         _check_quant(quant)
     _check_quant(fallback[1])
     headroom = reading.headroom_bytes
+    gpus = list(gpus) if gpus else [reading]
+    ram_reading: list[DeviceReading] = [ram] if ram is not None else []
+
+    def read_ram() -> DeviceReading:
+        if not ram_reading:
+            from steering.gpu import system_ram
+
+            ram_reading.append(system_ram())
+        return ram_reading[0]
+
     requested = get_spec(model) if model else None
     try:
         fallback_spec: ModelSpec | str = get_spec(fallback[0])
@@ -529,30 +619,30 @@ def plan(
             if spec is owner and extra_quant != "auto" and extra_quant not in quants:
                 quants.append(extra_quant)
         for q in quants:
-            est, workload = workload_estimate(spec, q, reading, context_tokens, batch_rows)
-            rows.append(
-                {
-                    "id": spec.id,
-                    "quant": q,
-                    "need_bytes": est.need_bytes,
-                    "breakdown": dict(est.breakdown),
-                    "verdict": verdict(est.need_bytes, headroom, margin_bytes),
-                    "workload": workload,
-                    "fit": fit_limits(spec, q, reading, margin_bytes=margin_bytes, loaded=False),
-                }
+            row, _ = plan_row(
+                spec, q, gpus, read_ram, context_tokens=context_tokens, margin_bytes=margin_bytes, batch_rows=batch_rows
             )
+            rows.append(row)
     verdicts = {(r["id"], r["quant"]): r for r in rows}
     choice = _choose(reading, requested, quant, verdicts, margin_bytes, (fallback_spec, fallback[1]))
-    return {
+    result = {
         "device": reading.to_dict(),
+        "gpus": [gpu_reading.to_dict() for gpu_reading in gpus] if reading.is_gpu else [],
         "headroom_bytes": headroom,
         "margin_bytes": margin_bytes,
         "models": rows,
         "choice": choice,
     }
+    if ram_reading:
+        result["ram"] = ram_reading[0].to_dict()
+    return result
 
 
 def _fits_text(row: dict, headroom: int, margin: int) -> str:
+    split = row.get("devices") or []
+    if len(split) > 1:
+        parts = ", ".join(f"{d['device']} {d['layers']} layers {format_bytes(d['bytes'])}" for d in split)
+        return f"split across {len(split)} GPUs ({parts}), each keeping a {format_bytes(margin)} margin"
     return f"needs {format_bytes(row['need_bytes'])} + {format_bytes(margin)} margin, headroom {format_bytes(headroom)}"
 
 

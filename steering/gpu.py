@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePath
 
@@ -30,8 +31,11 @@ __all__ = [
     "apply_vram_limit",
     "format_bytes",
     "parse_size",
+    "parse_sizes",
     "probe",
+    "probe_all",
     "simulate_gpu",
+    "system_ram",
     "use_nvml",
 ]
 
@@ -75,6 +79,14 @@ def parse_size(text: str | int) -> int:
     if match is None or unit not in _SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 8GiB, 512MiB, 8GB, 500MB or a number of bytes)")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Bytes of each card in "8GiB" or "8GiB,8GiB" (several simulated cards); ValueError otherwise."""
+    parts = [part for part in str(text).split(",")]
+    if not parts or any(not part.strip() for part in parts):
+        raise ValueError(f"not a size: {text!r} (use e.g. 8GiB, or 8GiB,8GiB for two cards)")
+    return [parse_size(part) for part in parts]
 
 
 def format_bytes(n: int | None) -> str:
@@ -187,7 +199,9 @@ def _text(value: object) -> str:
 _logged_reasons: set[str] = set()
 
 
-def _cpu_reading(reason: str, cuda_index: int | None, vram_limit_bytes: int | None) -> DeviceReading:
+def _cpu_reading(
+    reason: str, cuda_index: int | None, vram_limit_bytes: int | None, *, quiet: bool = False
+) -> DeviceReading:
     total_bytes = free_bytes = 0
     try:
         import psutil
@@ -196,7 +210,7 @@ def _cpu_reading(reason: str, cuda_index: int | None, vram_limit_bytes: int | No
         total_bytes, free_bytes = int(memory.total), int(memory.available)
     except Exception as exc:  # psutil missing or /proc unreadable: report zeros, keep going
         logger.warning("cannot read system memory: %s", exc)
-    if reason not in _logged_reasons:  # the probe runs on every status refresh: say it once
+    if not quiet and reason not in _logged_reasons:  # the probe runs on every status refresh: say it once
         _logged_reasons.add(reason)
         logger.info("CPU mode: %s", reason)
     return DeviceReading(
@@ -213,38 +227,56 @@ def _cpu_reading(reason: str, cuda_index: int | None, vram_limit_bytes: int | No
 
 def probe(cuda_index: int = 0, *, vram_limit_bytes: int | None = None) -> DeviceReading:
     """Read CUDA device `cuda_index` through NVML; a "cpu" reading with the reason if impossible."""
+    readings = _probe(cuda_index, vram_limit_bytes)
+    return readings[0]
+
+
+def probe_all(*, vram_limit_bytes: int | None = None) -> list[DeviceReading]:
+    """Every visible CUDA device, in CUDA's order (CUDA_VISIBLE_DEVICES honoured); one "cpu"
+    reading with the reason when there is none. `vram_limit_bytes` caps each card."""
+    return _probe(None, vram_limit_bytes)
+
+
+def _probe(cuda_index: int | None, vram_limit_bytes: int | None) -> list[DeviceReading]:
+    """The reading of device `cuda_index` (None: of every visible device), NVML started once."""
+    where = 0 if cuda_index is None else cuda_index
     nvml, missing = _load_backend()
     if nvml is None:
-        return _cpu_reading(missing, cuda_index, vram_limit_bytes)
+        return [_cpu_reading(missing, where, vram_limit_bytes)]
     try:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return _cpu_reading(f"NVML could not start: {exc} (no NVIDIA driver?)", cuda_index, vram_limit_bytes)
+        return [_cpu_reading(f"NVML could not start: {exc} (no NVIDIA driver?)", where, vram_limit_bytes)]
     try:
-        handle, reason = _cuda_handle(nvml, cuda_index)
-        if handle is None:
-            return _cpu_reading(reason, cuda_index, vram_limit_bytes)
-        reading = _read_device(nvml, handle, cuda_index)
+        handles, reason = _visible_handles(nvml)
+        if cuda_index is not None and not reason and not 0 <= cuda_index < len(handles):
+            reason = f"CUDA device {cuda_index} does not exist ({len(handles)} visible)"
+        if reason:
+            return [_cpu_reading(reason, where, vram_limit_bytes)]
+        indices = range(len(handles)) if cuda_index is None else [cuda_index]
+        readings = [_read_device(nvml, handles[index], index) for index in indices]
     except Exception as exc:  # an NVML error mid-read must not take the app down
         logger.debug("NVML read failed", exc_info=True)
-        return _cpu_reading(f"NVML failed while reading the GPU: {exc}", cuda_index, vram_limit_bytes)
+        return [_cpu_reading(f"NVML failed while reading the GPU: {exc}", where, vram_limit_bytes)]
     finally:
         try:
             nvml.nvmlShutdown()
         except Exception:  # shutting down is best effort; the reading is what matters
             logger.debug("nvmlShutdown failed", exc_info=True)
-    reading.vram_limit_bytes = vram_limit_bytes
-    if getattr(nvml, "simulated", False):
-        reading.mode = "simulated"
-        reading.reason = "simulated card (--simulate-gpu): plans use it, the process itself runs on CPU"
-    return reading
+    for reading in readings:
+        reading.vram_limit_bytes = vram_limit_bytes
+        if getattr(nvml, "simulated", False):
+            reading.mode = "simulated"
+            reading.reason = "simulated card (--simulate-gpu): plans use it, the process itself runs on CPU"
+    return readings
 
 
-def _cuda_handle(nvml: object, cuda_index: int) -> tuple[object | None, str]:
-    """NVML handle of the device CUDA calls `cuda_index`, honouring CUDA_VISIBLE_DEVICES."""
+def _visible_handles(nvml: object) -> tuple[list, str]:
+    """NVML handles of the devices CUDA numbers 0, 1, ... (CUDA_VISIBLE_DEVICES honoured), or
+    an empty list and the reason."""
     count = nvml.nvmlDeviceGetCount()
     if count == 0:
-        return None, "NVML sees no NVIDIA GPU"
+        return [], "NVML sees no NVIDIA GPU"
     devices = []
     for nvml_index in range(count):
         handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
@@ -256,10 +288,20 @@ def _cuda_handle(nvml: object, cuda_index: int) -> tuple[object | None, str]:
     devices.sort(key=lambda d: d[0])  # CUDA_DEVICE_ORDER=PCI_BUS_ID: CUDA index i = i-th bus id
     visible = _visible_devices(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if not visible:
-        return None, f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides every GPU"
-    if not 0 <= cuda_index < len(visible):
-        return None, f"CUDA device {cuda_index} does not exist ({len(visible)} visible)"
-    return visible[cuda_index][2], ""
+        return [], f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides every GPU"
+    return [device[2] for device in visible], ""
+
+
+def system_ram(available_bytes: int | None = None) -> DeviceReading:
+    """System RAM as a "cpu" reading (total and available, through psutil): where offloaded layers
+    live. `available_bytes` plans as if that much were available (`--simulate-ram`)."""
+    reading = _cpu_reading("system RAM", None, None, quiet=True)
+    if available_bytes is not None:
+        reading.reason = "simulated RAM (--simulate-ram)"
+        reading.total_bytes = max(reading.total_bytes, available_bytes)
+        reading.free_bytes = available_bytes
+        reading.used_bytes = reading.total_bytes - available_bytes
+    return reading
 
 
 def _visible_devices(devices: list[tuple[str, str, object]], spec: str | None) -> list:
@@ -489,23 +531,35 @@ def desktop_processes(gui_overhead_bytes: int, first_pid: int = 1201) -> list[tu
 
 
 def simulate_gpu(
-    total_bytes: int,
+    total_bytes: int | Sequence[int],
     gui_overhead_bytes: int = 0,
     *,
     compute_capability: tuple[int, int] = (7, 5),
     name: str = "Simulated NVIDIA GeForce RTX 2070 SUPER",
     reserved_bytes: int = SIMULATED_DRIVER_RESERVED_BYTES,
 ) -> SimulatedNvml:
-    """A one-card NVML backend: `total_bytes` of VRAM, a desktop holding `gui_overhead_bytes`."""
-    if gui_overhead_bytes + reserved_bytes > total_bytes:
+    """An NVML backend of one card of `total_bytes` of VRAM (or one card per size in a list, on
+    consecutive PCI buses); the desktop holds `gui_overhead_bytes` on the first (the display's) card."""
+    sizes = [total_bytes] if isinstance(total_bytes, int) else list(total_bytes)
+    if not sizes:
+        raise ValueError("give the size of at least one simulated card")
+    if gui_overhead_bytes + reserved_bytes > sizes[0]:
         raise ValueError(
-            f"GUI overhead {format_bytes(gui_overhead_bytes)} does not fit a {format_bytes(total_bytes)} card"
+            f"GUI overhead {format_bytes(gui_overhead_bytes)} does not fit a {format_bytes(sizes[0])} card"
         )
-    gpu = SimulatedGpu(
-        name=name,
-        total_bytes=total_bytes,
-        processes=desktop_processes(gui_overhead_bytes) if gui_overhead_bytes else [],
-        compute_capability=tuple(compute_capability),
-        reserved_bytes=reserved_bytes,
-    )
-    return SimulatedNvml([gpu])
+    gpus = []
+    for index, size in enumerate(sizes):
+        if reserved_bytes > size:
+            raise ValueError(f"a {format_bytes(size)} card is smaller than the driver's reservation")
+        gpus.append(
+            SimulatedGpu(
+                name=name,
+                total_bytes=size,
+                processes=desktop_processes(gui_overhead_bytes) if gui_overhead_bytes and index == 0 else [],
+                compute_capability=tuple(compute_capability),
+                reserved_bytes=reserved_bytes,
+                uuid=f"GPU-00000000-0000-4000-8000-{index:012d}",
+                pci_bus_id=f"00000000:{index + 1:02x}:00.0",
+            )
+        )
+    return SimulatedNvml(gpus)

@@ -39,7 +39,7 @@ def test_plan_json_on_the_reference_card_is_one_object_with_the_required_verdict
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1  # exactly one line: one JSON object
     result = json.loads(done.stdout)
-    assert set(result) == {"device", "headroom_bytes", "margin_bytes", "models", "choice"}
+    assert {"device", "gpus", "headroom_bytes", "margin_bytes", "models", "choice"} <= set(result)
     verdicts = {(row["id"], row["quant"]): row["verdict"] for row in result["models"]}
     assert verdicts[(FALLBACK_ID, "4bit")] == "stable"
     assert verdicts[(FALLBACK_ID, "bf16")] == "stable"
@@ -50,17 +50,25 @@ def test_plan_json_on_the_reference_card_is_one_object_with_the_required_verdict
     assert set(result["choice"]) == {"id", "quant", "reason"}
 
 
-def test_plan_does_not_import_torch():
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--simulate-gpu", "80GiB"], ["0", "False", "False"]),  # everything fits one card: no torch
+        (["--simulate-gpu", "8GiB"], ["0", "True", "False"]),  # accelerate places the 7B models: no CUDA
+    ],
+)
+def test_plan_imports_torch_only_to_place_models_and_never_starts_cuda(args, expected):
     code = (
         "import sys, contextlib, io\n"
         "from steering.__main__ import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    rc = main(['plan', '--simulate-gpu', '8GiB', '--json'])\n"
-        "print(rc, 'torch' in sys.modules)\n"
+        f"    rc = main(['plan', *{args!r}, '--json'])\n"
+        "torch = sys.modules.get('torch')\n"
+        "print(rc, torch is not None, torch is not None and torch.cuda.is_initialized())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["0", "False"], done.stderr
+    assert done.stdout.split() == expected, done.stderr
 
 
 def test_vram_limit_becomes_the_headroom(capsys):
