@@ -75,17 +75,24 @@ def check_prompt(prompt) -> str:
 def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        return list(ids)
+        return conversation_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer.encode(prompt)
+
+
+def conversation_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation ({"role", "content"} messages) ready for the assistant's next
+    reply: the chat template with its generation prompt, or, for a tokenizer without a template,
+    a plain "role: content" transcript ending in "assistant:"."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return list(ids)
 
 
 class _PerRowSampler(LogitsProcessor):
@@ -149,17 +156,21 @@ def stream_rows(
     stop: threading.Event | None = None,
     raw_prompt: bool = False,
     capture_mode: str = DEFAULT_CAPTURE_MODE,
+    row_ids: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[RowsUpdate]:
     """Generate every row of `rows` in one batch and yield the texts as tokens arrive.
 
+    `row_ids` gives each row a prompt of its own (token ids; e.g. the steered and the baseline
+    conversation of a chat), left-padded to one length; `prompt` is then not used.
     The caller must hold the model manager's lock for the whole iteration.
     """
     tokenizer, model = engine.tokenizer, engine.model
-    ids = prompt_ids(tokenizer, prompt, raw=raw_prompt)
     n_rows = len(rows)
-    input_ids = torch.tensor([ids] * n_rows, device=engine.device)  # (B, T): same prompt, no padding
+    row_ids = row_ids or [prompt_ids(tokenizer, prompt, raw=raw_prompt)] * n_rows
     stop = stop or threading.Event()
     eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    input_ids, attention_mask = _left_padded(row_ids, pad, engine.device)  # (B, T); one prompt: no padding
     processors = LogitsProcessorList()
     if sampling.temperature > 0:
         processors.append(TemperatureLogitsWarper(sampling.temperature))
@@ -170,7 +181,7 @@ def stream_rows(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=False,
         eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+        pad_token_id=pad,
     )
     sink: queue.Queue = queue.Queue()
     generated: list[list[int]] = [[] for _ in range(n_rows)]
@@ -184,7 +195,7 @@ def stream_rows(
                 with torch.inference_mode(), small_batch_linears(model):
                     model.generate(
                         input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
+                        attention_mask=attention_mask,
                         generation_config=config,
                         logits_processor=processors,
                         stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
@@ -234,6 +245,15 @@ def stream_rows(
 HEARTBEAT_S = 0.25  # a stream yields at least this often, tokens or not, so a consumer can stop it
 
 
+def _left_padded(row_ids: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of rows padded on the left, so that every row's last token
+    is where generation continues (masked pads do not change a row's tokens: checked in fp32 greedy)."""
+    width = max(len(ids) for ids in row_ids)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in row_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in row_ids], device=device)
+    return ids, mask
+
+
 class _Stopped(Exception):
     pass
 
@@ -268,10 +288,12 @@ def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[Rows
     stop = kwargs.get("stop") or threading.Event()
     kwargs["stop"] = stop
     texts, ids = [""] * len(rows), [[] for _ in rows]
+    row_ids = kwargs.pop("row_ids", None)
     for b, row in enumerate(rows):
         if stop.is_set() or lifecycle.SHUTTING_DOWN.is_set():
             break
-        for update in stream_rows(engine, prompt, [row], sampling, **kwargs):
+        own = {"row_ids": [row_ids[b]]} if row_ids else {}
+        for update in stream_rows(engine, prompt, [row], sampling, **kwargs, **own):
             deltas = [""] * len(rows)
             deltas[b], texts[b], ids[b] = update.deltas[0], update.texts[0], update.token_ids[0]
             if not update.done:

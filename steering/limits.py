@@ -60,6 +60,9 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),
     Limit("similarity_texts", 8, 2, 8, "texts", "texts compared in one similarity matrix", integer=True),
     Limit("autotune_layers", 4, 1, 4, "layers", "layers one auto-tune searches", integer=True),
+    # A chat (steering/chat.py): each of its two histories, the new exchange included.
+    Limit("chat_turns", 16, 1, 16, "exchanges", "exchanges (a message and its reply) one chat holds", integer=True),
+    Limit("chat_chars", 24000, 1, 24000, "characters", "characters of all messages of one chat history", integer=True),
     Limit("context", 2048, 128, 32768, "tokens", "context length per row the memory plan prices", integer=True),
 )
 
