@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", warning)
 
     _load_initial_model(args)
+    from steering import serving
     from steering.ui import UIConfig, build_demo  # imports gradio (and torch): after the flags are checked
+
+    serving.quiet_tracebacks()
 
     demo = build_demo(UIConfig(lock_model=args.lock_model))
     stop = threading.Event()
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             prevent_thread_lock=True,
             mcp_server=args.mcp and mcp_installed,
             show_error=not args.share,  # exception texts only where no stranger can read them
+            app_kwargs=serving.app_kwargs(),  # with --auth: nothing about the API before login
         )
         if args.share and demo.share_url is None:
             logger.warning("share link could not be created (offline?); serving locally at %s", demo.local_url)
