@@ -19,16 +19,25 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import gradio as gr
 from gradio import FileData
 from gradio.utils import get_upload_folder, is_in_or_equal
 
-from steering import api, catalog, engine, files, generate, limits, vector_io, views
+from steering import (
+    api,
+    catalog,
+    engine,
+    limits,
+    serving,
+    ui_recipes,
+    ui_steer,
+    vector_io,
+    views,
+)
 from steering.errors import InputError, SteeringError
 from steering.loader import QUANT_CHOICES, get_manager
 
@@ -178,89 +187,26 @@ def refresh_model_view() -> tuple:
     return _model_view(api.status())
 
 
-@user_errors
 def load_selected_model(model: str, quant: str, force: bool, progress=gr.Progress(track_tqdm=True)) -> tuple:
-    """Load the chosen model; the layer sliders follow its depth."""
+    """Load the chosen model; the layer sliders follow its depth. Outputs: the model view and
+    the model's message line. A refusal is a notice and a message; the dropdown goes back to the
+    model that is still loaded, nothing else changes."""
     progress(0, desc=f"Loading {model}")
-    return _model_view(api.load_model(model, quant, force))
-
-
-# -- handlers: the vectors table ---------------------------------------------------------------
-def _table(rows) -> list[list]:
-    """The table's non-empty rows; a table longer than any request may be is refused at once
-    (these handlers can be called by name with any payload)."""
-    rows = rows or []
-    if not isinstance(rows, list) or len(rows) > 2 * limits.MAX_VECTORS:
-        raise InputError("vectors", f"the table holds too many rows; at most {limits.MAX_VECTORS} vectors")
-    return [list(r) for r in rows if isinstance(r, (list, tuple)) and views.rows_to_vectors([r], 0)]
-
-
-@user_errors
-def add_vector_row(rows: list, text: str, positive: str, negative: str, coeff: float, layer: int) -> tuple:
-    """Append the form's vector to the table and clear the form's texts."""
-    if not any(isinstance(t, str) and t.strip() for t in (text, positive, negative)):
-        raise gr.Error("text: type a steering text (or a positive and a negative text) first", print_exception=False)
-    layer = limits.check_layer(layer, "layer", None)
-    kept = _table(rows)
-    if len(kept) >= limits.MAX_VECTORS:
-        raise gr.Error(f"vectors: at most {limits.MAX_VECTORS} vectors", print_exception=False)
-    kept.append([text or "", positive or "", negative or "", coeff, layer, True])
-    return kept, "", "", ""
-
-
-@user_errors
-def remove_vector_row(rows: list, row_number: float | None) -> list:
-    """Remove row `row_number` (1-based); 0 or empty removes the last row."""
-    kept = _table(rows)
-    if not kept:
-        return []
-    number = 0 if row_number in (None, "") else limits.check_finite(row_number, "row")
-    index = len(kept) - 1 if not number else int(number) - 1
-    if not 0 <= index < len(kept):
-        raise gr.Error(f"row: give a row number from 1 to {len(kept)}", print_exception=False)
-    del kept[index]
-    return kept
-
-
-def clear_vector_rows() -> list:
-    """Empty the vectors table."""
-    return []
-
-
-# -- handlers: generation ----------------------------------------------------------------------
-@user_errors
-def generate_outputs(
-    prompt, rows, layer, max_new_tokens, temperature, top_p, seed, capture_mode, raw_prompt, directions=None
-):
-    """Stream steered and baseline text side by side (both rows of one batch).
-
-    When the Stop button cancels this event, Gradio closes the generator: `finally` sets the stop
-    flag, so generation ends within one decoding step and the model lock is released.
-    """
-    vectors = views.rows_to_vectors(rows, int(layer), directions)
-    stop = threading.Event()
-    stream = api.steer_stream(
-        prompt,
-        vectors,
-        max_new_tokens,
-        temperature,
-        top_p,
-        seed,
-        True,
-        stop=stop,
-        capture_mode=capture_mode,
-        raw_prompt=bool(raw_prompt),
-    )
     try:
-        for result in stream:
-            info = f"{result['model']} ({result['quant']}, {result['device']}) · steered layers {result['layers']}"
-            if not result["done"]:
-                info += " · generating…"
-            notice = views.fallback_notice(result.get("fallback"))
-            yield result["steered"], result["baseline"], info + (f"  \n{notice}" if notice else "")
-    finally:
-        stop.set()
-        stream.close()
+        return (*_model_view(api.load_model(model, quant, force)), "")
+    except SteeringError as exc:
+        logger.info("load_selected_model refused: %s", exc)
+        shown = ui_steer.refused(str(exc), 6, at=5)
+        return (*shown[:4], gr.Dropdown(value=get_manager().status().get("model")), shown[5])
+
+
+# -- handlers: the vectors table and generation: steering/ui_steer.py ----------------------------
+add_vector_row, remove_vector_row, clear_vector_rows = (
+    ui_steer.add_vector_row,
+    ui_steer.remove_vector_row,
+    ui_steer.clear_vector_rows,
+)
+generate_outputs = ui_steer.generate_outputs
 
 
 @user_errors
@@ -285,7 +231,7 @@ def show_similarity(rows, layer) -> str:
     return views.heatmap_html(result["texts"], result["matrix"], result["layer"])
 
 
-@user_errors
+@ui_steer.notices(5, at=0)  # a refusal (a context out of range) shows where the card reading goes
 def refresh_memory(context) -> tuple:
     """The card reading, processes, this machine's compatibility matrix and the fallback log."""
     status, plan = api.status(), api.plan(context)
@@ -331,46 +277,8 @@ def import_into_table(file_path, rows, directions, layer) -> tuple:
     return kept + added, directions, note
 
 
-# -- handlers: recipes -------------------------------------------------------------------------
-@user_errors
-def save_recipe(prompt, rows, layer, max_new_tokens, temperature, top_p, seed, directions=None) -> str:
-    """Write the current vectors and settings to a JSON file for download (checked like /steer's
-    own arguments: this handler can be called by name too)."""
-    sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
-    vectors = views.rows_to_vectors(rows, limits.check_layer(layer, "layer", None), directions)
-    recipe = views.make_recipe(prompt or "", vectors, asdict(sampling))
-    path = files.app_file("recipe", ".json")
-    path.write_text(views.recipe_json(recipe), encoding="utf-8")
-    return str(path)
-
-
-def _apply(recipe: dict, default_layer: int) -> tuple:
-    """Prompt, table rows, decoding settings and the direction store of a recipe."""
-    s = recipe["settings"]
-    directions: dict[str, list] = {}
-    rows = views.vectors_to_rows(recipe["vectors"], default_layer, directions)
-    return recipe["prompt"], rows, s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"], directions
-
-
-@user_errors
-def load_recipe(file_path, layer) -> tuple:
-    """Fill the prompt, vectors table and settings from an uploaded recipe."""
-    try:
-        with open(file_path, encoding="utf-8") as handle:
-            text = handle.read(views.MAX_RECIPE_BYTES + 1)  # never more than the limit into memory
-    except (OSError, UnicodeDecodeError, TypeError) as exc:
-        raise gr.Error(f"recipe: cannot read the uploaded file ({type(exc).__name__})", print_exception=False) from None
-    return _apply(views.parse_recipe(text), int(layer))
-
-
-@user_errors
-def apply_example(name: str) -> tuple:
-    """A built-in recipe, its layers set to the loaded model's middle layer."""
-    if name not in views.EXAMPLES:
-        raise gr.Error(f"example: choose one of {', '.join(views.EXAMPLES)}", print_exception=False)
-    example = views.EXAMPLES[name]
-    recipe = views.make_recipe(example["prompt"], example["vectors"], {})
-    return _apply(recipe, api.status()["default_layer"])
+# -- handlers: recipes: steering/ui_recipes.py -------------------------------------------------
+save_recipe, load_recipe, apply_example = ui_recipes.save_recipe, ui_recipes.load_recipe, ui_recipes.apply_example
 
 
 # -- controls bound to a declared limit --------------------------------------------------------
@@ -381,6 +289,15 @@ def _limited(name: str) -> dict:
     low = limit.minimum + step if limit.min_exclusive else limit.minimum
     kwargs = {"minimum": low, "maximum": limit.maximum, "value": limit.default, "elem_classes": [f"limit-{name}"]}
     return {**kwargs, "precision": 0} if limit.integer else kwargs
+
+
+def _number_box(name: str, label: str, **kwargs) -> gr.Number:
+    """A number box for the limit `name` whose range is checked by the handler, not by Gradio:
+    an out-of-range number then gets the field's message beside it instead of an "Error" badge
+    over the handler's outputs."""
+    limit = limits.LIMITS[name]
+    kwargs = {"value": limit.default, "elem_classes": [f"limit-{name}"], "info": limit.range_text(), **kwargs}
+    return gr.Number(label=label, **({"precision": 0} if limit.integer else {}), **kwargs)
 
 
 def _slider(name: str, label: str, **kwargs) -> gr.Slider:
@@ -411,10 +328,17 @@ def _model_panel(loaded, locked: bool) -> SimpleNamespace:
             load_btn = gr.Button("Load", variant="secondary", interactive=not locked, scale=1)
         if locked:
             gr.Markdown("_Model switching is disabled on this server (`--lock-model`)._")
+        message = gr.Markdown("", elem_id="model-message", elem_classes=["field-message"])
         status_md = gr.Markdown("Loading…", elem_id="status-line")
         fallback_md = gr.Markdown("", elem_id="fallback-notice")
     return SimpleNamespace(
-        dropdown=dropdown, quant=quant, force=force, load_btn=load_btn, status_md=status_md, fallback_md=fallback_md
+        dropdown=dropdown,
+        quant=quant,
+        force=force,
+        load_btn=load_btn,
+        message=message,
+        status_md=status_md,
+        fallback_md=fallback_md,
     )
 
 
@@ -423,11 +347,12 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
     layer = _layer_slider(n_layers, "Layer (for new vectors and the heatmap)")
     with gr.Row():
         text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
-        positive = gr.Textbox(label="…or positive", placeholder="happy")
-        negative = gr.Textbox(label="…minus negative", placeholder="sad")
+        positive = gr.Textbox(label="…or positive", placeholder="happy", elem_id="new-positive")
+        negative = gr.Textbox(label="…minus negative", placeholder="sad", elem_id="new-negative")
     with gr.Row():
-        coeff = gr.Number(label=f"Coefficient (|c| ≤ {limits.COEFF_CAP:g})", elem_id="new-coeff", **_limited("coeff"))
+        coeff = _number_box("coeff", "Coefficient (× the hidden state's RMS)", elem_id="new-coeff")
         add_btn = gr.Button("Add vector", elem_id="add-vector")
+    message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
     table = gr.Dataframe(
         value=[],
         headers=list(views.VECTOR_COLUMNS),
@@ -439,9 +364,11 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         elem_id="vectors-table",
     )
     with gr.Row():
-        remove_number = gr.Number(0, precision=0, minimum=0, label="Row to remove (0: the last)")
-        remove_btn = gr.Button("Remove row")
-        clear_btn = gr.Button("Clear")
+        remove_number = gr.Number(
+            0, precision=0, label="Row to remove (1 = first row, 0 = the last)", elem_id="remove-number"
+        )
+        remove_btn = gr.Button("Remove row", elem_id="remove-row")
+        clear_btn = gr.Button("Clear", elem_id="clear-rows")
     with gr.Accordion("Export / import (llama.cpp control vectors)", open=False, elem_id="vector-files"):
         with gr.Row():
             export_format = gr.Radio(list(vector_io.FORMATS), value="gguf", label="Format", scale=2)
@@ -465,6 +392,7 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         negative=negative,
         coeff=coeff,
         add_btn=add_btn,
+        message=message,
         table=table,
         remove_number=remove_number,
         remove_btn=remove_btn,
@@ -477,14 +405,15 @@ def _decoding_panel() -> SimpleNamespace:
         max_tokens = _slider("max_new_tokens", "Max new tokens", elem_id="max-tokens")
         temperature = _slider("temperature", "Temperature (0 = greedy)")
         top_p = _slider("top_p", "Top-p")
-        seed = gr.Number(label="Seed", **_limited("seed"))
+        seed = _number_box("seed", "Seed", elem_id="seed")
         capture = gr.Radio(
             list(engine.CAPTURE_MODES),
             value=engine.DEFAULT_CAPTURE_MODE,
             label="Capture mode (stock: comparison only — llm-steer's own capture, "
             "which does not carry the text's meaning)",
+            elem_id="capture-mode",
         )
-        raw_prompt = gr.Checkbox(False, label="Raw prompt (skip the chat template)")
+        raw_prompt = gr.Checkbox(False, label="Raw prompt (skip the chat template)", elem_id="raw-prompt")
     return SimpleNamespace(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, capture=capture, raw_prompt=raw_prompt
     )
@@ -497,7 +426,7 @@ def _steer_tab(n_layers: int) -> SimpleNamespace:
             decoding = _decoding_panel()
             with gr.Row():
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
         with gr.Column(scale=1):
             with gr.Row():
                 steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
@@ -557,7 +486,7 @@ def _vectors_tab() -> SimpleNamespace:
 def _memory_tab() -> SimpleNamespace:
     with gr.Tab("Memory", elem_id="memory-tab") as tab:
         with gr.Row():
-            context = gr.Number(label="Context tokens to plan for", **_limited("context"))
+            context = _number_box("context", "Context tokens to plan for", elem_id="context")
             refresh_btn = gr.Button("Refresh")
         card = gr.Markdown("", elem_id="memory-card")
         bars = gr.HTML("", elem_id="memory-bars")
@@ -599,12 +528,24 @@ def _recipes_tab() -> SimpleNamespace:
         with gr.Row():
             example = gr.Dropdown(list(views.EXAMPLES), value=next(iter(views.EXAMPLES)), label="Built-in example")
             use_example_btn = gr.Button("Use example", elem_id="use-example")
+        with gr.Row(visible=False, elem_id="example-confirm") as confirm_row:
+            confirm_btn = gr.Button("Replace", variant="stop", elem_id="example-replace")
+            cancel_btn = gr.Button("Cancel", elem_id="example-cancel")
         with gr.Row():
-            save_btn = gr.Button("Save recipe (JSON)")
-            upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath")
-        file = gr.File(label="Recipe download", interactive=False)
+            save_btn = gr.Button("Save recipe (JSON)", elem_id="save-recipe")
+            upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath", elem_id="load-recipe")
+        message = gr.Markdown("", elem_id="recipe-message", elem_classes=["field-message"])
+        file = gr.File(label="Recipe download", interactive=False, elem_id="recipe-file")
     return SimpleNamespace(
-        example=example, use_example_btn=use_example_btn, save_btn=save_btn, upload_btn=upload_btn, file=file
+        example=example,
+        use_example_btn=use_example_btn,
+        confirm_row=confirm_row,
+        confirm_btn=confirm_btn,
+        cancel_btn=cancel_btn,
+        save_btn=save_btn,
+        upload_btn=upload_btn,
+        message=message,
+        file=file,
     )
 
 
@@ -622,22 +563,75 @@ def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
 
 
 # -- wiring ------------------------------------------------------------------------------------
+def _wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
+    form, decoding = steer.form, steer.decoding
+    form_fields = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    form_fields += [decoding.capture, decoding.raw_prompt]
+    recipe_fields = [prompt, form.table, *form_fields, form.directions]
+    recipes.save_btn.click(
+        save_recipe,
+        [prompt, form.table, form.layer, *form_fields, form.directions],
+        [recipes.file, recipes.message],
+        **UI_ONLY,
+    )
+    recipes.upload_btn.upload(
+        load_recipe, [recipes.upload_btn, form.layer], [*recipe_fields, recipes.message], **UI_ONLY
+    )
+    example_outputs = [*recipe_fields, recipes.confirm_row, recipes.message]
+    recipes.use_example_btn.click(
+        ui_recipes.use_example, [recipes.example, form.table], example_outputs, **PRIVATE, **INFO
+    )
+    recipes.confirm_btn.click(ui_recipes.confirm_example, recipes.example, example_outputs, **PRIVATE, **INFO)
+    recipes.cancel_btn.click(ui_recipes.cancel_example, None, [recipes.confirm_row, recipes.message], **UI_ONLY)
+
+
+def _wire_steer(prompt: gr.Textbox, steer) -> None:
+    """The vector form, the table's own edits, and the Generate -> Stop chain (see ui_steer)."""
+    form, decoding = steer.form, steer.decoding
+    typed = [form.text, form.positive, form.negative]
+    form.add_btn.click(
+        add_vector_row,
+        [form.table, *typed, form.coeff, form.layer],
+        [form.table, *typed, form.message],
+        **UI_ONLY,
+    )
+    form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
+    form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
+    form.table.input(ui_steer.check_table, [form.table, form.layer], [form.table, form.message], **UI_ONLY)
+    go = gr.State(False)
+    buttons = [steer.generate_btn, steer.stop_btn]
+    settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    begun = steer.generate_btn.click(
+        ui_steer.begin_run,
+        [form.table, *typed, form.coeff, form.layer],
+        [form.table, *typed, form.message, *buttons, steer.run_info, go],
+        show_progress="hidden",
+        **UI_ONLY,
+    )
+    generation = begun.then(ui_steer.gate, go, None, show_progress="hidden", **UI_ONLY).success(
+        generate_outputs,
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions],
+        [steer.steered, steer.baseline, steer.run_info],
+        show_progress="minimal",
+        **PRIVATE,
+        **MODEL,
+    )
+    generation.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
+    steer.stop_btn.click(ui_steer.stop_run, None, [steer.run_info, *buttons], cancels=[generation], **UI_ONLY)
+
+
 def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, memory, recipes) -> None:
     form, decoding = steer.form, steer.decoding
     model_view = [model.status_md, model.fallback_md, form.layer, sweep.layer, model.dropdown]
     demo.load(refresh_model_view, None, model_view, **PRIVATE, **INFO)
     model.load_btn.click(
-        load_selected_model, [model.dropdown, model.quant, model.force], model_view, **PRIVATE, **MODEL
+        load_selected_model,
+        [model.dropdown, model.quant, model.force],
+        [*model_view, model.message],
+        **PRIVATE,
+        **MODEL,
     )
-    form.add_btn.click(
-        add_vector_row,
-        [form.table, form.text, form.positive, form.negative, form.coeff, form.layer],
-        [form.table, form.text, form.positive, form.negative],
-        **UI_ONLY,
-    )
-    form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], form.table, **UI_ONLY)
-    form.clear_btn.click(clear_vector_rows, None, form.table, **UI_ONLY)
-    settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    _wire_steer(prompt, steer)
     form.export_btn.click(
         export_table,
         [form.table, form.layer, form.export_format, decoding.capture, form.directions],
@@ -652,14 +646,6 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
         **PRIVATE,
         **MODEL,
     )
-    generation = steer.generate_btn.click(
-        generate_outputs,
-        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions],
-        [steer.steered, steer.baseline, steer.run_info],
-        **PRIVATE,
-        **MODEL,
-    )
-    steer.stop_btn.click(None, None, None, cancels=[generation], **PRIVATE)
     sweep.run_btn.click(
         run_sweep,
         [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed],
@@ -671,12 +657,7 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
     memory_view = [memory.card, memory.bars, memory.processes, memory.plan, memory.events]
     memory.refresh_btn.click(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)
     memory.tab.select(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)  # fills itself on open
-    recipe_fields = [prompt, form.table, *settings, form.directions]
-    recipes.save_btn.click(
-        save_recipe, [prompt, form.table, form.layer, *settings, form.directions], recipes.file, **UI_ONLY
-    )
-    recipes.upload_btn.upload(load_recipe, [recipes.upload_btn, form.layer], recipe_fields, **UI_ONLY)
-    recipes.use_example_btn.click(apply_example, recipes.example, recipe_fields, **PRIVATE, **INFO)
+    _wire_recipes(prompt, steer, recipes)
 
 
 def build_demo(config: UIConfig | None = None) -> gr.Blocks:
@@ -706,4 +687,5 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
         _wire(demo, prompt, model, steer, sweep, vectors, memory, recipes)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)
+    serving.readings_never_queue_full(demo)  # /status and /plan answer even when generation fills it
     return demo

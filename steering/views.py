@@ -11,11 +11,21 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
 
 from steering.errors import InputError
 from steering.gpu import format_bytes
-from steering.limits import LIMITS, MAX_PROMPT_CHARS, MAX_SWEEP_ROWS, MAX_VECTORS
+from steering.limits import (
+    DEFAULT_COEFF,
+    LIMITS,
+    MAX_PROMPT_CHARS,
+    MAX_SWEEP_ROWS,
+    MAX_VECTORS,
+    check,
+    check_layer,
+    check_text,
+)
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
@@ -23,8 +33,14 @@ VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled")
 SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetition", "effect", "text")
 FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule; the plot draws it as the fluency boundary
 RECIPE_FORMAT = "steering-lab-recipe"
-RECIPE_VERSION = 1
-DEFAULT_SETTINGS = {name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")}
+RECIPE_VERSION = 2  # 2 added capture_mode, raw_prompt and the model; version 1 files still load
+CAPTURE_MODES = ("bos-neutral", "bos", "stock")  # steering/engine.py's, without importing torch here
+# A recipe's settings are `/steer`'s keyword arguments, so `**recipe["settings"]` replays it.
+DEFAULT_SETTINGS = {
+    **{name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
+    "capture_mode": CAPTURE_MODES[0],
+    "raw_prompt": False,
+}
 
 # Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer 0.3-0.5
 # steers while most outputs stay fluent, and from 0.6 most loop (docs/quality.md).
@@ -148,6 +164,113 @@ def vectors_to_rows(
     return rows
 
 
+def form_vector(text, positive, negative, coeff, layer, n_layers: int | None) -> dict | None:
+    """The vector form's fields as a `/steer` vector, checked at entry (None: the form is empty).
+
+    A pair needs both texts; a text and a pair at once is refused rather than half-used."""
+    given = {k: v.strip() for k, v in (("text", text), ("positive", positive), ("negative", negative)) if _filled(v)}
+    if not given:
+        return None
+    if "text" in given and len(given) > 1:
+        raise InputError("text", "give a steering text or a positive and a negative text, not both")
+    if len(given) == 1 and "text" not in given:
+        missing = "negative" if "positive" in given else "positive"
+        raise InputError(missing, "a contrastive pair needs both a positive and a negative text")
+    vector = {k: check_text(v, k) for k, v in given.items()}
+    vector["coeff"] = check("coeff", DEFAULT_COEFF if _blank(coeff) else _number(coeff), "coeff")
+    vector["layer"] = check_layer(_number(layer), "layer", n_layers)
+    vector["enabled"] = True
+    return vector
+
+
+def _filled(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def vector_row(vector: dict) -> list:
+    """One `/steer` text or pair vector as a table row."""
+    return [
+        vector.get("text", ""),
+        vector.get("positive", ""),
+        vector.get("negative", ""),
+        vector["coeff"],
+        vector["layer"],
+        bool(vector.get("enabled", True)),
+    ]
+
+
+def normalize_rows(rows, layer: int, n_layers: int | None) -> tuple[list[list], list[str]]:
+    """The vectors table as a person left it -> rows that mean what they show, and what was fixed.
+
+    A row without any text (a row added with the table's "+") gets the default coefficient, the
+    layer slider's layer and "enabled", so typing a text into it makes a working vector. A cell
+    that is not a number, or out of range, is reset (to the default coefficient; a layer to the
+    nearest valid one) and said so, counting rows from 1. A pair with one text is reported."""
+    fixed, problems = [], []
+    for number, row in enumerate(rows or [], start=1):
+        cells = list(row)[: len(VECTOR_COLUMNS)] + [None] * (len(VECTOR_COLUMNS) - len(row))
+        text, positive, negative, coeff, row_layer, enabled = cells
+        if not any(_filled(v) for v in (text, positive, negative)):
+            fixed.append(["" if _blank(v) else v for v in (text, positive, negative)] + [DEFAULT_COEFF, layer, True])
+            continue
+        coeff = DEFAULT_COEFF if _blank(coeff) else _number(coeff)
+        try:
+            coeff = check("coeff", coeff)
+        except InputError as exc:
+            problems.append(f"row {number}, {exc} (reset to {DEFAULT_COEFF:g})")
+            coeff = DEFAULT_COEFF
+        row_layer = layer if _blank(row_layer) else _number(row_layer)
+        try:
+            row_layer = check_layer(row_layer, "layer", n_layers)
+        except InputError as exc:
+            in_range = isinstance(row_layer, (int, float)) and not isinstance(row_layer, bool)
+            top = (n_layers - 1) if n_layers else row_layer
+            row_layer = max(0, min(int(row_layer), top)) if in_range and math.isfinite(row_layer) else layer
+            problems.append(f"row {number}, {exc} (set to {row_layer})")
+        if _filled(positive) != _filled(negative) and not _filled(text):
+            problems.append(f"row {number}: a contrastive pair needs both a positive and a negative text")
+        fixed.append(
+            ["" if _blank(v) else v for v in (text, positive, negative)] + [coeff, row_layer, _truthy(enabled)]
+        )
+    return fixed, problems
+
+
+def table_row_numbers(rows) -> list[int]:
+    """The 1-based table row of each vector `rows_to_vectors` makes (it skips rows without text)."""
+    return [n for n, row in enumerate(rows or [], start=1) if rows_to_vectors([row], 0)]
+
+
+def for_people(message: str, row_numbers: Sequence[int] | None = None) -> str:
+    """An API error as people read it: "vectors[0].coeff: ..." -> "row 1, coeff: ..." (1-based,
+    the table's own row numbers when they are known)."""
+
+    def row(match: re.Match) -> str:
+        index = int(match.group(1))
+        number = row_numbers[index] if row_numbers and index < len(row_numbers) else index + 1
+        return f"row {number}" + (", " + match.group(2) if match.group(2) else "")
+
+    return re.sub(r"vectors\[(\d+)\](?:\.(\w+))?", row, message)
+
+
+def run_line(result: dict, *, elapsed_s: float, seed: int, stopped: bool = False, running: bool = False) -> str:
+    """The line under the outputs: who answered, which layers were steered, and how the run ended:
+    "N tokens, X tokens/s, seed S", "stopped after N tokens", or "generating… N tokens"."""
+    tokens = max(result.get("tokens") or [0])
+    layers = result.get("layers") or []
+    parts = [
+        f"{result['model']} ({result['quant']}, {result['device']})",
+        f"steered layers {layers}" if layers else "no vector active: both outputs are unsteered",
+    ]
+    if running:
+        parts.append(f"generating… {tokens} tokens")
+    elif stopped:
+        parts.append(f"stopped after {tokens} tokens")
+    else:
+        rate = tokens / elapsed_s if elapsed_s > 0 else 0.0
+        parts.append(f"{tokens} tokens, {rate:.1f} tokens/s, seed {seed}")
+    return " · ".join(parts)
+
+
 def vector_texts(vectors: Sequence[dict]) -> list[str]:
     """The distinct texts of the enabled vectors, in order (a pair contributes both of its texts)."""
     texts: list[str] = []
@@ -176,8 +299,10 @@ def parse_coeffs(text: str) -> list[float]:
 MAX_RECIPE_BYTES = 2**20  # 1 MiB: 64 vectors with directions of a large model fit; nothing bigger is read
 
 
-def make_recipe(prompt: str, vectors: list[dict], settings: dict) -> dict:
-    """A recipe: everything needed to repeat a run. Its `vectors` are `/steer`'s vector dicts.
+def make_recipe(prompt: str, vectors: list[dict], settings: dict, model: dict | None = None) -> dict:
+    """A recipe: everything that shapes a result, to repeat a run. Its `vectors` are `/steer`'s
+    vector dicts, its `settings` `/steer`'s other arguments (decoding, capture mode, raw prompt),
+    and `model` the {"id", "quant"} it was made with (None: not recorded).
 
     Bounded like `/steer` itself: the prompt's length and the number of vectors."""
     if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
@@ -185,13 +310,36 @@ def make_recipe(prompt: str, vectors: list[dict], settings: dict) -> dict:
     if len(vectors) > MAX_VECTORS:
         raise InputError("recipe.vectors", f"holds {len(vectors)} vectors; at most {MAX_VECTORS}")
     known = {k: settings[k] for k in DEFAULT_SETTINGS if k in settings}
-    return {
-        "format": RECIPE_FORMAT,
-        "version": RECIPE_VERSION,
-        "prompt": prompt,
-        "vectors": vectors,
-        "settings": {**DEFAULT_SETTINGS, **known},
-    }
+    merged = {**DEFAULT_SETTINGS, **known}
+    if merged["capture_mode"] not in CAPTURE_MODES:
+        raise InputError("recipe.settings.capture_mode", f"must be one of {', '.join(CAPTURE_MODES)}")
+    if not isinstance(merged["raw_prompt"], bool):
+        raise InputError("recipe.settings.raw_prompt", "must be true or false")
+    recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "prompt": prompt, "vectors": vectors}
+    recipe["settings"] = merged
+    if model is not None:
+        if not all(isinstance(model.get(k), str) and len(model[k]) <= 256 for k in ("id", "quant")):
+            raise InputError("recipe.model", 'must be {"id": text, "quant": text}')
+        recipe["model"] = {"id": model["id"], "quant": model["quant"]}
+    return recipe
+
+
+def recipe_summary(recipe: dict, loaded: dict | None) -> str:
+    """What loading a recipe changed, and a warning when it was made with another model."""
+    s = recipe["settings"]
+    n = len(recipe["vectors"])
+    text = (
+        f"Loaded the recipe: prompt, {n} vector{'s' if n != 1 else ''}, {s['max_new_tokens']} new tokens, "
+        f"temperature {s['temperature']:g}, top-p {s['top_p']:g}, seed {s['seed']}, capture mode "
+        f"{s['capture_mode']}, raw prompt {'on' if s['raw_prompt'] else 'off'}."
+    )
+    made = recipe.get("model")
+    if made and loaded and (made["id"], made["quant"]) != (loaded.get("model"), loaded.get("quant")):
+        text += (
+            f" ⚠️ It was made with {made['id']} ({made['quant']}); {loaded.get('model')} ({loaded.get('quant')}) "
+            "is loaded, so results will differ: load that model in the Model panel to repeat it."
+        )
+    return text
 
 
 def recipe_json(recipe: dict) -> str:
@@ -218,7 +366,8 @@ def parse_recipe(text: str) -> dict:
     if not isinstance(vectors, list) or not all(isinstance(v, dict) for v in vectors):
         raise InputError("recipe.vectors", "must be a list of vector objects")
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
-    return make_recipe(str(data.get("prompt", "")), vectors, settings)
+    model = data.get("model") if isinstance(data.get("model"), dict) else None
+    return make_recipe(str(data.get("prompt", "")), vectors, settings, model)
 
 
 # -- status and memory -------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""One real-browser test: Debian's Chromium driven by Playwright against a launched app.
+"""Real-browser tests: Debian's Chromium driven by Playwright against a launched app.
 
-Load the page, add a steering vector through the form, click Generate, wait for the steered and
-baseline outputs to fill and differ, and save the screenshot the README shows
-(`assets/screenshot.png`). Skips with the reason when Chromium or Playwright is missing, unless
+One browser and one page for the module (a test reloads the page when it needs a clean form):
+a typed-but-unadded text steers, Stop before the first token ends the run and frees the model,
+an invalid Add keeps the table and says why beside the field, a recipe round trip restores the
+capture mode, the Memory tab fills itself when opened. They also save the README's screenshots
+(`assets/`). Skips with the reason when Chromium or Playwright is missing, unless
 STEERING_REQUIRE_BROWSER=1 (CI sets it): then a missing browser is a failure.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-quic",
 ]
-SCREENSHOT = ROOT / "assets" / "screenshot.png"
+ASSETS = ROOT / "assets"
 TIMEOUT_MS = 120_000  # generation on a loaded 2-core CI machine
 
 
@@ -40,7 +44,7 @@ def _missing_browser() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def page(embedded_dir, tmp_path_factory):
+def browser_page(embedded_dir, tmp_path_factory):
     reason = _missing_browser()
     if reason:
         if os.environ.get("STEERING_REQUIRE_BROWSER") == "1":
@@ -55,49 +59,152 @@ def page(embedded_dir, tmp_path_factory):
             args=CHROMIUM_ARGS,
             headless=True,
             viewport={"width": 1400, "height": 1000},
+            accept_downloads=True,
         )
         try:
             tab = context.new_page()
             tab.set_default_timeout(TIMEOUT_MS)
-            tab.goto(url)
+            tab.url_under_test = url
             yield tab
         finally:
             context.close()
 
 
-def _text(page, elem_id: str) -> str:
+@pytest.fixture
+def page(browser_page):
+    """The shared page, freshly loaded (an empty table, default settings) and the model shown."""
+    browser_page.goto(browser_page.url_under_test)
+    browser_page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+    return browser_page
+
+
+def _value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} textarea").input_value()
 
 
-def test_add_vector_generate_and_compare(page):
-    # The status line is filled by the page-load event once the server has answered.
-    page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
-    page.locator("#new-text textarea").fill("dogs")
-    page.locator("#new-coeff input").fill("0.5")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+def _text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
 
+
+def _set_tokens(page, tokens: int) -> None:
     page.locator("#decoding").get_by_text("Decoding").first.click()  # open the accordion
-    page.locator("#max-tokens input[type=number]").fill("24")  # a short run keeps the test fast
-    page.locator("#max-tokens input[type=number]").blur()
-    page.locator("#generate").click()
+    box = page.locator("#max-tokens input[type=number]")
+    box.fill(str(tokens))
+    box.blur()
 
-    # Streaming: wait until both boxes hold text and the run reports it has finished.
+
+def _wait_run_ended(page) -> str:
     page.wait_for_function(
         """() => {
-            const text = id => (document.querySelector(`#${id} textarea`) || {}).value || "";
-            const info = document.querySelector("#run-info");
-            return text("steered-output").length > 0 && text("baseline-output").length > 0
-                && info && info.innerText.includes("steered layers") && !info.innerText.includes("generating");
+            const line = (document.querySelector("#run-info") || {}).innerText || "";
+            return /tokens\\/s, seed|stopped after/.test(line);
         }"""
     )
-    steered, baseline = _text(page, "steered-output"), _text(page, "baseline-output")
-    assert steered and baseline
-    assert steered != baseline
+    return _text(page, "run-info")
+
+
+def test_typed_but_unadded_text_steers_and_the_run_line_says_how_it_ended(page):
+    page.locator("#new-text textarea").fill("dogs")  # typed, never added
+    page.locator("#new-coeff input").fill("0.5")
+    _set_tokens(page, 24)
+    page.locator("#generate").click()
+    # Generate is disabled while the run goes on, Stop enabled; the typed vector is in the table.
+    page.wait_for_function("() => document.querySelector('#generate').disabled")
+    assert page.locator("#stop").is_enabled()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    assert "Added the typed vector" in _text(page, "vector-message")
+    line = _wait_run_ended(page)
+    assert "steered layers [15]" in line and "24 tokens" in line and "seed 0" in line, line
+    steered, baseline = _value(page, "steered-output"), _value(page, "baseline-output")
+    assert steered and baseline and steered != baseline
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    assert not page.locator("#stop").is_enabled()
     page.locator("#decoding").get_by_text("Decoding").first.click()  # closed again: a tidier screenshot
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
+    ASSETS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ASSETS / "screenshot.png"), full_page=True)
+
+
+def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
+    long_prompt = ("Tell me everything about the history of the world. " * 80)[:3990]  # a long prefill
+    page.locator("#prompt-box textarea").fill(long_prompt)
+    _set_tokens(page, 512)
+    page.locator("#generate").click()
+    page.wait_for_function("() => !document.querySelector('#stop').disabled")
+    page.locator("#stop").click()
+    started = time.monotonic()
+    line = _wait_run_ended(page)
+    assert "stopped after 0 tokens" in line, line
+    assert time.monotonic() - started < 10
+    assert _value(page, "steered-output") == "" and _value(page, "baseline-output") == ""
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    # The model is free at once: a short run finishes (it would wait behind 512 x 2 tokens otherwise).
+    page.locator("#prompt-box textarea").fill("Hi")
+    page.locator("#max-tokens input[type=number]").fill("4")
+    page.locator("#max-tokens input[type=number]").blur()
+    started = time.monotonic()
+    page.locator("#generate").click()
+    page.wait_for_function("() => /4 tokens, .* tokens\\/s/.test(document.querySelector('#run-info').innerText)")
+    assert time.monotonic() - started < 60
+
+
+def _error_badges(page) -> int:
+    """Gradio's "Error" badges drawn over components (status trackers in the error state)."""
+    return page.locator("[data-testid=status-tracker] span.error").count()
+
+
+def test_invalid_add_keeps_the_table_and_says_why_beside_the_field(page):
+    page.locator("#new-text textarea").fill("dogs")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    for fill, expected in (
+        ({"#new-positive textarea": "happy"}, "negative: a contrastive pair needs both"),
+        ({"#new-text textarea": "cats", "#new-coeff input": "1000"}, "coeff: must be a number from -20 to 20"),
+    ):
+        for selector, value in fill.items():
+            page.locator(selector).fill(value)
+        page.locator("#add-vector").click()
+        page.wait_for_function(
+            "expected => document.querySelector('#vector-message').innerText.includes(expected)", arg=expected
+        )
+        assert page.locator("#vectors-table").is_visible()
+        assert "dogs" in _text(page, "vectors-table")
+        assert _error_badges(page) == 0
+        page.locator("#new-positive textarea").fill("")
+        page.locator("#new-coeff input").fill("0.45")
+    page.locator("#remove-number input").fill("9")
+    page.locator("#remove-row").click()
+    page.wait_for_function("() => document.querySelector('#vector-message').innerText.includes('row: give a row')")
+    assert "dogs" in _text(page, "vectors-table") and _error_badges(page) == 0
+
+
+def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
+    page.locator("#new-text textarea").fill("the ocean")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('the ocean')")
+    page.locator("#decoding").get_by_text("Decoding").first.click()
+    page.locator("#capture-mode").get_by_label("stock").check()
+    page.locator("#raw-prompt input").check()
+    page.get_by_role("tab", name="Recipes").click()
+    page.locator("#save-recipe").click()
+    with page.expect_download() as download:
+        page.locator("#recipe-file a").first.click()
+    saved = tmp_path / "recipe.json"
+    download.value.save_as(saved)
+    recipe = json.loads(saved.read_text())
+    assert recipe["settings"]["capture_mode"] == "stock" and recipe["settings"]["raw_prompt"] is True
+    assert recipe["model"]["id"] == "SmolLM2-135M-Instruct"
+
+    page.reload()  # a fresh form: bos-neutral, raw prompt off, empty table
+    page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+    page.get_by_role("tab", name="Recipes").click()
+    page.locator("input[type=file][accept*=json]").set_input_files(str(saved))
+    page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
+    assert "capture mode stock, raw prompt on" in _text(page, "recipe-message")
+    page.get_by_role("tab", name="Steer").click()
+    page.locator("#decoding").get_by_text("Decoding").first.click()
+    assert page.locator("#capture-mode").get_by_label("stock").is_checked()
+    assert page.locator("#raw-prompt input").is_checked()
+    assert "the ocean" in _text(page, "vectors-table")
 
 
 def test_memory_tab_fills_itself_when_opened(page):
@@ -107,5 +214,4 @@ def test_memory_tab_fills_itself_when_opened(page):
         "() => (document.querySelector('#memory-bars') || {innerHTML: ''}).innerHTML.includes('bar-row')"
     )
     assert "loaded: SmolLM2-135M-Instruct" in page.locator("#memory-bars").inner_text()
-    page.screenshot(path=str(SCREENSHOT.parent / "screenshot-memory.png"), full_page=True)
-    page.get_by_role("tab", name="Steer").click()
+    page.screenshot(path=str(ASSETS / "screenshot-memory.png"), full_page=True)

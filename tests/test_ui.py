@@ -58,14 +58,24 @@ def test_coefficients_text():
             views.parse_coeffs(bad)
 
 
-def test_recipe_round_trip_and_rejects(tmp_path):
+def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
+    ensure_embedded_loaded()
     rows = [["dogs", "", "", 0.5, 15, True]]
-    path = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3)
+    path, saved = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True)
+    assert saved.startswith("Saved 1 vector(s)")
     recipe = json.loads(open(path).read())
     assert recipe["format"] == views.RECIPE_FORMAT and recipe["vectors"][0]["text"] == "dogs"
-    prompt, loaded_rows, tokens, temperature, top_p, seed, directions = ui.load_recipe(path, 15)
-    assert (prompt, loaded_rows, tokens, temperature, top_p, seed) == ("Hi there", rows, 32, 0.7, 0.9, 3)
-    assert directions == {}
+    assert recipe["model"] == {"id": "SmolLM2-135M-Instruct", "quant": "fp32"}
+    *fields, directions, message = ui.load_recipe(path, 15)
+    assert fields == ["Hi there", rows, 32, 0.7, 0.9, 3, "stock", True]
+    assert directions == {} and "capture mode stock, raw prompt on" in message and "⚠️" not in message
+    other = dict(recipe, model={"id": "Qwen/Qwen2.5-7B-Instruct", "quant": "4bit"})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    *_, message = ui.load_recipe(str(tmp_path / "other.json"), 15)
+    assert "⚠️ It was made with Qwen/Qwen2.5-7B-Instruct (4bit); SmolLM2-135M-Instruct (fp32) is loaded" in message
+    version_1 = {k: v for k, v in recipe.items() if k != "model"}
+    version_1 |= {"version": 1, "settings": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}}
+    assert views.parse_recipe(json.dumps(version_1))["settings"]["capture_mode"] == "bos-neutral"
     for text, field in (
         ("{not json", "recipe"),
         ('{"format": "other"}', "recipe"),
@@ -75,34 +85,88 @@ def test_recipe_round_trip_and_rejects(tmp_path):
             views.parse_recipe(text)
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
-    with pytest.raises(gr.Error) as caught:
-        ui.load_recipe(str(bad), 15)
-    assert caught.value.message.startswith("recipe: ")
+    *unchanged, message = ui.load_recipe(str(bad), 15)  # a refusal: a message, nothing else touched
+    assert message.startswith("⚠️ recipe: ") and all(_skipped(v) for v in unchanged)
 
 
-def test_add_and_remove_rows():
+def _skipped(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def _refusal(outputs) -> str:
+    """The inline message of a refused UI handler, after checking every other output is unchanged."""
+    *others, message = outputs
+    assert all(_skipped(v) for v in others), others
+    return message.removeprefix("⚠️ ")
+
+
+def test_add_and_remove_rows(embedded_dir):
+    ensure_embedded_loaded()
     rows, *cleared = ui.add_vector_row([], "dogs", "", "", 0.5, 15)
     rows, *_ = ui.add_vector_row(rows, "", "happy", "sad", 1.0, 10)
     assert rows == [["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 1.0, 10, True]]
-    assert cleared == ["", "", ""]
-    with pytest.raises(gr.Error) as caught:
-        ui.add_vector_row(rows, " ", "", "", 0.5, 15)
-    assert caught.value.message.startswith("text: ")
-    assert ui.remove_vector_row(rows, 0) == rows[:1]  # 0: the last row
-    assert ui.remove_vector_row(rows, 1) == rows[1:]
-    with pytest.raises(gr.Error) as caught:
-        ui.remove_vector_row(rows, 5)
-    assert caught.value.message.startswith("row: ")
-    for call in (
-        lambda: ui.add_vector_row([[]] * 349_000, "x", "", "", 0.5, 15),
-        lambda: ui.remove_vector_row([[]] * 349_000, 1),
+    assert cleared == ["", "", "", ""]  # the three texts and the message line
+    for args, field in (
+        ((" ", "", "", 0.5, 15), "text"),
+        (("", "happy", "", 0.5, 15), "negative"),  # a pair needs both texts: refused at entry
+        (("cats", "a", "b", 0.5, 15), "text"),  # a text and a pair at once
+        (("cats", "", "", 1000, 15), "coeff"),
+        (("cats", "", "", "lots", 15), "coeff"),
+        (("cats", "", "", 0.5, 40), "layer"),  # the embedded model has 30 layers
+        (("x", "", "", 0.5, "fifteen"), "layer"),
     ):
-        with pytest.raises(gr.Error) as caught:  # called by name with a huge table: refused at once
-            call()
-        assert caught.value.message.startswith("vectors: the table holds too many rows")
-    with pytest.raises(gr.Error) as caught:
-        ui.add_vector_row(rows, "x", "", "", 0.5, "fifteen")
-    assert caught.value.message.startswith("layer: ")
+        assert _refusal(ui.add_vector_row(rows, *args)).startswith(f"{field}: "), args
+    assert ui.remove_vector_row(rows, 0) == (rows[:1], "")  # 0: the last row
+    assert ui.remove_vector_row(rows, 1) == (rows[1:], "")
+    assert _refusal(ui.remove_vector_row(rows, 5)).startswith("row: give a row number from 1 to 2")
+    for outputs in (
+        ui.add_vector_row([[]] * 349_000, "x", "", "", 0.5, 15),
+        ui.remove_vector_row([[]] * 349_000, 1),
+    ):  # called by name with a huge table: refused at once
+        assert _refusal(outputs).startswith("vectors: the table holds too many rows")
+
+
+def test_table_edits_are_checked_at_entry(embedded_dir):
+    ensure_embedded_loaded()
+    rows = [
+        ["dogs", "", "", 0.5, 3, True],
+        ["", "", "", 0, 0, False],  # a row the table's "+" added: made a working vector-to-be
+        ["cats", "", "", "lots", 99, True],  # not a number; beyond the model's 30 layers
+        ["", "happy", "", 0.5, 3, True],
+    ]
+    from steering import ui_steer
+
+    fixed, message = ui_steer.check_table(rows, 15)
+    assert fixed == [
+        ["dogs", "", "", 0.5, 3, True],
+        ["", "", "", 0.45, 15, True],
+        ["cats", "", "", 0.45, 29, True],
+        ["", "happy", "", 0.5, 3, True],
+    ]
+    assert "row 3, coeff: must be a number" in message and "(reset to 0.45)" in message
+    assert "row 3, layer: must be an integer from 0 to 29; got 99 (set to 29)" in message
+    assert "row 4: a contrastive pair needs both" in message
+    assert _skipped(ui_steer.check_table(fixed[:2], 15)[0])  # nothing to fix: the table is left alone
+
+
+def test_people_count_rows_from_one():
+    rows = [["", "", "", "", "", True], ["dogs", "", "", 0.5, 3, True], ["cats", "", "", 1000, 3, True]]
+    numbers = views.table_row_numbers(rows)
+    assert numbers == [2, 3]
+    message = views.for_people("vectors[1].coeff: must be a number from -20 to 20; got 1000", numbers)
+    assert message == "row 3, coeff: must be a number from -20 to 20; got 1000"
+
+
+def test_run_line_says_how_the_run_ended():
+    result = {"model": "m", "quant": "fp32", "device": "cpu", "layers": [15], "tokens": [24, 20]}
+    assert (
+        views.run_line(result, elapsed_s=2.0, seed=7)
+        == "m (fp32, cpu) · steered layers [15] · 24 tokens, 12.0 tokens/s, seed 7"
+    )
+    assert views.run_line(result, elapsed_s=0, seed=7, stopped=True).endswith("stopped after 24 tokens")
+    assert "no vector active: both outputs are unsteered" in views.run_line(
+        {**result, "layers": []}, elapsed_s=1, seed=0
+    )
 
 
 def test_status_line_and_fallback_notice():
@@ -179,14 +243,22 @@ def test_memory_bars_scale_to_the_larger_of_need_and_headroom():
     assert "short by 2.00 GiB" in html  # 3 GiB needed, 1 GiB usable with the margin
 
 
-def test_builtin_example_fills_the_form(embedded_dir):
+def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir):
+    from steering import ui_recipes
+
     ensure_embedded_loaded()
     prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
     assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.5, 15, True]]  # the middle of 30 layers
-    assert settings == [64, 0.0, 1.0, 0] and directions == {}
+    assert settings == [64, 0.0, 1.0, 0, "bos-neutral", False] and directions == {}
     with pytest.raises(gr.Error) as caught:
         ui.apply_example("nope")
     assert caught.value.message.startswith("example: ")
+    *fields, confirm, message = ui_recipes.use_example("Dogs", [])  # an empty table: opens at once
+    assert fields[1][0][0] == "dogs" and message.startswith("Opened")
+    *fields, confirm, message = ui_recipes.use_example("Dogs", [["cats", "", "", 0.5, 15, True]])
+    assert all(_skipped(v) for v in fields) and confirm.visible is True and "replaces the prompt, the 1" in message
+    *fields, confirm, message = ui_recipes.confirm_example("Dogs")
+    assert fields[1][0][0] == "dogs" and confirm.visible is False
 
 
 def test_model_handlers_share_one_queue_slot_and_lock_disables_switching(embedded_dir):
@@ -222,6 +294,9 @@ def test_every_limited_control_matches_its_declared_limit(embedded_dir):
     for name, control in bound.items():
         limit = limits.LIMITS[name]
         assert control.value == limit.default, name
+        if isinstance(control, gr.Number):  # checked by the handler, so a bad number gets a message
+            assert control.maximum is None and control.info == limit.range_text(), name
+            continue
         assert control.maximum == limit.maximum, name
         if limit.min_exclusive:
             assert limit.minimum < control.minimum <= limit.maximum, name
@@ -232,11 +307,15 @@ def test_every_limited_control_matches_its_declared_limit(embedded_dir):
 def test_recipe_defaults_and_sweep_default_come_from_the_limits():
     import inspect
 
-    from steering import api
+    from steering import api, engine
 
     assert views.DEFAULT_SETTINGS == {
-        name: limits.LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")
+        **{name: limits.LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
+        "capture_mode": engine.DEFAULT_CAPTURE_MODE,
+        "raw_prompt": False,
     }
+    assert set(views.CAPTURE_MODES) == set(engine.CAPTURE_MODES)
+    assert views.CAPTURE_MODES[0] == engine.DEFAULT_CAPTURE_MODE
     sweep_default = inspect.signature(api.sweep).parameters["max_new_tokens"].default
     assert sweep_default == limits.LIMITS["sweep_max_new_tokens"].default
     assert inspect.signature(api.steer).parameters["max_new_tokens"].default == limits.LIMITS["max_new_tokens"].default
@@ -259,17 +338,15 @@ def test_recipes_are_bounded_and_standard_json(tmp_path):
     """Recipe handlers can be called by name: they check what /steer checks, read and write
     bounded files in one folder of the app's, and never write NaN."""
     rows = [["dogs", "", "", 0.5, 15, True]]
-    first = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
-    second = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    first, _ = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    second, _ = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
     assert os.path.dirname(first) == os.path.dirname(second) and first != second  # one folder, two files
     for bad_args, field in (
         (("x" * 5_000_000, rows, 15, 32, 0.0, 1.0, 0), "recipe.prompt"),
         (("Hi", rows, 15, 10**6, 0.0, 1.0, 0), "max_new_tokens"),
         (("Hi", rows, 15, 32, float("nan"), 1.0, 0), "temperature"),  # (a NaN table cell reads as empty)
     ):
-        with pytest.raises(gr.Error) as caught:
-            ui.save_recipe(*bad_args)
-        assert caught.value.message.startswith(f"{field}: "), caught.value.message
+        assert _refusal(ui.save_recipe(*bad_args)).startswith(f"{field}: ")
     for name, text, field in (
         ("many.json", json.dumps({"format": views.RECIPE_FORMAT, "vectors": [{}] * 349_000}), "recipe"),
         ("deep.json", "[" * 100_000 + "]" * 100_000, "recipe"),
@@ -281,6 +358,4 @@ def test_recipes_are_bounded_and_standard_json(tmp_path):
     ):
         path = tmp_path / name
         path.write_text(text)
-        with pytest.raises(gr.Error) as caught:
-            ui.load_recipe(str(path), 15)
-        assert caught.value.message.startswith(f"{field}: "), caught.value.message
+        assert _refusal(ui.load_recipe(str(path), 15)).startswith(f"{field}: ")

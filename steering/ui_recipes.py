@@ -1,0 +1,128 @@
+"""The Recipes tab's handlers: save the form as a recipe, load one back, use a built-in example.
+
+A recipe holds everything that shapes a result (prompt, vectors, decoding, capture mode, raw
+prompt, and the model and quantization it was made with). Loading one says what it set, and
+warns when it was made with another model than the one loaded. An example replaces the form at
+once when the table is empty, and asks first when it would overwrite vectors.
+
+The recipe fields, in this order, are the outputs of `load_recipe`, `use_example` and
+`confirm_example`: prompt, table, max new tokens, temperature, top-p, seed, capture mode,
+raw prompt, direction store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import gradio as gr
+
+from steering import api, files, generate, limits, views
+from steering.loader import get_manager
+from steering.ui_steer import bounded_rows, inline, notices
+
+N_FIELDS = 9  # the recipe fields above
+
+
+def _loaded() -> dict | None:
+    current = get_manager().current
+    return None if current is None else {"model": current.model_id, "quant": current.quant}
+
+
+@notices(2, at=1)
+def save_recipe(
+    prompt,
+    rows,
+    layer,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    capture_mode=views.CAPTURE_MODES[0],
+    raw_prompt=False,
+    directions=None,
+) -> tuple:
+    """Write the form (vectors, decoding, capture mode, raw prompt) and the loaded model to a JSON
+    file for download, checked like /steer's own arguments (this handler can be called by name).
+    Outputs (file, message)."""
+    sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
+    vectors = views.rows_to_vectors(bounded_rows(rows), limits.check_layer(layer, "layer", None), directions)
+    settings = {**asdict(sampling), "capture_mode": capture_mode, "raw_prompt": raw_prompt}
+    loaded = _loaded()
+    model = None if loaded is None else {"id": loaded["model"], "quant": loaded["quant"]}
+    recipe = views.make_recipe(prompt or "", vectors, settings, model)
+    path = files.app_file("recipe", ".json")
+    path.write_text(views.recipe_json(recipe), encoding="utf-8")
+    made = f" with {model['id']} ({model['quant']})" if model else ""
+    return str(path), f"Saved {len(vectors)} vector(s), the prompt and the settings{made}."
+
+
+def _fields(recipe: dict, default_layer: int) -> tuple:
+    """The recipe fields of a recipe (see the module docstring)."""
+    s = recipe["settings"]
+    directions: dict[str, list] = {}
+    rows = views.vectors_to_rows(recipe["vectors"], default_layer, directions)
+    return (
+        recipe["prompt"],
+        rows,
+        s["max_new_tokens"],
+        s["temperature"],
+        s["top_p"],
+        s["seed"],
+        s["capture_mode"],
+        s["raw_prompt"],
+        directions,
+    )
+
+
+@notices(N_FIELDS + 1, at=N_FIELDS)
+def load_recipe(file_path, layer) -> tuple:
+    """Fill the form from an uploaded recipe; outputs the recipe fields and a message that says
+    what was set (and warns when the recipe was made with another model)."""
+    try:
+        with open(file_path, encoding="utf-8") as handle:
+            text = handle.read(views.MAX_RECIPE_BYTES + 1)  # never more than the limit into memory
+    except (OSError, UnicodeDecodeError, TypeError) as exc:
+        raise gr.Error(f"recipe: cannot read the uploaded file ({type(exc).__name__})") from None
+    recipe = views.parse_recipe(text)
+    fields = _fields(recipe, limits.check_layer(layer, "layer", None))
+    summary = views.recipe_summary(recipe, _loaded())
+    (gr.Warning if "⚠️" in summary else gr.Info)(summary)
+    return (*fields, summary)
+
+
+def _example(name: str) -> tuple:
+    if name not in views.EXAMPLES:
+        raise gr.Error(f"example: choose one of {', '.join(views.EXAMPLES)}")
+    example = views.EXAMPLES[name]
+    recipe = views.make_recipe(example["prompt"], example["vectors"], {})
+    return _fields(recipe, api.status()["default_layer"])
+
+
+@notices(N_FIELDS + 2, at=N_FIELDS + 1)
+def use_example(name: str, rows) -> tuple:
+    """A built-in example (its layers at the loaded model's middle layer). Into an empty table it
+    opens at once; over vectors it asks first. Outputs the recipe fields, the confirmation row
+    and a message."""
+    kept = [r for r in bounded_rows(rows) if views.rows_to_vectors([r], 0)]
+    if kept:
+        question = (
+            f"Use the example “{name}”? It replaces the prompt, the {len(kept)} vector(s) in the table and the "
+            "decoding settings."
+        )
+        return (*([gr.skip()] * N_FIELDS), gr.Row(visible=True), question)
+    return (*_example(name), gr.Row(visible=False), f"Opened the example “{name}”.")
+
+
+@notices(N_FIELDS + 2, at=N_FIELDS + 1)
+def confirm_example(name: str) -> tuple:
+    """The example after "Replace" was confirmed."""
+    return (*_example(name), gr.Row(visible=False), f"Opened the example “{name}”; the previous form was replaced.")
+
+
+def cancel_example() -> tuple:
+    return gr.Row(visible=False), inline("")
+
+
+def apply_example(name: str) -> tuple:
+    """The recipe fields of a built-in example, without asking (for tests and callers by name)."""
+    return _example(name)
