@@ -1,10 +1,13 @@
 """Command line: `python -m steering plan ...` (more verbs can be added as subcommands).
 
-`plan` probes the GPU through NVML (or a simulated card), estimates every catalog model in every
+`plan` probes the GPUs through NVML (or simulated cards), estimates every catalog model in every
 sensible quantization, and prints the device reading, the matrix and the choice; `--json` prints
-exactly one JSON object instead. It never imports torch. Bad flags or sizes: one line, exit 2.
+exactly one JSON object instead. A model that does not fit one card is placed across the GPUs and
+CPU RAM by accelerate on a meta-device model: only then is torch imported (never CUDA). Bad flags
+or sizes: one line, exit 2.
 
     python -m steering plan --simulate-gpu 8GiB --gui-overhead 0.7GiB
+    python -m steering plan --simulate-gpu 8GiB,8GiB --gui-overhead 0.7GiB --simulate-ram 32GiB
     python -m steering plan --model Qwen/Qwen2.5-7B-Instruct --vram-limit 6GiB --json
 """
 
@@ -120,7 +123,15 @@ def render_plan(result: dict, *, margin_bytes: int, context_tokens: int, rows: i
     """The human-readable plan: device, processes, matrix with breakdown and verdict, choice."""
     fmt = gpu.format_bytes
     device = result["device"]
+    others = [g for g in result.get("gpus", []) if g.get("cuda_index") != device.get("cuda_index")]
     lines = [f"Device: {device['name']} [{device['mode']}]"]
+    for other in others:
+        lines.append(
+            f"  also cuda:{other['cuda_index']} {other['name']}: total {fmt(other['total_bytes'])}, "
+            f"headroom {fmt(other['headroom_bytes'])}"
+        )
+    if result.get("ram"):
+        lines.append(f"  system RAM available for offloaded layers: {fmt(result['ram']['headroom_bytes'])}")
     if device["reason"]:
         lines.append(f"  {device['reason']}")
     if device["mode"] != "cpu":
@@ -145,23 +156,34 @@ def render_plan(result: dict, *, margin_bytes: int, context_tokens: int, rows: i
     short = {"weights": "weights", "kv_cache": "kv", "activations": "activ", "load_extra": "load+",
              "steering_capture": "steer", "cuda_context": "context", "scoring": "score"}  # fmt: skip
     header = f"{'model':<36} {'quant':<5} {'need':>10}  " + " ".join(f"{short.get(t, t):>9}" for t in terms)
-    header += f"  {'verdict':<9} {'compare':>8} {'sweep':>7}"
+    header += f"  {'verdict':<9} {'compare':>8} {'sweep':>7}  split"
     lines += ["", header, "-" * len(header)]
     for row in result["models"]:
         cells = " ".join(f"{row['breakdown'].get(t, 0) / gpu.GiB:>9.2f}" for t in terms)
         fit = row.get("fit") or {}
         lines.append(
             f"{row['id']:<36} {row['quant']:<5} {fmt(row['need_bytes']):>10}  {cells}  {row['verdict']:<9} "
-            f"{fit.get('compare_max_tokens', '-'):>8} {fit.get('sweep_max_tokens', '-'):>7}"
+            f"{fit.get('compare_max_tokens', '-'):>8} {fit.get('sweep_max_tokens', '-'):>7}  {split_text(row)}"
         )
     lines.append(
         "(breakdown columns in GiB; need = the larger of the compare above and an 8-row sweep of "
         f"{estimate.SWEEP_PLAN_TOKENS} tokens; compare / sweep: the longest prompt + new tokens per row that fit "
-        "with the margin)"
+        "with the margin; split: layers per device of a model that does not run on one card, and for `offload` "
+        "the estimated decoding speed)"
     )
     choice = result["choice"]
     lines += ["", f"Choice: {choice['id']} {choice['quant']}", f"  {choice['reason']}"]
     return "\n".join(lines)
+
+
+def split_text(row: dict) -> str:
+    """'cuda:0 16 + cuda:1 16 layers', or with an offload 'cuda:0 9 + cpu 23 layers, ~1.15 tokens/s'."""
+    devices = row.get("devices") or []
+    if len(devices) < 2:
+        return ""
+    text = " + ".join(f"{d['device']} {d['layers']}" for d in devices) + " layers"
+    offload = row.get("offload")
+    return text + (f", ~{offload['expected_tokens_per_s']} tokens/s (estimate)" if offload else "")
 
 
 # verb -> (help, add its arguments, run it and return the exit code). A new verb (e.g. `convert`)

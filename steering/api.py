@@ -489,7 +489,7 @@ def import_vectors(path: str) -> dict:
     return _run("import", [], work)
 
 
-def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
+def load_model(model: str, quant: str = "auto", force: bool = False, allow_offload: bool = False) -> dict:
     """Load a model (the previous one is freed first) and return the status.
 
     Args:
@@ -498,6 +498,9 @@ def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
             offline model). At most 256 characters.
         quant: auto, 4bit, 8bit, bf16, fp16 or fp32. auto picks the most precise that fits.
         force: load even when the memory plan says it will not fit stably.
+        allow_offload: load a model whose plan verdict is "offload" with part of its layers in
+            CPU RAM (much slower: the plan row's offload.expected_tokens_per_s); without it such
+            a model is replaced by the fallback. A model split across several GPUs needs no flag.
 
     Returns:
         the same object as /status; when the model was replaced by the fallback, the newest
@@ -507,7 +510,8 @@ def load_model(model: str, quant: str = "auto", force: bool = False) -> dict:
         raise InputError("model", f"must be a text (a model id or folder); got {limits.shorten(model)}")
     if len(model) > MAX_MODEL_ID_CHARS:
         raise InputError("model", f"is {len(model)} characters; model ids and folders are at most {MAX_MODEL_ID_CHARS}")
-    return get_manager().load(model, quant, limits.check_bool(force, "force"))
+    force, allow_offload = limits.check_bool(force, "force"), limits.check_bool(allow_offload, "allow_offload")
+    return get_manager().load(model, quant, force, allow_offload=allow_offload)
 
 
 def status() -> dict:

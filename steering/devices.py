@@ -210,19 +210,23 @@ def place(
     fixed = est.need_bytes - est.breakdown["weights"] - est.breakdown["kv_cache"]  # per GPU that runs layers
     with _quiet_accelerate():
         accelerate_layer = compute_module_sizes(model, dtype=dtype, special_dtypes=special)["model.layers.0"]
-    scale = accelerate_layer / (sizes["model.layers.0"] + kv_layer)  # our bytes -> accelerate's bytes
+    scale = accelerate_layer / sizes["model.layers.0"]  # our bytes -> accelerate's (4bit: without its scales)
     offloadable = ram is not None and quant in OFFLOAD_QUANTS
-    ram_budget = max(0, ram.headroom_bytes - margin_bytes) if offloadable else 0
-
-    cpu_kv = 0  # layers offloaded to the CPU run on the first GPU: their KV cache lives there
-    for _ in range(4):
+    headroom = {f"cuda:{r.cuda_index}": r.headroom_bytes for r in gpus}
+    # accelerate sizes weights only: each GPU's budget leaves room for the KV cache of the layers
+    # that run there. Start as if every layer did (too little room), then use the layers the last
+    # map gave it, and shrink a GPU that still overflows, until the map holds still.
+    kv_on = {where: spec.n_layers for where in headroom}
+    shrink = dict.fromkeys(headroom, 0)
+    placed = best = None
+    for _ in range(8):
         max_memory: dict = {}
         for reading in gpus:
-            first = reading is gpus[0]
-            budget = reading.headroom_bytes - margin_bytes - fixed - (cpu_kv * kv_layer if first else 0)
+            where = f"cuda:{reading.cuda_index}"
+            budget = reading.headroom_bytes - margin_bytes - fixed - kv_on[where] * kv_layer - shrink[where]
             max_memory[reading.cuda_index] = max(0, int(budget * scale))
         if offloadable:
-            max_memory["cpu"] = ram_budget
+            max_memory["cpu"] = max(0, ram.headroom_bytes - margin_bytes)
         with _quiet_accelerate():
             if len(gpus) > 1:
                 max_memory = get_balanced_memory(
@@ -233,11 +237,21 @@ def place(
                     model, max_memory, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
                 )
             )
-        on_cpu = sum(1 for i in range(spec.n_layers) if device_of(f"model.layers.{i}", device_map) == "cpu")
-        if on_cpu == cpu_kv:
+        placed = _priced(spec, quant, device_map, sizes, kv_layer, fixed, gpus, ram, margin_bytes)
+        over = {w: placed.bytes[w] + margin_bytes - headroom[w] for w in placed.gpu_names}
+        if all(v <= 0 for v in over.values()):
+            best = best if best is not None and _gpu_layers(best) >= _gpu_layers(placed) else placed
+        kv = {w: placed.kv_layers.get(w, 0) for w in headroom}
+        if kv == kv_on and all(v <= 0 for v in over.values()):
             break
-        cpu_kv = on_cpu
-    return _priced(spec, quant, device_map, sizes, kv_layer, fixed, gpus, ram, margin_bytes)
+        for where, overflow in over.items():
+            shrink[where] += max(0, overflow)
+        kv_on = kv
+    return best or placed
+
+
+def _gpu_layers(placement: Placement) -> int:
+    return sum(placement.layers.get(w, 0) for w in placement.gpu_names)
 
 
 def _priced(

@@ -37,7 +37,7 @@ from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
 from steering import estimate, limits
 from steering.errors import InputError
 from steering.limits import check_layer, check_text
-from steering.loaded import decoder_layers
+from steering.loaded import decoder_layers, input_device
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,21 @@ class _LayerSteer:
         self.decayed = [(p.coeffs * p.direction, p.decay) for p in relative if p.decay is not None]
         absolute = [p.coeffs * p.direction for p in parts if p.absolute]
         self.absolute = sum(absolute[1:], absolute[0]) if absolute else None  # (B, 1, H)
-        self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_rms` before each forward
+        self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_input` before each forward
+        self.device = self.fixed.device
 
-    def read_rms(self, module, args, kwargs) -> None:
-        """Forward pre-hook: the RMS of the unsteered hidden state at the last position."""
+    def read_input(self, module, args, kwargs) -> None:
+        """Forward pre-hook: keep the deltas where the hidden state arrives (on a model dispatched
+        across devices, that is the previous layer's device: llm-steer adds before accelerate's
+        hook moves the input), and read the RMS of the unsteered hidden state at the last position."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.rms = Steer._rms(hidden[:, -1:, :])
+        if hidden.device != self.device:  # once per device: later forwards find them there
+            self.device = hidden.device
+            self.fixed = self.fixed.to(self.device)
+            self.decayed = [(part.to(self.device), decay) for part, decay in self.decayed]
+            self.absolute = self.absolute.to(self.device) if self.absolute is not None else None
+        if self.absolute is not None:
+            self.rms = Steer._rms(hidden[:, -1:, :])
 
     def steering_method(self, elem: SteerElement, step: int, layer_idx: int) -> torch.Tensor:
         delta = self.fixed  # (B, 1, H), or a (1, 1, 1) zero when every vector here decays
@@ -217,7 +226,9 @@ class SteeringEngine:
         self.tokenizer = tokenizer
         self.identity = identity
         self.n_layers = len(decoder_layers(model))
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # a dispatched model's first parameters may be on "meta"
+        # Each layer's own forward: None, or accelerate's hook wrapper on a dispatched model.
+        self._own_forwards = [layer.__dict__.get("forward") for layer in decoder_layers(model)]
         self.steer = _InstanceSteer(model, tokenizer)
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.capture_passes = 0  # forward passes spent capturing (tests and benchmarks read it)
@@ -321,7 +332,8 @@ class SteeringEngine:
             raw = pos - neg
         else:
             raw = self.text_means(spec.layer, [spec.text], mode)[0]
-        return self.steer._normalize_direction(raw.view(1, 1, -1)).float()
+        # captured where the layer's input arrives; built here beside the batch-row coefficients
+        return self.steer._normalize_direction(raw.view(1, 1, -1)).float().to(self.device)
 
     def similarity(self, texts: Sequence[str], layer: int, mode: str = DEFAULT_CAPTURE_MODE) -> list[list[float]]:
         """Cosine matrix of the texts' vectors at `layer` (the Vectors heatmap)."""
@@ -360,9 +372,8 @@ class SteeringEngine:
             hooks = []
             try:
                 for element in sorted(elements, key=lambda e: -e.layer):
-                    if element.absolute is not None:
-                        layer_module = decoder_layers(self.model)[element.layer]
-                        hooks.append(layer_module.register_forward_pre_hook(element.read_rms, with_kwargs=True))
+                    layer_module = decoder_layers(self.model)[element.layer]
+                    hooks.append(layer_module.register_forward_pre_hook(element.read_input, with_kwargs=True))
                     self.steer._add_steer_vector(
                         element.layer,
                         SteerElement(
@@ -385,10 +396,17 @@ class SteeringEngine:
             data.step = 0
 
     def is_clean(self) -> bool:
-        """True when nothing is installed: every layer runs its own forward."""
+        """True when nothing is installed: every layer runs its own forward (on a dispatched
+        model, accelerate's hook wrapper it had before any steering)."""
+
+        def own(layer, original) -> bool:
+            forward = layer.__dict__.get("forward")
+            if forward is None or forward is original:
+                return True
+            return getattr(forward, "__self__", None) is layer and forward.__func__ is type(layer).forward
+
         return not self.steer.steers and all(
-            "forward" not in layer.__dict__ or getattr(layer.__dict__["forward"], "__self__", None) is layer
-            for layer in decoder_layers(self.model)
+            own(layer, original) for layer, original in zip(decoder_layers(self.model), self._own_forwards)
         )
 
     def close(self) -> None:

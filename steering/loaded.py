@@ -19,13 +19,31 @@ def decoder_layers(model: Any) -> Any:
     return model.model.layers
 
 
+def execution_device(module: Any) -> Any:
+    """The device `module` computes on: where accelerate's hook moves it for a forward pass when
+    the model is dispatched (its weights may sit in CPU RAM or on disk, shown as "meta"), else
+    the device of its first parameter."""
+    import torch
+
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return next(module.parameters()).device
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's input ids go: the device its input embeddings compute on."""
+    return execution_device(model.get_input_embeddings())
+
+
 @dataclass
 class LoadedModel:
     """What the manager holds while a model is loaded. Never put this in `gr.State`."""
 
     model_id: str
     quant: str
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "cpu" or "cuda:N" (a split model: where its inputs go; `placement` has the rest)
     model: Any
     tokenizer: Any
     spec: catalog.ModelSpec
@@ -36,6 +54,9 @@ class LoadedModel:
     # The fitted limits measured after loading (ModelManager): the longest prompt + new tokens
     # per row of a compare and of a sweep on this machine, and what they were measured on.
     fit: dict[str, Any] = field(default_factory=dict)
+    # Where the model runs when it is not on one device: the plan row's `devices` list and, for
+    # an offloaded model, its `offload` split (None: the whole model on `device`).
+    placement: dict[str, Any] | None = None
 
     @property
     def n_layers(self) -> int:

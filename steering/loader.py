@@ -115,7 +115,10 @@ class ModelManager:
         if vram_limit_bytes is not None:
             self.vram_limit_bytes = vram_limit_bytes
             if _cuda_available():
-                gpu.apply_vram_limit(vram_limit_bytes, self.cuda_index)
+                import torch
+
+                for index in range(torch.cuda.device_count()):  # every card a split model may use
+                    gpu.apply_vram_limit(vram_limit_bytes, index)
         if margin_bytes is not None:
             self.margin_bytes = margin_bytes
         if context_tokens is not None:
@@ -131,10 +134,16 @@ class ModelManager:
     def probe(self) -> gpu.DeviceReading:
         return gpu.probe(self.cuda_index, vram_limit_bytes=self.vram_limit_bytes)
 
+    def probe_gpus(self, reading: gpu.DeviceReading | None = None) -> list[gpu.DeviceReading]:
+        """Every visible GPU (the first one `reading`, when given); `[reading]` without a GPU."""
+        return _with_other_gpus(reading or self.probe())
+
     def plan(self, context_tokens: int | None = None) -> dict:
         """The memory plan of this machine under this manager's policy (margin, fallback)."""
+        reading = self.probe()
         return estimate.plan(
-            self.probe(),
+            reading,
+            gpus=self.probe_gpus(reading),
             context_tokens=context_tokens or self.context_tokens,
             margin_bytes=self.margin_bytes,
             fallback=(self.fallback_model, self.fallback_quant),
@@ -203,7 +212,9 @@ class ModelManager:
         return Attempt(self._current, attempt.validated_layers, event)
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, model: str, quant: str = "auto", force: bool = False, *, user: bool = True) -> dict:
+    def load(
+        self, model: str, quant: str = "auto", force: bool = False, *, user: bool = True, allow_offload: bool = False
+    ) -> dict:
         """Load `model` (catalog id, hub id in the local cache, or local folder) and return the status.
 
         Args:
@@ -211,6 +222,8 @@ class ModelManager:
             quant: auto, 4bit, 8bit, bf16, fp16 or fp32.
             force: load even when the plan says the model is not `stable`.
             user: False for the start-up load, which may not be refused by `--lock-model`.
+            allow_offload: a model the plan gives `offload` is loaded with part of its layers in
+                CPU RAM (slower); without it such a model is replaced by the fallback.
         """
         if user and self.locked:
             raise ModelLockedError("Model switching is disabled on this server (--lock-model).")
@@ -222,7 +235,7 @@ class ModelManager:
         if user:
             weights.check_user_source(model, self.models_dirs)
         with self._lock:
-            self._load_locked(model, quant, force, startup=not user)
+            self._load_locked(model, quant, force, startup=not user, allow_offload=allow_offload)
         return self.status()
 
     def load_default(self) -> dict:
@@ -244,18 +257,22 @@ class ModelManager:
         else:
             self._load_locked(catalog.EMBEDDED_ID, "auto", False, startup=True)
 
-    def _load_locked(self, model: str, quant: str, force: bool, *, startup: bool) -> None:
+    def _load_locked(self, model: str, quant: str, force: bool, *, startup: bool, allow_offload: bool = False) -> None:
         reading = self.probe()
         spec = catalog.get_spec(model)  # unknown ids raise here, before anything changes
         quant = _resolve_quant(spec, quant, reading, self.context_tokens, self.margin_bytes)
         # Plan first: a model that will not fit is replaced without needing its weights at all.
-        need_bytes = estimate.estimate_for(spec, quant, reading, self.context_tokens).need_bytes
-        verdict = estimate.verdict(need_bytes, reading.headroom_bytes, self.margin_bytes)
-        if verdict != "stable" and not force and not spec.embedded:
+        est = estimate.estimate_for(spec, quant, reading, self.context_tokens)
+        gpus = self.probe_gpus(reading)
+        placed = estimate.placement(spec, quant, est, gpus, gpu.system_ram, self.margin_bytes)
+        verdict, need_bytes = placed.verdict, est.need_bytes
+        split = placed if len(placed.bytes) > 1 and (verdict == "stable" or allow_offload) and not force else None
+        if verdict != "stable" and split is None and not force and not spec.embedded:
             reason = (
                 f"{spec.id} in {quant} needs about {gpu.format_bytes(need_bytes)} but "
                 f"{gpu.format_bytes(reading.headroom_bytes)} is free; verdict '{verdict}' "
-                f"(a {gpu.format_bytes(self.margin_bytes)} safety margin is kept). Use force to try anyway."
+                f"(a {gpu.format_bytes(self.margin_bytes)} safety margin is kept). "
+                + (_offload_hint(placed) if verdict == "offload" else "Use force to try anyway.")
             )
             if not startup and self._current is not None:
                 # Keep what is loaded unless the replacement can really be had.
@@ -278,7 +295,7 @@ class ModelManager:
         else:
             self._release_locked()
             try:
-                self._materialize(spec, source, quant)
+                self._materialize(spec, source, quant, split=split, gpus=gpus)
                 return
             except Exception as exc:  # the old model is gone already: never end with none loaded
                 reason = ("out of memory while loading: " if is_oom(exc) else "could not load it: ") + describe(exc)
@@ -327,8 +344,21 @@ class ModelManager:
         return _record_downgrade(self.events, self._current, asked, reason, stage, before, self.probe())
 
     # -- helpers -------------------------------------------------------------------------------
-    def _materialize(self, spec: catalog.ModelSpec, source: str, quant: str, device: str | None = None) -> None:
-        """Load `source` in `quant` and make it the current model (the caller released the old one)."""
+    def _materialize(
+        self,
+        spec: catalog.ModelSpec,
+        source: str,
+        quant: str,
+        device: str | None = None,
+        *,
+        split=None,
+        gpus: list[gpu.DeviceReading] | None = None,
+    ) -> None:
+        """Load `source` in `quant` and make it the current model (the caller released the old one).
+
+        `split` (a `steering.devices.Placement` of several devices) loads it with the plan's
+        accelerate device map on CUDA; on a simulated card the model runs whole on the CPU and the
+        split is what the status reports."""
         on_cuda = device != "cpu" and _cuda_available()
         device = f"cuda:{self.cuda_index}" if on_cuda else "cpu"
         kwargs = weights.pretrained_kwargs(
@@ -336,9 +366,11 @@ class ModelManager:
             cuda_index=self.cuda_index if on_cuda else None,
             supports_bf16=self.probe().supports_bf16,
             local_files_only=not spec.embedded and not self._online(),
+            device_map=split.device_map if split is not None and on_cuda else None,
         )
         started = time.perf_counter()
-        logger.info("loading %s (%s) on %s", spec.id, quant, device)
+        where = ", ".join(f"{d['device']} {d['layers']} layers" for d in split.devices()) if split else device
+        logger.info("loading %s (%s) on %s", spec.id, quant, where)
         model, tokenizer = weights.load_pretrained(source, kwargs)
         self._generation += 1
         self._current = LoadedModel(
@@ -350,12 +382,13 @@ class ModelManager:
             spec=spec,
             load_seconds=time.perf_counter() - started,
             generation=self._generation,
+            placement={"devices": split.devices(), "offload": split.offload()} if split is not None else None,
         )
         if on_cuda:
             from steering import log_expandable_segments_status
 
             log_expandable_segments_status()
-        self._current.fit = _fit(self.probe(), spec, quant, self.margin_bytes)
+        self._current.fit = _fit(self.probe(), spec, quant, self.margin_bytes, split=split, gpus=gpus)
         seconds, n_layers = self._current.load_seconds, self._current.n_layers
         logger.info("loaded %s (%s) on %s in %.1f s, %d layers", spec.id, quant, device, seconds, n_layers)
 
@@ -410,11 +443,39 @@ def _record_one_row_retry(events: EventLog, loaded: LoadedModel, failure: str, w
     )
 
 
-def _fit(reading: gpu.DeviceReading, spec: catalog.ModelSpec, quant: str, margin_bytes: int) -> dict:
+def _fit(
+    reading: gpu.DeviceReading, spec: catalog.ModelSpec, quant: str, margin_bytes: int, *, split=None, gpus=None
+) -> dict:
     """Fitted limits of a model just loaded: live free VRAM on CUDA (which already holds it), the
-    simulated card with `--simulate-gpu` (which does not), available RAM on the CPU."""
-    limits = estimate.fit_limits(spec, quant, reading, margin_bytes=margin_bytes, loaded=reading.mode != "simulated")
+    simulated card with `--simulate-gpu` (which does not), available RAM on the CPU. A split model
+    is limited by whichever of its GPUs fills first."""
+    loaded = reading.mode != "simulated"
+    if split is not None and reading.is_gpu:
+        from steering import devices
+
+        readings = _with_other_gpus(reading) if loaded else gpus
+        limits = devices.split_fit(spec, quant, split, readings, margin_bytes=margin_bytes, loaded=loaded)
+    else:
+        limits = estimate.fit_limits(spec, quant, reading, margin_bytes=margin_bytes, loaded=loaded)
     return {**limits, "max_positions": spec.max_positions, "basis": reading.mode}
+
+
+def _with_other_gpus(reading: gpu.DeviceReading) -> list[gpu.DeviceReading]:
+    """`reading` first, then every other visible GPU (same --vram-limit); `[reading]` without a GPU."""
+    if not reading.is_gpu:
+        return [reading]
+    others = gpu.probe_all(vram_limit_bytes=reading.vram_limit_bytes)
+    return [reading] + [r for r in others if r.is_gpu and r.cuda_index != reading.cuda_index]
+
+
+def _offload_hint(placed) -> str:
+    """What loading an `offload` model would mean, and how to ask for it."""
+    split = placed.offload()
+    return (
+        f"It would run with {split['cpu_layers']} of its {split['cpu_layers'] + split['gpu_layers']} layers in CPU "
+        f"RAM at about {split['expected_tokens_per_s']} tokens/s (an estimate); tick 'allow offload' "
+        "(allow_offload=True) to load it that way."
+    )
 
 
 def _status(loaded: LoadedModel | None, reading: gpu.DeviceReading, cuda_index: int) -> dict:
@@ -442,6 +503,7 @@ def _status(loaded: LoadedModel | None, reading: gpu.DeviceReading, cuda_index: 
         "n_layers": n_layers,
         "default_layer": n_layers // 2 if loaded else None,
         "fit": dict(loaded.fit) if loaded else None,
+        "placement": loaded.placement if loaded else None,
         "memory": memory,
     }
 

@@ -145,11 +145,19 @@ def check_folder(folder: str) -> None:
             ) from None
 
 
-def pretrained_kwargs(quant: str, *, cuda_index: int | None, supports_bf16: bool, local_files_only: bool) -> dict:
+def pretrained_kwargs(
+    quant: str,
+    *,
+    cuda_index: int | None,
+    supports_bf16: bool,
+    local_files_only: bool,
+    device_map: dict | None = None,
+) -> dict:
     """`from_pretrained` keyword arguments for `quant` on CUDA device `cuda_index` (None: the CPU).
 
     The whole model goes on one device (`device_map={"": index}`), so a misfit is an out-of-memory
-    error the manager recovers from, not a silent offload to the CPU. 4bit is bitsandbytes NF4
+    error the manager recovers from, not a silent offload to the CPU. Only a `device_map` the plan
+    made (`steering.devices`: module -> GPU index or "cpu") splits it, and it is used as given. 4bit is bitsandbytes NF4
     with double quantization, computing in bf16 where the card has it (fp16 below compute
     capability 8.0; bf16 on the CPU).
     """
@@ -158,7 +166,7 @@ def pretrained_kwargs(quant: str, *, cuda_index: int | None, supports_bf16: bool
 
     half = torch.bfloat16 if (cuda_index is None or supports_bf16) else torch.float16
     kwargs: dict[str, Any] = {
-        "device_map": {"": cuda_index if cuda_index is not None else "cpu"},
+        "device_map": dict(device_map) if device_map else {"": cuda_index if cuda_index is not None else "cpu"},
         "local_files_only": local_files_only,
     }
     if quant == "4bit":
