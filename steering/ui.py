@@ -31,10 +31,13 @@ from steering import (
     api,
     catalog,
     engine,
+    history,
     limits,
     serving,
+    ui_history,
     ui_recipes,
     ui_steer,
+    ui_sweep,
     vector_io,
     views,
 )
@@ -209,16 +212,7 @@ add_vector_row, remove_vector_row, clear_vector_rows = (
 generate_outputs = ui_steer.generate_outputs
 
 
-@user_errors
-def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed) -> tuple:
-    """One row per coefficient: outputs, effect and perplexity, and their plot."""
-    result = api.sweep(prompt, text, layer, views.parse_coeffs(coeffs_text), max_new_tokens, seed)
-    import pandas as pd  # a gradio dependency; LinePlot takes a DataFrame
-
-    points = pd.DataFrame(views.sweep_points(result), columns=["coeff", "value", "metric"])
-    info = f"{result['model']} · layer {result['layer']}"
-    notice = views.fallback_notice(result.get("fallback"))
-    return views.sweep_rows(result), points, info + (f"  \n{notice}" if notice else "")
+run_sweep = ui_sweep.run_sweep  # steering/ui_sweep.py: rows stream in, Stop ends them
 
 
 @user_errors
@@ -352,7 +346,15 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
     with gr.Row():
         coeff = _number_box("coeff", "Coefficient (× the hidden state's RMS)", elem_id="new-coeff")
         add_btn = gr.Button("Add vector", elem_id="add-vector")
+        autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
+        autotune_stop = gr.Button("Stop auto-tune", variant="stop", interactive=False, elem_id="stop-autotune")
     message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
+    with gr.Accordion("Auto-tune: score per layer × coefficient", open=False, elem_id="autotune-result"):
+        autotune_picture = gr.HTML(
+            "<p>Auto-tune searches layers × coefficients for the typed vector on the prompt "
+            "and fills the layer and coefficient above.</p>",
+            elem_id="autotune-picture",
+        )
     table = gr.Dataframe(
         value=[],
         headers=list(views.VECTOR_COLUMNS),
@@ -392,6 +394,9 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         negative=negative,
         coeff=coeff,
         add_btn=add_btn,
+        autotune_btn=autotune_btn,
+        autotune_stop=autotune_stop,
+        autotune_picture=autotune_picture,
         message=message,
         table=table,
         remove_number=remove_number,
@@ -455,23 +460,35 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
             "has degenerated: do not pick by it."
         )
         with gr.Row():
-            text = gr.Textbox("dogs", label="Steering text")
+            text = gr.Textbox("dogs", label="Steering text", elem_id="sweep-text")
             layer = _layer_slider(n_layers, "Layer")
-            coeffs = gr.Textbox("0, 0.5, 1, 2", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})")
-            tokens = _slider("sweep_max_new_tokens", "Max new tokens")
-        run_btn = gr.Button("Run sweep", variant="primary")
-        info = gr.Markdown("")
-        table = gr.Dataframe(headers=list(views.SWEEP_COLUMNS), type="array", interactive=False, wrap=True)
-        plot = gr.LinePlot(
-            x="coeff",
-            y="value",
-            color="metric",
-            title="Relevance and ln(perplexity) vs coefficient (above the boundary: not fluent)",
-            x_title="coefficient",
-            y_title="nats per token",
+            coeffs = gr.Textbox(
+                "0, 0.25, 0.45, 0.75", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})", elem_id="sweep-coeffs"
+            )
+            tokens = _slider("sweep_max_new_tokens", "Max new tokens", elem_id="sweep-tokens")
+        with gr.Row():
+            run_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
+            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-sweep")
+        info = gr.Markdown("", elem_id="sweep-info", elem_classes=["field-message"])
+        table = gr.Dataframe(
+            headers=list(views.SWEEP_COLUMNS),
+            type="array",
+            interactive=False,
+            wrap=True,
+            elem_id="sweep-table",
+            elem_classes=["scroll-table"],
         )
+        plot = gr.HTML("", elem_id="sweep-plot")
     return SimpleNamespace(
-        text=text, layer=layer, coeffs=coeffs, tokens=tokens, run_btn=run_btn, info=info, table=table, plot=plot
+        text=text,
+        layer=layer,
+        coeffs=coeffs,
+        tokens=tokens,
+        run_btn=run_btn,
+        stop_btn=stop_btn,
+        info=info,
+        table=table,
+        plot=plot,
     )
 
 
@@ -549,6 +566,33 @@ def _recipes_tab() -> SimpleNamespace:
     )
 
 
+def _history_tab() -> SimpleNamespace:
+    with gr.Tab("History", elem_id="history-tab") as tab:
+        gr.Markdown(
+            "Every Generate, sweep and auto-tune of this browser session (the newest "
+            f"{history.MAX_ENTRIES}), with model, quantization, capture mode, seed, vectors and versions."
+        )
+        table = gr.Dataframe(
+            headers=list(history.HISTORY_COLUMNS),
+            type="array",
+            interactive=False,
+            wrap=True,
+            elem_id="history-table",
+            elem_classes=["scroll-table"],
+        )
+        with gr.Row():
+            number = gr.Number(None, precision=0, label="Entry # to re-run", elem_id="history-number")
+            rerun_btn = gr.Button("Re-run", elem_id="history-rerun")
+            download_btn = gr.Button("Download JSONL", elem_id="history-download")
+        message = gr.Markdown("", elem_id="history-message", elem_classes=["field-message"])
+        file = gr.File(label="History (JSON Lines)", interactive=False)
+        result = gr.JSON(label="Re-run result")
+    return SimpleNamespace(
+        tab=tab, table=table, number=number, rerun_btn=rerun_btn, download_btn=download_btn, message=message,
+        file=file, result=result,
+    )  # fmt: skip
+
+
 def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
     """Give each parameter of a `gr.api` endpoint its name and its docstring line on the API page
     ("Use via API"); Gradio labels them '1st', '2nd', ... and leaves the description empty."""
@@ -563,6 +607,46 @@ def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
 
 
 # -- wiring ------------------------------------------------------------------------------------
+def _wire_history(past) -> None:
+    past.tab.select(ui_history.show_history, None, past.table, **UI_ONLY)
+    past.download_btn.click(ui_history.download_history, None, [past.file, past.message], **UI_ONLY)
+    past.rerun_btn.click(
+        ui_history.rerun_entry, past.number, [past.table, past.result, past.message], **PRIVATE, **MODEL
+    )
+
+
+def _wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
+    buttons = [sweep.run_btn, sweep.stop_btn]
+    begun = sweep.run_btn.click(ui_sweep.begin_sweep, None, [*buttons, sweep.info], show_progress="hidden", **UI_ONLY)
+    running = begun.then(
+        run_sweep,
+        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed],
+        [sweep.table, sweep.plot, sweep.info],
+        show_progress="minimal",
+        **PRIVATE,
+        **MODEL,
+    )
+    running.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
+    sweep.stop_btn.click(ui_sweep.stop_sweep, None, [sweep.info, *buttons], cancels=[running], **UI_ONLY)
+
+
+def _wire_autotune(prompt: gr.Textbox, form, decoding) -> None:
+    """Auto-tune fills the form's layer and coefficient; Stop ends (or unqueues) the search."""
+    buttons = [form.autotune_btn, form.autotune_stop]
+    begun = form.autotune_btn.click(
+        ui_steer.begin_search, None, [*buttons, form.message], show_progress="hidden", **UI_ONLY
+    )
+    tuning = begun.then(
+        ui_sweep.autotune_form,
+        [prompt, form.text, form.positive, form.negative, decoding.seed],
+        [form.layer, form.coeff, form.message, form.autotune_picture],
+        **PRIVATE,
+        **MODEL,
+    )
+    tuning.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
+    form.autotune_stop.click(ui_sweep.stop_autotune, None, [form.message, *buttons], cancels=[tuning], **UI_ONLY)
+
+
 def _wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
     form, decoding = steer.form, steer.decoding
     form_fields = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
@@ -598,6 +682,7 @@ def _wire_steer(prompt: gr.Textbox, steer) -> None:
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
     form.table.input(ui_steer.check_table, [form.table, form.layer], [form.table, form.message], **UI_ONLY)
+    _wire_autotune(prompt, form, decoding)
     go = gr.State(False)
     buttons = [steer.generate_btn, steer.stop_btn]
     settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
@@ -646,13 +731,7 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
         **PRIVATE,
         **MODEL,
     )
-    sweep.run_btn.click(
-        run_sweep,
-        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed],
-        [sweep.table, sweep.plot, sweep.info],
-        **PRIVATE,
-        **MODEL,
-    )
+    _wire_sweep(prompt, sweep, decoding)
     vectors.show_btn.click(show_similarity, [form.table, form.layer], vectors.heatmap, **PRIVATE, **MODEL)
     memory_view = [memory.card, memory.bars, memory.processes, memory.plan, memory.events]
     memory.refresh_btn.click(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)
@@ -680,11 +759,13 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
             vectors = _vectors_tab()
             memory = _memory_tab()
             recipes = _recipes_tab()
+            past = _history_tab()
         # The client API: the api functions themselves, typed, with their docstrings.
         for fn, name, group in ENDPOINTS:
             gr.api(_endpoint(fn), api_name=name, **group)
             _document_parameters(demo, name, fn)
         _wire(demo, prompt, model, steer, sweep, vectors, memory, recipes)
+        _wire_history(past)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)
     serving.readings_never_queue_full(demo)  # /status and /plan answer even when generation fills it

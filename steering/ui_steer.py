@@ -186,6 +186,11 @@ def begin_run(rows, text, positive, negative, coeff, layer) -> tuple:
     return (table, "", "", "", note, *busy, True)
 
 
+def begin_search() -> tuple:
+    """Before a slower action (auto-tune): its button disabled, its Stop enabled, the message cleared."""
+    return gr.Button(interactive=False), gr.Button(interactive=True), ""
+
+
 def gate(go: bool) -> None:
     """Ends the Generate chain quietly when `begin_run` refused (no toast: it showed one)."""
     if go is not True:

@@ -26,6 +26,7 @@ from steering.limits import (
     check_layer,
     check_text,
 )
+from steering.plots import colour_scale
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
@@ -575,10 +576,10 @@ def sweep_rows(result: dict) -> list[list]:
             r["coeff"],
             "★" if r["coeff"] == result.get("recommended") else "",
             _rounded(r.get("relevance"), 3),
-            "yes" if r.get("fluent") else "no",
-            _rounded(r["perplexity"], 2),
+            "…" if "fluent" not in r else "yes" if r["fluent"] else "no",  # "…": still generating, unscored
+            _rounded(r.get("perplexity"), 2),
             _rounded(r.get("repetition"), 2),
-            _rounded(r["effect"], 3),
+            _rounded(r.get("effect"), 3),
             r["text"],
         ]
         for r in result.get("rows", [])
@@ -618,5 +619,7 @@ def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer:
     return (
         f'<div class="heatmap"><p>Cosine similarity of the steering vectors at layer {layer} '
         "(blue: similar, white: unrelated, red: opposite).</p>"
-        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></div>"
+        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+        + colour_scale([(_cosine_colour(v), f"{v:g}") for v in (-1, -0.5, 0, 0.5, 1)], "cosine similarity")
+        + "</div>"
     )

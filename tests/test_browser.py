@@ -215,3 +215,19 @@ def test_memory_tab_fills_itself_when_opened(page):
     )
     assert "loaded: SmolLM2-135M-Instruct" in page.locator("#memory-bars").inner_text()
     page.screenshot(path=str(ASSETS / "screenshot-memory.png"), full_page=True)
+
+
+def test_sweep_streams_its_rows_and_plots_them(page):
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-coeffs textarea").fill("0, 0.25, 0.45, 0.75")
+    box = page.locator("#sweep-tokens input[type=number]")
+    box.fill("16")
+    box.blur()
+    page.locator("#run-sweep").click()
+    page.wait_for_function("() => !document.querySelector('#stop-sweep').disabled")
+    page.wait_for_function("() => document.querySelectorAll('#sweep-plot circle.marker').length >= 8")
+    assert "layer 15" in _text(page, "sweep-info")
+    ticks = page.locator("#sweep-plot text.x-tick").all_inner_texts()
+    assert 3 <= len(ticks) <= 10, ticks  # a few round ticks, not one per point
+    page.wait_for_function("() => !document.querySelector('#run-sweep').disabled")
+    page.screenshot(path=str(ASSETS / "screenshot-sweep.png"), full_page=True)

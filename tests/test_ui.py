@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import gradio as gr
 import pytest
@@ -359,3 +360,83 @@ def test_recipes_are_bounded_and_standard_json(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         assert _refusal(ui.load_recipe(str(path), 15)).startswith(f"{field}: ")
+
+
+def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
+    from steering import plots
+
+    assert plots.nice_ticks(0, 0.75) == [0, 0.2, 0.4, 0.6]
+    assert plots.nice_ticks(-20, 20) == [-20, -10, 0, 10, 20]
+    rows = [
+        {"coeff": c, "text": "t", "relevance": r, "perplexity": p, "fluent": p <= 30}
+        for c, r, p in ((0.0, 0.0, 2.0), (0.25, 0.5, 5.0), (0.45, 1.5, 12.0), (0.75, 2.0, 90.0))
+    ]
+    svg = plots.sweep_svg({"rows": rows, "recommended": 0.45})
+    assert svg.count('class="marker"') == 8  # every measured point of both series
+    assert 'class="recommended"' in svg and "fluency boundary (perplexity 30)" in svg
+    assert len(re.findall(r'class="x-tick"', svg)) == 4
+    assert ">30<" not in svg and "perplexity</text>" in svg  # the right axis names perplexity at e^y heights
+    assert "The plot appears" in plots.sweep_svg({"rows": [{"coeff": 0.5, "text": "partial"}]})  # streaming rows
+
+
+def test_autotune_picture_and_cosine_scale():
+    from steering import plots
+
+    result = {
+        "layer": 15,
+        "coeff": 0.4,
+        "reason": "most relevant fluent row",
+        "rows": [
+            {"layer": 15, "coeff": 0.4, "score": 1.2, "text": "a"},
+            {"layer": 15, "coeff": 0.6, "score": None, "text": "b"},
+            {"layer": 18, "coeff": 0.4, "score": 0.3, "text": "c"},
+        ],
+    }
+    grid = plots.autotune_html(result)
+    assert grid.count('class="chosen"') == 1 and "not fluent" in grid and "colour-scale" in grid
+    assert "layer 18" in grid and "most relevant fluent row" in grid
+    assert "colour-scale" in views.heatmap_html(["a", "b"], [[1.0, 0.2], [0.2, 1.0]], 3)
+
+
+def test_history_is_bounded_per_session_and_downloads_as_jsonl(monkeypatch):
+    from steering import history
+
+    monkeypatch.setattr(history, "MAX_SESSIONS", 2)
+    for session in ("a", "b"):
+        history.clear(session)
+    request = {"prompt": "Hi", "vectors": [{"text": "dogs", "coeff": 0.5, "layer": 15}], "seed": 3}
+    for i in range(history.MAX_ENTRIES + 5):
+        history.record("a", "steer", {**request, "direction": list(range(5000))}, {"model": "m", "steered": f"{i}"})
+    entries = history.entries("a")
+    assert len(entries) == history.MAX_ENTRIES and entries[-1]["result"]["steered"] == f"{history.MAX_ENTRIES + 4}"
+    assert entries[0]["request"]["direction"] == "<5000 numbers, not kept>"  # large lists are not kept whole
+    assert entries[0]["seed"] == 3 and entries[0]["vectors"][0]["text"] == "dogs" and "torch" in entries[0]["versions"]
+    lines = history.to_jsonl("a").splitlines()
+    assert len(lines) == history.MAX_ENTRIES and json.loads(lines[0])["kind"] == "steer"
+    assert history.table_rows("a")[0][0] == history.MAX_ENTRIES  # newest first, numbered from 1
+    history.record("b", "sweep", {"prompt": "Hi", "text": "dogs", "layer": 15, "seed": 0}, {"rows": []})
+    history.record("c", "autotune", {"prompt": "Hi", "text": "dogs", "seed": 0}, {"layer": 15, "coeff": 0.4})
+    assert history.entries("a") == []  # the least recently used session went first
+    assert history.entries("b")[0]["vectors"] == [{"text": "dogs", "layer": 15}]
+    with pytest.raises(ValueError, match="from 1 to 1"):
+        history.entry("c", 2)
+
+
+def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
+    from steering import history, ui_history, ui_sweep
+
+    ensure_embedded_loaded()
+    history.clear(None)
+    updates = list(ui_sweep.run_sweep("Tell me about your weekend.", "dogs", 15, "0, 0.45", 6, 0))
+    assert any("generating" in info for _, _, info in updates[:-1])  # rows streamed before the scores
+    table, plot, info = updates[-1]
+    assert [row[0] for row in table] == [0.0, 0.45] and all(row[3] in ("yes", "no") for row in table)
+    assert plot.count('class="marker"') >= 3 and "layer 15" in info
+    (entry,) = history.entries(None)
+    assert entry["kind"] == "sweep" and entry["model"] == "SmolLM2-135M-Instruct" and entry["request"]["coeffs"]
+    rows, result, message = ui_history.rerun_entry(1)
+    assert "the output is the same" in message and [r["text"] for r in result["rows"]] == [r[7] for r in table]
+    assert rows[0][0] == 2 and rows[0][2] == "sweep"
+    assert _refusal(ui_history.rerun_entry(7)).startswith("entry: give an entry number from 1 to 2")
+    updates = list(ui_sweep.run_sweep("Hi", "dogs", 15, "0, lots", 6, 0))
+    assert _refusal(updates[-1]).startswith("coeffs: ")  # the previous sweep's table and plot stay

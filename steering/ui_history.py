@@ -1,0 +1,53 @@
+"""The History tab's handlers: the session's results as a table, a JSONL download, and re-running
+one entry with the same arguments (steering/history.py keeps them)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from steering import api, files, history
+from steering.ui_steer import notices, session_of
+
+# What re-runs each kind of entry: the api function its `request` holds the arguments of.
+RERUN = {"steer": api.steer, "sweep": api.sweep, "autotune": api.autotune}
+
+
+def show_history(request: gr.Request = None) -> list[list]:
+    """The session's history, newest first."""
+    return history.table_rows(session_of(request))
+
+
+@notices(2, at=1)
+def download_history(request: gr.Request = None) -> tuple:
+    """The session's history as a JSON Lines file; outputs (file, message)."""
+    text = history.to_jsonl(session_of(request))
+    if not text:
+        raise gr.Error("history: nothing to download yet; every Generate, sweep and auto-tune adds an entry")
+    path = files.app_file("history", ".jsonl")
+    path.write_text(text, encoding="utf-8")
+    return str(path), f"{text.count(chr(10))} entries."
+
+
+@notices(3, at=2)
+def rerun_entry(number, request: gr.Request = None) -> tuple:
+    """Run entry `number` (1-based, as the table shows it) again with the same arguments; the new
+    result is shown and added to the history. Outputs (table, result, message)."""
+    session = session_of(request)
+    try:
+        entry = history.entry(session, number)
+    except ValueError as exc:
+        raise gr.Error(f"entry: {exc}") from None
+    run = RERUN.get(entry["kind"])
+    if run is None:
+        raise gr.Error(f"entry: a {entry['kind']} entry is re-run from its own tab")
+    result = run(**entry["request"])
+    added = history.record(session, entry["kind"], entry["request"], result, context={"rerun_of": int(number)})
+    same = _same_output(entry, added)
+    note = f"Re-ran entry {int(number)} as entry {len(history.entries(session))}"
+    note += "; the output is the same." if same else "; the output differs (model, version or sampling changed)."
+    return history.table_rows(session), result, note
+
+
+def _same_output(old: dict, new: dict) -> bool:
+    keys = ("steered", "baseline", "rows", "layer", "coeff")
+    return all(old["result"].get(k) == new["result"].get(k) for k in keys)

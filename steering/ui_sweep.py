@@ -1,0 +1,126 @@
+"""The Sweep tab's handlers (rows stream in, Stop ends them) and the vector form's Auto-tune.
+
+Both follow the Steer tab's rules (steering/ui_steer.py): a refusal is a notice and a message
+line, and the previous results stay; the run button is disabled while a run goes and Stop
+enabled only then. Every finished (or stopped) result goes into the session's history.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import gradio as gr
+
+from steering import api, history, limits, plots, views
+from steering.ui_steer import end_run, inline, n_layers_now, notices, session_of
+
+_sweeps: dict[str | None, threading.Event] = {}  # a session's running sweep: its stop flag
+_lock = threading.Lock()
+
+
+def begin_sweep() -> tuple:
+    """Run disabled, Stop enabled, the message line cleared."""
+    return gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…"
+
+
+@notices(3, at=2)
+def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, request: gr.Request = None):
+    """One row per coefficient, streamed as the tokens arrive, then scored: outputs (table, plot,
+    info). The table keeps the previous sweep until this one has its first text."""
+    session = session_of(request)
+    stop = threading.Event()
+    with _lock:
+        _sweeps[session] = stop
+    arguments = dict(
+        prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
+        max_new_tokens=max_new_tokens, seed=seed,
+    )  # fmt: skip
+    result = None
+    stream = api.sweep_stream(stop=stop, **arguments)
+    try:
+        for result in stream:
+            info = f"{result['model']} · layer {result['layer']}"
+            if not result["done"]:
+                tokens = max((len(r["text"]) for r in result["rows"]), default=0)
+                yield views.sweep_rows(result), gr.skip(), f"{info} · generating… ({tokens} characters so far)"
+                continue
+            if result.get("stopped"):
+                info += " · stopped: the texts so far, unscored"
+            else:
+                best = result.get("recommended")
+                info += f" · recommended coefficient {best:g} (★)" if best is not None else " · no fluent row"
+            notice = views.fallback_notice(result.get("fallback"))
+            yield views.sweep_rows(result), plots.sweep_svg(result), info + (f"  \n{notice}" if notice else "")
+    finally:
+        stop.set()
+        stream.close()
+        with _lock:
+            if _sweeps.get(session) is stop:
+                del _sweeps[session]
+        if result is not None:
+            stopped = bool(result.get("stopped")) or not result["done"]
+            history.record(session, "sweep", arguments, result, context={"stopped": True} if stopped else None)
+
+
+def stop_sweep(request: gr.Request = None) -> tuple:
+    """Stop this session's sweep; outputs (info, run button, stop button)."""
+    with _lock:
+        stop = _sweeps.get(session_of(request))
+    if stop is not None:
+        stop.set()
+    return "Stopped.", *end_run()
+
+
+# -- Auto-tune in the vector form ------------------------------------------------------------------
+_tunes: dict[str | None, threading.Event] = {}
+
+
+def _accepts(name: str) -> bool:
+    return name in inspect.signature(api.autotune).parameters
+
+
+@notices(4, at=2)
+def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress(), request: gr.Request = None):
+    """Search layers x coefficients for the form's vector on the prompt; fill the form's layer and
+    coefficient with the chosen setting. Outputs (layer slider, coefficient, message, picture)."""
+    given = {k: v for k, v in (("text", text), ("positive", positive), ("negative", negative)) if v and v.strip()}
+    if not given:
+        raise gr.Error("text: type the steering text (or a positive and a negative text) to tune first")
+    arguments = dict(prompt=prompt, **given, seed=limits.check("seed", seed))
+    session = session_of(request)
+    stop = threading.Event()
+    extra = {"stop": stop} if _accepts("stop") else {}  # api.autotune may not take a stop flag yet
+    progress(0, desc="Auto-tune: searching layers × coefficients")
+    with _lock:
+        _tunes[session] = stop
+    try:
+        result = api.autotune(**arguments, **extra)
+    finally:
+        with _lock:
+            if _tunes.get(session) is stop:
+                del _tunes[session]
+    history.record(session, "autotune", arguments, result, context={"stopped": True} if stop.is_set() else None)
+    picture = plots.autotune_html(result)
+    if result.get("layer") is None or result.get("coeff") is None:
+        return gr.skip(), gr.skip(), inline(str(result.get("reason") or "auto-tune found no setting")), picture
+    n_layers = n_layers_now()
+    layer = result["layer"] if n_layers is None else min(result["layer"], n_layers - 1)
+    score = result.get("score")
+    message = (
+        f"Auto-tune set layer {layer} and coefficient {result['coeff']:g}"
+        + (f" (score {score:.3f} nats/token)" if score is not None else "")
+        + f". {result.get('reason') or ''} Click **Add vector** to add it."
+    )
+    gr.Info(f"Auto-tune: layer {layer}, coefficient {result['coeff']:g}")
+    return gr.Slider(value=layer), result["coeff"], message, picture
+
+
+def stop_autotune(request: gr.Request = None) -> tuple:
+    """Stop this session's auto-tune (a queued one never starts); outputs (message, buttons)."""
+    with _lock:
+        stop = _tunes.get(session_of(request))
+    if stop is not None:
+        stop.set()
+    finished = "" if _accepts("stop") else " (a search already running finishes its current batch first)"
+    return f"Auto-tune stopped{finished}.", *end_run()
