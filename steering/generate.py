@@ -41,6 +41,7 @@ from steering.cpu import small_batch_linears
 from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 from steering.loaded import decoder_layers
+from steering.prefill import shared_prefill
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +189,15 @@ def stream_rows(
     finished = [False] * n_rows
     texts = [""] * n_rows
 
-    with engine.installed(rows, capture_mode), _stoppable(model, stop):
+    with engine.installed(rows, capture_mode) as layers, _stoppable(model, stop):
 
         def work():
             try:
-                with torch.inference_mode(), small_batch_linears(model):
+                with (
+                    torch.inference_mode(),
+                    small_batch_linears(model),
+                    shared_prefill(model, input_ids, attention_mask, layers),
+                ):
                     model.generate(
                         input_ids=input_ids,
                         attention_mask=attention_mask,
