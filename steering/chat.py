@@ -159,6 +159,7 @@ def chat_stream(
                 "baseline": update.texts[1],
                 "history_steered": conversations[0] + [replies[0]],
                 "history_baseline": conversations[1] + [replies[1]],
+                "tokens": [len(ids) for ids in update.token_ids],  # generated so far, per row
                 "done": update.done,
             }
 
@@ -199,8 +200,9 @@ def chat(
 
     Returns:
         {"steered", "baseline" (the two new replies), "history_steered", "history_baseline" (each
-        history with the new message and its reply), "model", "quant", "device", "layers",
-        "fallback" (None, or the downgrade event when this request ran out of memory)}.
+        history with the new message and its reply), "model", "quant", "device", "layers", "tokens"
+        (new tokens per reply: [steered, baseline]), "fallback" (None, or the downgrade event when
+        this request ran out of memory)}.
     """
     stream = chat_stream(
         message, history_steered, history_baseline, vectors, max_new_tokens, temperature, top_p, seed, capture_mode

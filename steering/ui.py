@@ -30,10 +30,12 @@ from gradio.utils import get_upload_folder, is_in_or_equal
 from steering import (
     api,
     catalog,
+    chat,
     engine,
     history,
     limits,
     serving,
+    ui_chat,
     ui_history,
     ui_recipes,
     ui_steer,
@@ -94,6 +96,7 @@ def import_vectors(file: FileData) -> dict:
 # The client endpoints: function, name, concurrency group.
 ENDPOINTS = (
     (api.steer, "steer", MODEL),
+    (chat.chat, "chat", MODEL),
     (api.sweep, "sweep", MODEL),
     (api.similarity, "similarity", MODEL),
     (api.autotune, "autotune", MODEL),
@@ -755,6 +758,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
         prompt = gr.Textbox("Tell me about your weekend.", label="Prompt", lines=2, elem_id="prompt-box")
         with gr.Tabs():
             steer = _steer_tab(n_layers)
+            chat_tab = ui_chat.chat_tab()
             sweep = _sweep_tab(n_layers)
             vectors = _vectors_tab()
             memory = _memory_tab()
@@ -766,6 +770,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
             _document_parameters(demo, name, fn)
         _wire(demo, prompt, model, steer, sweep, vectors, memory, recipes)
         _wire_history(past)
+        ui_chat.wire_chat(chat_tab, steer.form, steer.decoding)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)
     serving.readings_never_queue_full(demo)  # /status and /plan answer even when generation fills it

@@ -2,7 +2,8 @@
 
 One app process for the module, serving the embedded SmolLM2 on CPU: the tools are exactly the
 client endpoints, with their docstrings as descriptions; `steer` answers (zero coefficient: the
-steered reply is the baseline's) and a bad argument comes back as a tool error naming the field.
+steered reply is the baseline's), so does `chat`, and a bad argument comes back as a tool error
+naming the field.
 Gradio hands a tool's dict back as one text block holding its Python repr.
 """
 
@@ -62,9 +63,13 @@ def test_mcp_lists_the_endpoints_as_tools_and_steers(mcp_app):
             {"prompt": PROMPT, "vectors": [{"text": "dogs", "coeff": 0.0, "layer": LAYER}], "max_new_tokens": TOKENS},
         )
         refused = await session.call_tool("steer", {"prompt": " ", "vectors": []})
-        return tools, steered, refused
+        chatted = await session.call_tool(
+            "chat",
+            {"message": PROMPT, "history_steered": [], "history_baseline": [], "vectors": [], "max_new_tokens": TOKENS},
+        )
+        return tools, steered, refused, chatted
 
-    tools, steered, refused = _session(mcp_app.url, work)
+    tools, steered, refused, chatted = _session(mcp_app.url, work)
     by_name = {tool.name: tool for tool in tools}
     assert set(by_name) == {name for _, name, _ in ui.ENDPOINTS}  # UI-only handlers are not tools
     steer = by_name["steer"]
@@ -77,6 +82,12 @@ def test_mcp_lists_the_endpoints_as_tools_and_steers(mcp_app):
     assert result["model"] == catalog.EMBEDDED_ID and result["layers"] == [LAYER]
     assert result["steered"] and result["steered"] == result["baseline"]  # coefficient 0: unsteered
     assert refused.isError and refused.content[0].text.startswith("prompt: must be a non-empty text")
+    chat = _value(chatted)  # the chat tool: both conversations, one turn
+    assert chat["history_steered"] == [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": result["baseline"]},  # no vectors: the unsteered reply
+    ]
+    assert chat["history_baseline"] == chat["history_steered"]
     assert "Traceback" not in mcp_app.log
 
 
