@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -130,7 +131,9 @@ def meta_model(spec: ModelSpec):
         **options,
     )
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # a tied lm_head is the embedding: placed with it, counted once
+    return model
 
 
 def _accelerate_dtypes(model, quant: str) -> tuple[object, dict]:
@@ -156,7 +159,9 @@ def _quiet_accelerate() -> Iterator[None]:
     level = noisy.level
     noisy.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # and about buffers of offloaded layers (a few bytes of rotary)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
     finally:
         noisy.setLevel(level)
 

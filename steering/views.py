@@ -456,13 +456,19 @@ def process_rows(device: dict) -> list[list]:
     ]
 
 
-PLAN_COLUMNS = ("model", "quant", "need", "verdict", "spare / short by", "fits (compare / sweep tokens)")
+PLAN_COLUMNS = (
+    "model", "quant", "need", "verdict", "spare / short by", "fits (compare / sweep tokens)", "runs on"
+)  # fmt: skip
 VERDICTS_LEGEND = (
-    "**stable**: the need plus the safety margin fits the headroom · **fragile**: only the need fits "
-    "(no margin left) · **wont_fit**: the need alone is more than the headroom. The need is the larger "
-    "of a 2-row compare at the planned context and an 8-row sweep of 256 tokens; *fits* are the longest "
-    "prompt + new tokens per row that keep the margin."
+    "**stable**: the need plus the safety margin fits the headroom (of one card, or of each card when "
+    "the model is split across several GPUs) · **fragile**: only the need fits (no margin left) · "
+    "**offload**: it fits only with part of its layers in CPU RAM (much slower: *runs on* gives the "
+    "split and an estimated speed; never loaded unless asked for) · **wont_fit**: not even that. The need "
+    "is the larger of a 2-row compare at the planned context and an 8-row sweep of 256 tokens; *fits* are "
+    "the longest prompt + new tokens per row that keep the margin."
 )
+# The Memory tab's strip under a split model's bar: one colour per device.
+DEVICE_COLOURS = {"cuda:0": "#1f4e79", "cuda:1": "#4a90c8", "cuda:2": "#8fbde6", "cpu": "#9a9a9a", "disk": "#555"}
 # One colour per term of the estimate (the Memory tab's bars and their legend).
 TERM_COLOURS = {
     "weights": "#4e79a7",
@@ -480,9 +486,29 @@ def _spare(need: int, headroom: int, margin: int) -> str:
     return f"spare {format_bytes(left)}" if left >= 0 else f"short by {format_bytes(-left)}"
 
 
+def split_text(row: dict) -> str:
+    """Where a plan row runs: "cuda:0", "cuda:0 16 + cuda:1 16 layers", or for an offload
+    "cuda:0 9 + cpu 23 layers · ~1.15 tokens/s (estimate)"; empty when it does not fit."""
+    devices = row.get("devices") or []
+    if len(devices) < 2:
+        return devices[0]["device"] if devices else ""
+    text = " + ".join(f"{d['device']} {d['layers']}" for d in devices) + " layers"
+    offload = row.get("offload")
+    return text + (f" · ~{offload['expected_tokens_per_s']} tokens/s (estimate)" if offload else "")
+
+
+def _row_spare(row: dict, plan: dict, margin: int) -> str:
+    """Spare memory of a plan row: on the card, or on the tightest GPU of a split model."""
+    headroom = {f"cuda:{g.get('cuda_index')}": g["headroom_bytes"] for g in plan.get("gpus") or []}
+    on_gpus = [d for d in row.get("devices") or [] if d["device"] in headroom]
+    if len(row.get("devices") or []) > 1 and on_gpus:
+        tightest = min(on_gpus, key=lambda d: headroom[d["device"]] - d["bytes"])
+        return f"{_spare(tightest['bytes'], headroom[tightest['device']], margin)} on {tightest['device']}"
+    return _spare(row["need_bytes"], plan.get("headroom_bytes", 0), margin)
+
+
 def plan_rows(plan: dict, margin_bytes: int) -> list[list]:
     """The compatibility matrix in `PLAN_COLUMNS` order."""
-    headroom = plan.get("headroom_bytes", 0)
     rows = []
     for row in plan.get("models", []):
         fit = row.get("fit") or {}
@@ -492,11 +518,25 @@ def plan_rows(plan: dict, margin_bytes: int) -> list[list]:
                 row["quant"],
                 format_bytes(row["need_bytes"]),
                 row["verdict"],
-                _spare(row["need_bytes"], headroom, margin_bytes),
+                _row_spare(row, plan, margin_bytes),
                 f"{fit.get('compare_max_tokens', '-')} / {fit.get('sweep_max_tokens', '-')}",
+                split_text(row),
             ]
         )
     return rows
+
+
+def _device_strip(row: dict, pct) -> str:
+    """A thin strip under a split model's bar: the bytes each device holds, in device colours."""
+    devices = row.get("devices") or []
+    if len(devices) < 2:
+        return ""
+    cells = "".join(
+        f'<div title="{html.escape(d["device"])}: {d["layers"]} layers, {format_bytes(d["bytes"])}" '
+        f'style="width:{pct(d["bytes"])};background:{DEVICE_COLOURS.get(d["device"], "#777")};height:100%"></div>'
+        for d in devices
+    )
+    return f'<div class="device-strip" style="display:flex;height:5px;margin-top:1px">{cells}</div>'
 
 
 def _marker(left: str, style: str) -> str:
@@ -512,6 +552,7 @@ def memory_bars_html(bars: Sequence[tuple[str, dict]], headroom_bytes: int, marg
     if not bars:
         return "<p>No plan rows to draw.</p>"
     scale = max([headroom_bytes] + [row["need_bytes"] for _, row in bars]) or 1
+    scale = max([scale] + [d["bytes"] for _, row in bars for d in row.get("devices") or []])
 
     def pct(value: int) -> str:
         return f"{100 * value / scale:.2f}%"
@@ -526,11 +567,14 @@ def memory_bars_html(bars: Sequence[tuple[str, dict]], headroom_bytes: int, marg
         )
         verdict = html.escape(row["verdict"])
         spare = _spare(row["need_bytes"], headroom_bytes, margin_bytes)
+        strip = _device_strip(row, pct)
+        if strip:  # split: where it runs instead of one card's spare
+            spare = html.escape(split_text(row))
         lines.append(
             '<div class="bar-row" style="display:flex;align-items:center;gap:8px;margin:3px 0">'
             f'<div style="width:260px;font-size:12px;text-align:right">{html.escape(label)}</div>'
             '<div style="position:relative;flex:1;height:18px;background:#f3f3f3">'
-            f'<div style="display:flex;height:100%">{segments}</div>'
+            f'<div style="display:flex;height:{"12px" if strip else "100%"}">{segments}</div>{strip}'
             f"{_marker(pct(headroom_bytes), 'solid')}{_marker(pct(max(0, headroom_bytes - margin_bytes)), 'dashed')}"
             "</div>"
             f'<div style="width:240px;font-size:12px">{format_bytes(row["need_bytes"])} · {verdict} · {spare}</div>'
@@ -540,6 +584,11 @@ def memory_bars_html(bars: Sequence[tuple[str, dict]], headroom_bytes: int, marg
         f'<span style="display:inline-block;width:10px;height:10px;background:{colour}"></span> {html.escape(term)}'
         for term, colour in TERM_COLOURS.items()
     )
+    if any(len(row.get("devices") or []) > 1 for _, row in bars):
+        legend += " · thin strip under a split model: what each device holds, " + " ".join(
+            f'<span style="display:inline-block;width:10px;height:10px;background:{colour}"></span> {device}'
+            for device, colour in DEVICE_COLOURS.items()
+        )
     return (
         f'<div class="memory-bars"><p style="font-size:12px">{legend} · solid line: headroom '
         f"{format_bytes(headroom_bytes)} · dashed: headroom minus the {format_bytes(margin_bytes)} margin</p>"

@@ -285,3 +285,24 @@ def test_fitted_tokens_is_the_largest_that_fits(reference_reading):
     loaded = est.fitted_tokens(QWEN7, "4bit", 8, budget - est.weights_bytes(QWEN7, "4bit"), **device,
                                resident_bytes=est.weights_bytes(QWEN7, "4bit"))  # fmt: skip
     assert loaded == tokens
+
+
+@pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.short_name)
+def test_the_meta_model_accelerate_places_is_the_catalog_model(spec):
+    """The placement's meta-device model, built from the catalog numbers alone, has exactly the
+    catalog's parameter count, and the per-module bytes it is priced with add up to the weights."""
+    from steering import devices
+
+    model = devices.meta_model(spec)
+    assert sum(p.numel() for p in model.parameters()) == spec.n_params
+    assert all(p.device.type == "meta" for p in model.parameters())  # no memory behind it
+    for quant in ("4bit", "8bit", "bf16", "fp32"):
+        assert sum(devices.module_bytes(spec, quant).values()) == est.weights_bytes(spec, quant)
+
+
+def test_a_card_too_small_even_for_the_embeddings_is_wont_fit_not_offload():
+    tiny_card = read(simulate_gpu(1 * GiB))  # 788 MiB headroom: the 1 GiB margin alone is more
+    ram = read(simulate_gpu(80 * GiB))  # stands in for plenty of RAM
+    estimate_, _ = est.workload_estimate(QWEN7, "fp16", tiny_card)
+    placed = est.placement(QWEN7, "fp16", estimate_, [tiny_card], ram)
+    assert placed.verdict == "wont_fit" and placed.devices() == [] and placed.offload() is None

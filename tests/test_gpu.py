@@ -229,3 +229,36 @@ def test_apply_vram_limit_without_cuda_is_a_logged_no_op(caplog):
     assert gpu.apply_vram_limit(None) is None
     assert gpu.apply_vram_limit(4 * GiB, 0) is None
     assert "no CUDA device" in caplog.text
+
+
+def test_parse_sizes_reads_one_card_or_several():
+    assert gpu.parse_sizes("8GiB") == [8 * GiB]
+    assert gpu.parse_sizes("8GiB,24GiB") == [8 * GiB, 24 * GiB]
+    for bad in ("", "8GiB,", ",8GiB", "8GiB,,8GiB", "8GiB,lots"):
+        with pytest.raises(ValueError, match="not a size"):
+            gpu.parse_sizes(bad)
+
+
+def test_several_simulated_cards_are_all_probed_with_the_desktop_on_the_first(monkeypatch):
+    overhead = parse_size("0.7GiB")
+    with use_nvml(simulate_gpu([8 * GiB, 8 * GiB, 12 * GiB], overhead)):
+        readings = gpu.probe_all()
+        second = probe(1)
+    assert [r.cuda_index for r in readings] == [0, 1, 2]
+    assert [r.total_bytes for r in readings] == [8 * GiB, 8 * GiB, 12 * GiB]
+    assert readings[0].desktop_overhead_bytes == overhead and readings[1].processes == []
+    assert readings[1].headroom_bytes == 8 * GiB - RESERVED == second.headroom_bytes
+    assert len({r.uuid for r in readings}) == 3 and all(r.mode == "simulated" for r in readings)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    with use_nvml(simulate_gpu([8 * GiB, 8 * GiB, 12 * GiB], overhead)):
+        visible = gpu.probe_all(vram_limit_bytes=6 * GiB)
+    assert [r.total_bytes for r in visible] == [12 * GiB, 8 * GiB]  # CUDA's numbering: 0 is the third card
+    assert [r.headroom_bytes for r in visible] == [6 * GiB, 6 * GiB]  # --vram-limit caps each card
+
+
+def test_probe_all_without_a_gpu_is_one_cpu_reading(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    readings = gpu.probe_all()
+    assert len(readings) == 1 and readings[0].mode == "cpu"
+    ram = gpu.system_ram(32 * GiB)
+    assert ram.mode == "cpu" and ram.headroom_bytes == 32 * GiB and "simulated RAM" in ram.reason

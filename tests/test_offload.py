@@ -108,3 +108,27 @@ def test_an_offload_model_loads_only_when_asked(fresh_manager, tiny_qwen_dir, ti
     assert loaded["placement"]["offload"]["cpu_layers"] == split["cpu_layers"]
     assert loaded["placement"]["devices"] == row["devices"]
     assert loaded["device"] == "cpu"  # a simulated card: the process itself runs on the CPU
+
+
+def test_the_memory_tab_shows_the_split(monkeypatch):
+    """The Memory tab's table and picture (steering/views.py) on two simulated 8 GiB cards."""
+    from steering import views
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with gpu.use_nvml(gpu.simulate_gpu([8 * gpu.GiB, 8 * gpu.GiB], int(0.7 * gpu.GiB))):
+        gpus = gpu.probe_all()
+    plan = estimate.plan(gpus[0], gpus=gpus, ram=gpu.system_ram(32 * gpu.GiB))
+    table = {(r[0], r[1]): dict(zip(views.PLAN_COLUMNS, r)) for r in views.plan_rows(plan, plan["margin_bytes"])}
+    split = table[("Qwen/Qwen2.5-7B-Instruct", "8bit")]
+    assert split["verdict"] == "stable" and split["runs on"].startswith("cuda:0 ") and " + cuda:1 " in split["runs on"]
+    assert split["spare / short by"].startswith("spare ") and split["spare / short by"].endswith(("cuda:0", "cuda:1"))
+    offload = table[("Qwen/Qwen2.5-7B-Instruct", "fp16")]
+    assert offload["verdict"] == "offload" and " + cpu " in offload["runs on"] and "tokens/s" in offload["runs on"]
+    assert table[("Qwen/Qwen2.5-1.5B-Instruct", "4bit")]["runs on"] == "cuda:0"
+    rows = {(r["id"], r["quant"]): r for r in plan["models"]}
+    bars = views.memory_bars_html(
+        [("split", rows[("Qwen/Qwen2.5-7B-Instruct", "8bit")]), ("one card", rows[(catalog.FALLBACK_ID, "4bit")])],
+        plan["headroom_bytes"],
+        plan["margin_bytes"],
+    )
+    assert bars.count('class="device-strip"') == 1 and "cuda:1: " in bars and "thin strip" in bars

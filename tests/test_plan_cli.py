@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from steering.__main__ import main
-from steering.catalog import FALLBACK_ID
+from steering.catalog import FALLBACK_ID, get_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ["--simulate-gpu", "8GiB", "--gui-overhead", "0.7GiB"]
@@ -91,10 +91,9 @@ def test_margin_and_context_change_the_verdicts(capsys):
     assert verdicts[("mistralai/Mistral-7B-Instruct-v0.3", "4bit")] == "wont_fit"
 
 
-def test_human_table_shows_device_matrix_and_choice():
-    done = run_cli("plan", *REFERENCE)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+def test_human_table_shows_device_matrix_and_choice(capsys):
+    assert main(["plan", *REFERENCE]) == 0  # in-process: a subprocess would import torch again
+    out = capsys.readouterr().out
     assert "Simulated NVIDIA GeForce RTX 2070 SUPER" in out
     assert "gnome-shell" in out and "firefox" in out and "desktop overhead 716.80 MiB" in out
     for model in ("Mistral-7B-Instruct-v0.3", "Qwen2.5-7B-Instruct", "Llama-3.2-1B-Instruct", "SmolLM2-135M"):
@@ -134,6 +133,8 @@ def test_fallback_model_flag_is_the_plans_fallback(capsys, monkeypatch):
         ["plan", "--bogus"],
         ["plan", "--gui-overhead", "1GiB"],
         ["plan", "--simulate-gpu", "1GiB", "--gui-overhead", "2GiB"],
+        ["plan", "--simulate-gpu", "8GiB,"],
+        ["plan", "--simulate-ram", "lots"],
         ["plan", "--model", "nobody/no-such-model"],
         ["frobnicate"],
         [],
@@ -144,3 +145,52 @@ def test_bad_flags_exit_2_with_one_line(args):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "error" in done.stderr, done.stderr
+
+
+def _plan(capsys, *args: str) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_an_8gb_card_offloads_what_does_not_fit_and_says_how_fast(capsys):
+    result = _plan(capsys, *REFERENCE, "--simulate-ram", "32GiB")
+    rows = {(row["id"], row["quant"]): row for row in result["models"]}
+    offloaded = [row for row in result["models"] if row["verdict"] == "offload"]
+    assert rows[("Qwen/Qwen2.5-7B-Instruct", "fp16")] in offloaded
+    for row in offloaded:
+        split, devices = row["offload"], {d["device"]: d for d in row["devices"]}
+        assert split["gpu_layers"] + split["cpu_layers"] == get_spec(row["id"]).n_layers and split["cpu_layers"] > 0
+        assert set(devices) == {"cuda:0", "cpu"} and split["cpu_bytes"] == devices["cpu"]["bytes"]
+        assert devices["cuda:0"]["bytes"] + result["margin_bytes"] <= result["headroom_bytes"]
+        assert devices["cpu"]["bytes"] + result["margin_bytes"] <= 32 * 1024**3
+        assert 0.1 < split["expected_tokens_per_s"] < 10 and "estimate" in split["basis"]
+        assert row["quant"] in ("fp16", "bf16") and row["fit"]["compare_max_tokens"] >= 2048
+    # more of the model in RAM, slower: Mistral bf16 (math attention leaves less room on a 7.5 card) vs fp16
+    mistral = [rows[("mistralai/Mistral-7B-Instruct-v0.3", q)]["offload"] for q in ("fp16", "bf16")]
+    assert mistral[1]["cpu_layers"] > mistral[0]["cpu_layers"]
+    assert mistral[1]["expected_tokens_per_s"] < mistral[0]["expected_tokens_per_s"]
+    eight_bit = rows[("mistralai/Mistral-7B-Instruct-v0.3", "8bit")]  # bitsandbytes cannot offload it quantized
+    assert eight_bit["verdict"] == "wont_fit" and "bitsandbytes" in eight_bit["note"] and eight_bit["devices"] == []
+    assert rows[(result["choice"]["id"], result["choice"]["quant"])]["verdict"] == "stable"  # never chosen by itself
+    little_ram = _plan(capsys, *REFERENCE, "--simulate-ram", "4GiB")
+    assert not [row for row in little_ram["models"] if row["verdict"] == "offload"]
+    assert little_ram["ram"]["headroom_bytes"] == 4 * 1024**3
+
+
+def test_two_8gb_cards_run_a_model_that_does_not_fit_one(capsys):
+    one = {(r["id"], r["quant"]): r["verdict"] for r in _plan(capsys, *REFERENCE, "--simulate-ram", "32GiB")["models"]}
+    two = _plan(capsys, "--simulate-gpu", "8GiB,8GiB", "--gui-overhead", "0.7GiB", "--simulate-ram", "32GiB")
+    headroom = {f"cuda:{g['cuda_index']}": g["headroom_bytes"] for g in two["gpus"]}
+    assert headroom["cuda:1"] > headroom["cuda:0"]  # the desktop is on the first card only
+    split = [r for r in two["models"] if r["verdict"] == "stable" and one[(r["id"], r["quant"])] != "stable"]
+    assert ("Qwen/Qwen2.5-7B-Instruct", "8bit") in {(r["id"], r["quant"]) for r in split}
+    for row in split:
+        assert [d["device"] for d in row["devices"]] == ["cuda:0", "cuda:1"] and row["offload"] is None
+        assert sum(d["layers"] for d in row["devices"]) == get_spec(row["id"]).n_layers
+        assert all(d["bytes"] + two["margin_bytes"] <= headroom[d["device"]] for d in row["devices"])
+        assert row["fit"]["compare_max_tokens"] >= 2048 and row["fit"]["sweep_max_tokens"] >= 256
+    choice = two["choice"]  # the largest stable model, now across both cards
+    assert choice["id"] == "Qwen/Qwen2.5-7B-Instruct" and "split across 2 GPUs" in choice["reason"]
+    assert main(["plan", "--simulate-gpu", "8GiB,8GiB", "--gui-overhead", "0.7GiB"]) == 0
+    table = capsys.readouterr().out
+    assert "also cuda:1" in table and " + cuda:1 " in table and "tokens/s (estimate)" in table
