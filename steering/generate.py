@@ -358,11 +358,15 @@ def token_logprobs(
         picked = torch.empty(len(where), dtype=torch.float32, device=engine.device)
         with torch.inference_mode():
             hidden = engine.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            scoring, targets = hidden[index_b, index_p], ids[index_b, index_p + 1]  # (n, H), (n,)
+            # a model dispatched across devices ends on its last layer's device, and its head may be elsewhere
+            at = hidden.device
+            scoring, targets = hidden[index_b.to(at), index_p.to(at)], ids[index_b, index_p + 1]  # (n, H), (n,)
             for start in range(0, len(where), step):
                 logits = head(scoring[start : start + step]).float()  # (<= step, V)
-                chosen = torch.log_softmax(logits, dim=-1).gather(-1, targets[start : start + step, None])
-                picked[start : start + step] = chosen.squeeze(-1)
+                chosen = torch.log_softmax(logits, dim=-1).gather(
+                    -1, targets[start : start + step, None].to(logits.device)
+                )
+                picked[start : start + step] = chosen.squeeze(-1).to(picked.device)
         offset = 0
         for start, end in chunk_spans:
             out.append(picked[offset : offset + max(end - start, 0)].cpu())
