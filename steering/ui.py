@@ -307,6 +307,22 @@ def _layer_slider(n_layers: int, label: str) -> gr.Slider:
 
 
 # -- layout: one builder per panel -------------------------------------------------------------
+# Global CSS, in a <style> element of the page (Gradio 6 takes css only in launch(), which app.py
+# and the tests call): the Steer tab's wide-screen grid, tables that scroll within themselves,
+# message lines, and the footer's "Use via API" link kept on narrow screens.
+LAYOUT_CSS = """
+@media (min-width: 900px) {
+  #steer-layout { display: grid !important; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr);
+    grid-template-areas: "form outputs" "table outputs"; align-items: start; }
+  #steer-form { grid-area: form; } #steer-outputs { grid-area: outputs; } #steer-table { grid-area: table; }
+}
+.scroll-table .table-wrap, .scroll-table .virtual-table-viewport { overflow-x: auto !important; }
+.scroll-table table { min-width: 560px; }
+.field-message p { color: #b45309; margin: 0; }
+footer .show-api, footer .api-docs, footer a[href*="view=api"] { display: inline-flex !important; }
+"""
+
+
 def _model_panel(loaded, locked: bool) -> SimpleNamespace:
     model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
     with gr.Accordion("Model", open=True):
@@ -340,7 +356,7 @@ def _model_panel(loaded, locked: bool) -> SimpleNamespace:
 
 
 def _vector_form(n_layers: int) -> SimpleNamespace:
-    """Layer slider, the new-vector form, the vectors table and its row buttons."""
+    """Layer slider, the new-vector form and its Auto-tune."""
     layer = _layer_slider(n_layers, "Layer (for new vectors and the heatmap)")
     with gr.Row():
         text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
@@ -358,6 +374,22 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
             "and fills the layer and coefficient above.</p>",
             elem_id="autotune-picture",
         )
+    return SimpleNamespace(
+        layer=layer,
+        text=text,
+        positive=positive,
+        negative=negative,
+        coeff=coeff,
+        add_btn=add_btn,
+        autotune_btn=autotune_btn,
+        autotune_stop=autotune_stop,
+        autotune_picture=autotune_picture,
+        message=message,
+    )
+
+
+def _vector_table() -> SimpleNamespace:
+    """The vectors table (it scrolls within itself on a phone), its row buttons and vector files."""
     table = gr.Dataframe(
         value=[],
         headers=list(views.VECTOR_COLUMNS),
@@ -367,6 +399,7 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         interactive=True,
         label="Vectors",
         elem_id="vectors-table",
+        elem_classes=["scroll-table"],
     )
     with gr.Row():
         remove_number = gr.Number(
@@ -391,16 +424,6 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         export_file=export_file,
         import_info=import_info,
         directions=directions,
-        layer=layer,
-        text=text,
-        positive=positive,
-        negative=negative,
-        coeff=coeff,
-        add_btn=add_btn,
-        autotune_btn=autotune_btn,
-        autotune_stop=autotune_stop,
-        autotune_picture=autotune_picture,
-        message=message,
         table=table,
         remove_number=remove_number,
         remove_btn=remove_btn,
@@ -428,20 +451,26 @@ def _decoding_panel() -> SimpleNamespace:
 
 
 def _steer_tab(n_layers: int) -> SimpleNamespace:
-    with gr.Tab("Steer"), gr.Row():
-        with gr.Column(scale=1):
-            form = _vector_form(n_layers)
-            decoding = _decoding_panel()
+    """Three columns: the form and Generate, the outputs, the table and settings. A wide screen
+    shows them as form | outputs over table | outputs (CSS grid, see `LAYOUT_CSS`); a phone stacks
+    them in that order, so the outputs come right after the controls that produce them."""
+    with gr.Tab("Steer"), gr.Row(elem_id="steer-layout"):
+        with gr.Column(scale=1, elem_id="steer-form"):
+            new_vector = _vector_form(n_layers)
             with gr.Row():
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_id="steer-outputs"):
             with gr.Row():
                 steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
                 baseline = gr.Textbox(
                     label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
                 )
             run_info = gr.Markdown("", elem_id="run-info")
+        with gr.Column(scale=1, elem_id="steer-table"):
+            rows = _vector_table()
+            decoding = _decoding_panel()
+    form = SimpleNamespace(**vars(new_vector), **vars(rows))
     return SimpleNamespace(
         form=form,
         decoding=decoding,
@@ -755,6 +784,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
             f"# {config.title}\nActivation steering (llm-steer) with steered and unsteered output side by side."
         )
         model = _model_panel(loaded, locked)
+        gr.HTML(f"<style>{LAYOUT_CSS}</style>", elem_id="layout-css", padding=False)
         prompt = gr.Textbox("Tell me about your weekend.", label="Prompt", lines=2, elem_id="prompt-box")
         with gr.Tabs():
             steer = _steer_tab(n_layers)

@@ -231,3 +231,22 @@ def test_sweep_streams_its_rows_and_plots_them(page):
     assert 3 <= len(ticks) <= 10, ticks  # a few round ticks, not one per point
     page.wait_for_function("() => !document.querySelector('#run-sweep').disabled")
     page.screenshot(path=str(ASSETS / "screenshot-sweep.png"), full_page=True)
+
+
+def test_phone_width_puts_the_outputs_right_after_generate(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        page.reload()
+        page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+        top = "e => e.getBoundingClientRect().top + window.scrollY"
+        generate, steered, table = (
+            page.locator(selector).evaluate(top) for selector in ("#generate", "#steered-output", "#vectors-table")
+        )
+        assert generate < steered < table  # outputs right after the controls that produce them
+        assert steered - generate < 300
+        viewport = page.locator("#vectors-table .virtual-table-viewport")
+        width, scroll = viewport.evaluate("e => [e.clientWidth, e.scrollWidth]")
+        assert width < 390 and scroll > width  # all columns there: the table scrolls within itself
+        assert page.get_by_text("Use via API").first.is_visible()
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
