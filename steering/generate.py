@@ -3,7 +3,9 @@
 Every request is a list of batch rows; row b carries its own steering coefficients (the engine's
 batch-row masks), so "steered vs unsteered" is two rows of one `generate` call and an 8-point
 coefficient sweep is eight rows. All rows share one prompt, so there is no padding and, in fp32
-with greedy decoding, each row is token-identical to a separate run.
+with greedy decoding, each row is token-identical to a separate run. (A chat's two conversations
+are rows with prompts of their own, left-padded: `row_ids`; on SmolLM2 in fp32 greedy still
+token-identical to separate runs, `tests/test_chat.py`.)
 
 Sampling uses one `torch.Generator` per row, seeded with the request's seed, inside a logits
 processor: a row's random draws then depend only on its seed and its own logits, not on which
