@@ -366,7 +366,7 @@ def _vector_form(n_layers: int) -> SimpleNamespace:
         coeff = _number_box("coeff", "Coefficient (× the hidden state's RMS)", elem_id="new-coeff")
         add_btn = gr.Button("Add vector", elem_id="add-vector")
         autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
-        autotune_stop = gr.Button("Stop auto-tune", variant="stop", interactive=False, elem_id="stop-autotune")
+        autotune_stop = gr.Button("Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune")
     message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
     with gr.Accordion("Auto-tune: score per layer × coefficient", open=False, elem_id="autotune-result"):
         autotune_picture = gr.HTML(
@@ -671,11 +671,11 @@ def _wire_autotune(prompt: gr.Textbox, form, decoding) -> None:
     tuning = begun.then(
         ui_sweep.autotune_form,
         [prompt, form.text, form.positive, form.negative, decoding.seed],
-        [form.layer, form.coeff, form.message, form.autotune_picture],
+        [form.layer, form.coeff, form.autotune_picture, form.message],
         **PRIVATE,
         **MODEL,
     )
-    tuning.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
+    tuning.then(ui_steer.end_search, None, buttons, show_progress="hidden", **UI_ONLY)
     form.autotune_stop.click(ui_sweep.stop_autotune, None, [form.message, *buttons], cancels=[tuning], **UI_ONLY)
 
 

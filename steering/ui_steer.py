@@ -187,8 +187,13 @@ def begin_run(rows, text, positive, negative, coeff, layer) -> tuple:
 
 
 def begin_search() -> tuple:
-    """Before a slower action (auto-tune): its button disabled, its Stop enabled, the message cleared."""
-    return gr.Button(interactive=False), gr.Button(interactive=True), ""
+    """Before a slower action (auto-tune): its button disabled, its Stop shown, the message cleared."""
+    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), ""
+
+
+def end_search() -> tuple:
+    """After it: its button enabled again, its Stop hidden."""
+    return gr.Button(interactive=True), gr.Button(visible=False)
 
 
 def gate(go: bool) -> None:

@@ -13,7 +13,7 @@ import threading
 import gradio as gr
 
 from steering import api, history, limits, plots, views
-from steering.ui_steer import end_run, inline, n_layers_now, notices, session_of
+from steering.ui_steer import end_run, end_search, inline, n_layers_now, notices, session_of
 
 _sweeps: dict[str | None, threading.Event] = {}  # a session's running sweep: its stop flag
 _lock = threading.Lock()
@@ -80,14 +80,15 @@ def _accepts(name: str) -> bool:
     return name in inspect.signature(api.autotune).parameters
 
 
-@notices(4, at=2)
-def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress(), request: gr.Request = None):
+@notices(4, at=3)
+def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress(), request: gr.Request = None, **search):
     """Search layers x coefficients for the form's vector on the prompt; fill the form's layer and
-    coefficient with the chosen setting. Outputs (layer slider, coefficient, message, picture)."""
+    coefficient with the chosen setting. Outputs (layer slider, coefficient, picture, message).
+    `search` passes api.autotune's own `layers` / `max_new_tokens` (the UI uses its defaults)."""
     given = {k: v for k, v in (("text", text), ("positive", positive), ("negative", negative)) if v and v.strip()}
     if not given:
         raise gr.Error("text: type the steering text (or a positive and a negative text) to tune first")
-    arguments = dict(prompt=prompt, **given, seed=limits.check("seed", seed))
+    arguments = dict(prompt=prompt, **given, seed=limits.check("seed", seed), **search)
     session = session_of(request)
     stop = threading.Event()
     extra = {"stop": stop} if _accepts("stop") else {}  # api.autotune may not take a stop flag yet
@@ -103,7 +104,7 @@ def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress()
     history.record(session, "autotune", arguments, result, context={"stopped": True} if stop.is_set() else None)
     picture = plots.autotune_html(result)
     if result.get("layer") is None or result.get("coeff") is None:
-        return gr.skip(), gr.skip(), inline(str(result.get("reason") or "auto-tune found no setting")), picture
+        return gr.skip(), gr.skip(), picture, inline(str(result.get("reason") or "auto-tune found no setting"))
     n_layers = n_layers_now()
     layer = result["layer"] if n_layers is None else min(result["layer"], n_layers - 1)
     score = result.get("score")
@@ -113,7 +114,7 @@ def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress()
         + f". {result.get('reason') or ''} Click **Add vector** to add it."
     )
     gr.Info(f"Auto-tune: layer {layer}, coefficient {result['coeff']:g}")
-    return gr.Slider(value=layer), result["coeff"], message, picture
+    return gr.Slider(value=layer), result["coeff"], picture, message
 
 
 def stop_autotune(request: gr.Request = None) -> tuple:
@@ -123,4 +124,4 @@ def stop_autotune(request: gr.Request = None) -> tuple:
     if stop is not None:
         stop.set()
     finished = "" if _accepts("stop") else " (a search already running finishes its current batch first)"
-    return f"Auto-tune stopped{finished}.", *end_run()
+    return f"Auto-tune stopped{finished}.", *end_search()

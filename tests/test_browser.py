@@ -120,6 +120,7 @@ def test_typed_but_unadded_text_steers_and_the_run_line_says_how_it_ended(page):
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     assert not page.locator("#stop").is_enabled()
     page.locator("#decoding").get_by_text("Decoding").first.click()  # closed again: a tidier screenshot
+    page.wait_for_function("() => !document.querySelector('.toast-body')")  # the notice has faded
     ASSETS.mkdir(exist_ok=True)
     page.screenshot(path=str(ASSETS / "screenshot.png"), full_page=True)
 

@@ -440,3 +440,22 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
     assert _refusal(ui_history.rerun_entry(7)).startswith("entry: give an entry number from 1 to 2")
     updates = list(ui_sweep.run_sweep("Hi", "dogs", 15, "0, lots", 6, 0))
     assert _refusal(updates[-1]).startswith("coeffs: ")  # the previous sweep's table and plot stay
+
+
+def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir):
+    from steering import history, ui_sweep
+
+    ensure_embedded_loaded()
+    history.clear(None)
+    assert _refusal(ui_sweep.autotune_form("Hi", " ", "", "", 0)).startswith("text: type the steering text")
+    search = {"layers": [12, 15], "max_new_tokens": 12}  # a small search: the test's time, not the default's
+    layer, coeff, picture, message = ui_sweep.autotune_form("Tell me about your weekend.", "dogs", "", "", 0, **search)
+    (entry,) = history.entries(None)
+    result = entry["result"]
+    assert entry["kind"] == "autotune" and result["rows"]
+    if result["layer"] is None:  # nothing fluent and relevant: the form is left alone and the reason shown
+        assert _skipped(layer) and _skipped(coeff) and message.startswith("⚠️ ")
+    else:
+        assert layer.value == result["layer"] and coeff == result["coeff"]
+        assert f"layer {result['layer']} and coefficient {result['coeff']:g}" in message
+    assert "autotune-grid" in picture and picture.count("<td") == len(result["rows"])
