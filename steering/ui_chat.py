@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from steering import chat, history, limits, views
+from steering.errors import SteeringError
 from steering.ui_steer import bounded_rows, gate, notices, refused, session_of
 
 # As in steering/ui.py: every handler that runs the model shares one concurrency id, limit 1.
@@ -68,16 +69,16 @@ def send_message(
     session, stop = session_of(request), threading.Event()
     with _stops_lock:
         _stops[session] = stop
+    rows = bounded_rows(rows)
     arguments = dict(
         message=message, history_steered=history_steered, history_baseline=history_baseline,
-        vectors=views.rows_to_vectors(bounded_rows(rows), limits.check_layer(layer, "layer", None), directions),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, capture_mode=capture_mode,
+        vectors=views.rows_to_vectors(rows, limits.check_layer(layer, "layer", None), directions),
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, capture_mode=capture_mode,
     )  # fmt: skip
     started, result = time.perf_counter(), None
     stream = chat.chat_stream(stop=stop, **arguments)
     try:
-        for result in stream:
+        for result in _counted_for_people(stream, views.table_row_numbers(rows)):
             done = result["done"]
             elapsed = time.perf_counter() - started if done else 0
             line = views.run_line(result, elapsed_s=elapsed, seed=seed, running=not done, stopped=stop.is_set())
@@ -93,6 +94,14 @@ def send_message(
                 del _stops[session]
         if result is not None:
             history.record(session, "chat", arguments, result, context={"stopped": True} if stopped else None)
+
+
+def _counted_for_people(stream, row_numbers):
+    """`stream` with its refusals naming table rows as the table counts them (from 1)."""
+    try:
+        yield from stream
+    except SteeringError as exc:
+        raise gr.Error(views.for_people(str(exc), row_numbers)) from None
 
 
 def stop_turn(request: gr.Request = None) -> tuple:

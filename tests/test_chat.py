@@ -154,6 +154,9 @@ def test_the_tab_streams_a_turn_and_stop_keeps_what_was_said(api):
     assert [m["content"] for m in baseline[::2]] == ["Tell me a long story."]
     refused = list(ui_chat.send_message("Hi", [MESSAGE], [MESSAGE], rows, LAYER, *settings))
     assert refused[-1][-1].startswith("⚠️ history_steered: ends with a user message")  # inline, at the field
+    far = [["", "", "", None, None, None], ["dogs", "", "", 0.6, 99, True]]  # the vector is the table's row 2
+    refused = list(ui_chat.send_message("Hi", [], [], far, LAYER, *settings))
+    assert refused[-1][-1].startswith("⚠️ row 2, layer: must be an integer from 0 to 29"), refused[-1][-1]
     assert ui_chat.clear_chat(None)[:6] == ([], [], [], [], "", "")
 
 
