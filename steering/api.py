@@ -533,7 +533,9 @@ def plan(context: int = _D["context"]) -> dict:
         context: context length in tokens to plan for, 128 to 32768.
 
     Returns:
-        the same object as `python -m steering plan --json`: device, headroom_bytes, models, choice
-        (with this server's fallback model).
+        the same object as `python -m steering plan --json`: device, gpus, headroom_bytes, models,
+        choice (with this server's fallback model). Each model row has its verdict (stable,
+        fragile, offload or wont_fit), devices [{device, layers, bytes}] and, for offload, the
+        split {gpu_layers, cpu_layers, gpu_bytes, cpu_bytes, expected_tokens_per_s}.
     """
     return get_manager().plan(limits.check("context", context))

@@ -204,7 +204,8 @@ def place(
     *,
     margin_bytes: int,
 ) -> Placement:
-    """Place `spec` in `quant` for the workload `est` across `gpus` (and `ram` for offload)."""
+    """Place `spec` in `quant` for the workload `est`: across `gpus` alone if it fits them, else
+    (16-bit and fp32 only) with what is left in `ram`."""
     from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
 
     model = meta_model(spec)
@@ -214,45 +215,60 @@ def place(
     kv_layer = est.breakdown["kv_cache"] // spec.n_layers
     fixed = est.need_bytes - est.breakdown["weights"] - est.breakdown["kv_cache"]  # per GPU that runs layers
     with _quiet_accelerate():
-        accelerate_layer = compute_module_sizes(model, dtype=dtype, special_dtypes=special)["model.layers.0"]
-    scale = accelerate_layer / sizes["model.layers.0"]  # our bytes -> accelerate's (4bit: without its scales)
-    offloadable = ram is not None and quant in OFFLOAD_QUANTS
+        accelerate_sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special)
+    scale = accelerate_sizes["model.layers.0"] / sizes["model.layers.0"]  # ours -> accelerate's (4bit: no scales)
     headroom = {f"cuda:{r.cuda_index}": r.headroom_bytes for r in gpus}
-    # accelerate sizes weights only: each GPU's budget leaves room for the KV cache of the layers
-    # that run there. Start as if every layer did (too little room), then use the layers the last
-    # map gave it, and shrink a GPU that still overflows, until the map holds still.
-    kv_on = {where: spec.n_layers for where in headroom}
-    shrink = dict.fromkeys(headroom, 0)
-    placed = best = None
-    for _ in range(8):
-        max_memory: dict = {}
-        for reading in gpus:
-            where = f"cuda:{reading.cuda_index}"
-            budget = reading.headroom_bytes - margin_bytes - fixed - kv_on[where] * kv_layer - shrink[where]
-            max_memory[reading.cuda_index] = max(0, int(budget * scale))
-        if offloadable:
-            max_memory["cpu"] = max(0, ram.headroom_bytes - margin_bytes)
-        with _quiet_accelerate():
-            if len(gpus) > 1:
-                max_memory = get_balanced_memory(
-                    model, max_memory, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
+
+    def fill(offload: bool, balanced: bool = True) -> Placement:
+        # accelerate sizes weights only: each GPU's budget leaves room for the KV cache of the layers
+        # that run there. Start as if every layer did (too little room), then use the layers the last
+        # map gave it, and shrink a GPU that still overflows, until the map holds still. accelerate
+        # also keeps room on the first GPU for the largest module in case it is offloaded: without
+        # an offload that room is given back.
+        bonus = 0 if offload else max(accelerate_sizes[name] for name in sizes if name in accelerate_sizes)
+        kv_on = {where: spec.n_layers for where in headroom}
+        shrink = dict.fromkeys(headroom, 0)
+        placed = best = None
+        for _ in range(8):
+            max_memory: dict = {}
+            for reading in gpus:
+                where = f"cuda:{reading.cuda_index}"
+                budget = reading.headroom_bytes - margin_bytes - fixed - kv_on[where] * kv_layer - shrink[where]
+                budget = int(budget * scale) + (bonus if reading is gpus[0] else 0)
+                max_memory[reading.cuda_index] = max(0, budget)
+            if offload:
+                max_memory["cpu"] = max(0, ram.headroom_bytes - margin_bytes)
+            with _quiet_accelerate():
+                if len(gpus) > 1 and balanced:  # device_map="auto"; else "sequential"
+                    max_memory = get_balanced_memory(
+                        model, max_memory, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
+                    )
+                device_map = dict(
+                    infer_auto_device_map(
+                        model, max_memory, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
+                    )
                 )
-            device_map = dict(
-                infer_auto_device_map(
-                    model, max_memory, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
-                )
-            )
-        placed = _priced(spec, quant, device_map, sizes, kv_layer, fixed, gpus, ram, margin_bytes)
-        over = {w: placed.bytes[w] + margin_bytes - headroom[w] for w in placed.gpu_names}
-        if all(v <= 0 for v in over.values()):
-            best = best if best is not None and _gpu_layers(best) >= _gpu_layers(placed) else placed
-        kv = {w: placed.kv_layers.get(w, 0) for w in headroom}
-        if kv == kv_on and all(v <= 0 for v in over.values()):
-            break
-        for where, overflow in over.items():
-            shrink[where] += max(0, overflow)
-        kv_on = kv
-    return best or placed
+            placed = _priced(spec, quant, device_map, sizes, kv_layer, fixed, gpus, ram, margin_bytes)
+            over = {w: placed.bytes[w] + margin_bytes - headroom[w] for w in placed.gpu_names}
+            if all(v <= 0 for v in over.values()):
+                best = best if best is not None and _gpu_layers(best) >= _gpu_layers(placed) else placed
+            kv = {w: placed.kv_layers.get(w, 0) for w in headroom}
+            if kv == kv_on and all(v <= 0 for v in over.values()):
+                break
+            for where, overflow in over.items():  # at least the overflow, doubling while it persists
+                if overflow > 0:
+                    shrink[where] = max(2 * shrink[where], shrink[where] + overflow)
+            kv_on = kv
+        return best or placed
+
+    # transformers' device_map="auto" balances the GPUs; where that misses (a model whose embedding
+    # outweighs its layers), "sequential" fills them in order.
+    on_gpus = fill(offload=False)
+    if on_gpus.verdict != "stable" and len(gpus) > 1:
+        on_gpus = fill(offload=False, balanced=False)
+    if on_gpus.verdict == "stable" or ram is None or quant not in OFFLOAD_QUANTS:
+        return on_gpus
+    return fill(offload=True)
 
 
 def _gpu_layers(placement: Placement) -> int:

@@ -521,3 +521,42 @@ def test_a_prompt_longer_than_the_models_positions_is_refused_at_once(fresh_mana
     assert re.match(
         r"^prompt: is 1\d{4} tokens .* over the limit of 8192 .*the model has 8192 positions", str(caught.value)
     )
+
+
+def test_pretrained_kwargs_take_the_plans_device_map_as_given():
+    planned = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    kwargs = weights.pretrained_kwargs(
+        "8bit", cuda_index=0, supports_bf16=True, local_files_only=True, device_map=planned
+    )
+    assert kwargs["device_map"] == planned and kwargs["device_map"] is not planned
+
+
+def test_a_model_too_big_for_one_simulated_card_loads_split_across_two(fresh_manager, embedded_dir, tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from steering import devices, estimate
+
+    # A random Qwen2 whose 8 decoder layers weigh about what its embedding does (the tiny test
+    # models are nearly all embedding, which no split can spread).
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=2,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "layered")
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "layered")
+    fresh_manager.configure(margin_bytes=0, models_dirs=[str(tmp_path)])
+    spec = catalog.get_spec(str(tmp_path / "layered"))
+    with gpu.use_nvml(gpu.simulate_gpu(80 * gpu.GiB)):
+        need = estimate.estimate_for(spec, "fp32", gpu.probe(0), 2048).need_bytes
+    layer = devices.module_bytes(spec, "fp32")["model.layers.0"] + estimate.kv_cache_bytes(spec, "fp32", 2048, 2) // 8
+    headroom = need - layer  # one decoder layer short of the whole model
+    with gpu.use_nvml(gpu.simulate_gpu([headroom + gpu.SIMULATED_DRIVER_RESERVED_BYTES] * 2)):
+        status = api.load_model(str(tmp_path / "layered"), "fp32")
+        assert [g["headroom_bytes"] for g in fresh_manager.plan()["gpus"]] == [headroom, headroom]
+    assert status["model"] == spec.id and status["event_count"] == 0  # no downgrade: split, not replaced
+    split = status["placement"]
+    assert [d["device"] for d in split["devices"]] == ["cuda:0", "cuda:1"] and split["offload"] is None
+    assert sum(d["layers"] for d in split["devices"]) == spec.n_layers
+    assert all(d["bytes"] <= headroom for d in split["devices"])
+    assert status["fit"]["compare_max_tokens"] == spec.max_positions and status["fit"]["basis"] == "simulated"
