@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from steering import api, files, history
+from steering import api, chat, files, history
 from steering.ui_steer import notices, session_of
 
 # What re-runs each kind of entry: the api function its `request` holds the arguments of.
-RERUN = {"steer": api.steer, "sweep": api.sweep, "autotune": api.autotune}
+RERUN = {"steer": api.steer, "sweep": api.sweep, "autotune": api.autotune, "chat": chat.chat}
 
 
 def show_history(request: gr.Request = None) -> list[list]:
@@ -39,8 +39,9 @@ def rerun_entry(number, request: gr.Request = None) -> tuple:
         raise gr.Error(f"entry: {exc}") from None
     run = RERUN.get(entry["kind"])
     if run is None:
-        raise gr.Error(f"entry: a {entry['kind']} entry is re-run from its own tab")
+        raise gr.Error(f"entry: a {entry['kind']} entry cannot be re-run")
     result = run(**entry["request"])
+    result.pop("done", None)
     added = history.record(session, entry["kind"], entry["request"], result, context={"rerun_of": int(number)})
     same = _same_output(entry, added)
     note = f"Re-ran entry {int(number)} as entry {len(history.entries(session))}"
