@@ -123,3 +123,23 @@ def test_fuzz_load_model(api, before):
 
     run()
     _unchanged(api, before)
+
+
+messages = st.lists(
+    st.fixed_dictionaries(
+        {}, optional={"role": st.sampled_from(["user", "assistant", "system"]) | junk, "content": texts}
+    ),
+    max_size=3,
+)
+histories = messages | junk
+
+
+def test_fuzz_chat(api, before):
+    @SETTINGS
+    @given(message=texts, steered=histories, baseline=histories, vecs=vectors, tokens=small_tokens, mode=junk)
+    def run(message, steered, baseline, vecs, tokens, mode):
+        _call(api, message, steered, baseline, vecs, tokens, 0.0, 1.0, 0, endpoint="/chat")
+        _call(api, message, [], [], vecs, tokens, 0.0, 1.0, 0, mode, endpoint="/chat")
+
+    run()
+    _unchanged(api, before)
