@@ -318,6 +318,7 @@ LAYOUT_CSS = """
 }
 .scroll-table .table-wrap, .scroll-table .virtual-table-viewport { overflow-x: auto !important; }
 .scroll-table table { min-width: 560px; }
+#vectors-table { position: relative; z-index: 1000; }  /* its cell menu ("Add row below") over the blocks below */
 .field-message p { color: #b45309; margin: 0; }
 footer .show-api, footer .api-docs, footer a[href*="view=api"] { display: inline-flex !important; }
 """
@@ -396,6 +397,7 @@ def _vector_table() -> SimpleNamespace:
         datatype=["str", "str", "str", "number", "number", "bool"],
         type="array",
         column_count=len(views.VECTOR_COLUMNS),
+        column_limits=(len(views.VECTOR_COLUMNS), len(views.VECTOR_COLUMNS)),  # rows may be added, columns not
         interactive=True,
         label="Vectors",
         elem_id="vectors-table",
@@ -713,7 +715,7 @@ def _wire_steer(prompt: gr.Textbox, steer) -> None:
     )
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
-    form.table.input(ui_steer.check_table, [form.table, form.layer], [form.table, form.message], **UI_ONLY)
+    form.table.change(ui_steer.check_table, [form.table, form.layer], [form.table, form.message], **UI_ONLY)
     _wire_autotune(prompt, form, decoding)
     go = gr.State(False)
     buttons = [steer.generate_btn, steer.stop_btn]

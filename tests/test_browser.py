@@ -172,6 +172,11 @@ def test_invalid_add_keeps_the_table_and_says_why_beside_the_field(page):
         assert _error_badges(page) == 0
         page.locator("#new-positive textarea").fill("")
         page.locator("#new-coeff input").fill("0.45")
+    # A row added with the table's own menu gets the default coefficient, the slider's layer, enabled.
+    page.locator("#vectors-table").get_by_text("dogs", exact=True).last.click()
+    page.locator("#vectors-table button[aria-label='Open cell menu']:visible").first.click()
+    page.get_by_role("menuitem", name="Add row below").first.click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.split('0.45').length === 3")
     page.locator("#remove-number input").fill("9")
     page.locator("#remove-row").click()
     page.wait_for_function("() => document.querySelector('#vector-message').innerText.includes('row: give a row')")
