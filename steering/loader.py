@@ -345,57 +345,77 @@ class ModelManager:
 
     # -- helpers -------------------------------------------------------------------------------
     def _materialize(
-        self,
-        spec: catalog.ModelSpec,
-        source: str,
-        quant: str,
-        device: str | None = None,
-        *,
-        split=None,
-        gpus: list[gpu.DeviceReading] | None = None,
+        self, spec: catalog.ModelSpec, source: str, quant: str, device: str | None = None, **place
     ) -> None:
-        """Load `source` in `quant` and make it the current model (the caller released the old one).
-
-        `split` (a `steering.devices.Placement` of several devices) loads it with the plan's
-        accelerate device map on CUDA; on a simulated card the model runs whole on the CPU and the
-        split is what the status reports."""
+        """Load `source` in `quant` and make it the current model (the caller released the old one);
+        `place` may carry the plan's `split` (see `_load_weights`) and the `gpus` it was made on."""
         on_cuda = device != "cpu" and _cuda_available()
-        device = f"cuda:{self.cuda_index}" if on_cuda else "cpu"
-        kwargs = weights.pretrained_kwargs(
+        self._generation += 1
+        self._current = _load_weights(
+            spec,
+            source,
             quant,
             cuda_index=self.cuda_index if on_cuda else None,
             supports_bf16=self.probe().supports_bf16,
             local_files_only=not spec.embedded and not self._online(),
-            device_map=split.device_map if split is not None and on_cuda else None,
-        )
-        started = time.perf_counter()
-        where = ", ".join(f"{d['device']} {d['layers']} layers" for d in split.devices()) if split else device
-        logger.info("loading %s (%s) on %s", spec.id, quant, where)
-        model, tokenizer = weights.load_pretrained(source, kwargs)
-        self._generation += 1
-        self._current = LoadedModel(
-            model_id=spec.id,
-            quant=quant,
-            device=device,
-            model=model,
-            tokenizer=tokenizer,
-            spec=spec,
-            load_seconds=time.perf_counter() - started,
+            split=place.get("split"),
             generation=self._generation,
-            placement={"devices": split.devices(), "offload": split.offload()} if split is not None else None,
         )
-        if on_cuda:
-            from steering import log_expandable_segments_status
-
-            log_expandable_segments_status()
-        self._current.fit = _fit(self.probe(), spec, quant, self.margin_bytes, split=split, gpus=gpus)
+        self._current.fit = _fit(self.probe(), spec, quant, self.margin_bytes, **place)
         seconds, n_layers = self._current.load_seconds, self._current.n_layers
-        logger.info("loaded %s (%s) on %s in %.1f s, %d layers", spec.id, quant, device, seconds, n_layers)
+        logger.info(
+            "loaded %s (%s) on %s in %.1f s, %d layers", spec.id, quant, self._current.device, seconds, n_layers
+        )
 
     def _release_locked(self) -> None:
         loaded, self._current = self._current, None
         if loaded is not None:
             _free(loaded)
+
+
+def _load_weights(
+    spec: catalog.ModelSpec,
+    source: str,
+    quant: str,
+    *,
+    cuda_index: int | None,
+    supports_bf16: bool,
+    local_files_only: bool,
+    split,
+    generation: int,
+) -> LoadedModel:
+    """The model loaded on CUDA device `cuda_index` (None: the CPU). `split` (a
+    `steering.devices.Placement` of several devices) loads it with the plan's accelerate device
+    map on CUDA; on a simulated card the model runs whole on the CPU and the split is what the
+    status reports."""
+    device = f"cuda:{cuda_index}" if cuda_index is not None else "cpu"
+    kwargs = weights.pretrained_kwargs(
+        quant,
+        cuda_index=cuda_index,
+        supports_bf16=supports_bf16,
+        local_files_only=local_files_only,
+        device_map=split.device_map if split is not None and cuda_index is not None else None,
+    )
+    started = time.perf_counter()
+    where = ", ".join(f"{d['device']} {d['layers']} layers" for d in split.devices()) if split else device
+    logger.info("loading %s (%s) on %s", spec.id, quant, where)
+    model, tokenizer = weights.load_pretrained(source, kwargs)
+    loaded = LoadedModel(
+        model_id=spec.id,
+        quant=quant,
+        device=device,
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        load_seconds=time.perf_counter() - started,
+        generation=generation,
+        placement={"devices": split.devices(), "offload": split.offload()} if split is not None else None,
+    )
+    if cuda_index is not None:
+        from steering import log_expandable_segments_status
+
+        log_expandable_segments_status()
+    return loaded
 
 
 def _resolve_quant(
