@@ -498,9 +498,9 @@ def load_model(model: str, quant: str = "auto", force: bool = False, allow_offlo
             offline model). At most 256 characters.
         quant: auto, 4bit, 8bit, bf16, fp16 or fp32. auto picks the most precise that fits.
         force: load even when the memory plan says it will not fit stably.
-        allow_offload: load a model whose plan verdict is "offload" with part of its layers in
-            CPU RAM (much slower: the plan row's offload.expected_tokens_per_s); without it such
-            a model is replaced by the fallback. A model split across several GPUs needs no flag.
+        allow_offload: load an "offload" model with part of its layers in RAM (much slower).
+            The plan row's offload.expected_tokens_per_s estimates how slow; without this flag
+            such a model is replaced by the fallback. A split across several GPUs needs no flag.
 
     Returns:
         the same object as /status; when the model was replaced by the fallback, the newest
