@@ -7,7 +7,9 @@ the field notes (`shared/seed/vram-and-model-selection.md`):
 
 * `load(model, quant)` plans first (NVML headroom vs the estimate). A model that is not `stable`
   is replaced by the configured fallback (default Qwen2.5-1.5B-Instruct in 4-bit NF4) unless the
-  user forces it.
+  user forces it. A model the plan splits across several GPUs (`steering/devices.py`) loads with
+  the plan's accelerate device map; one that fits only with layers in CPU RAM (`offload`) does
+  so only when the user asks (`allow_offload`).
 * Out of memory while loading or generating: leave the `except` block (its traceback pins the
   frames that hold the big tensors), release everything, load the fallback once and retry once.
 * If the fallback cannot be had either (offline, gated, out of memory), the embedded SmolLM2 is
@@ -513,8 +515,10 @@ def _status(loaded: LoadedModel | None, reading: gpu.DeviceReading, cuda_index: 
     if loaded and loaded.device.startswith("cuda"):
         import torch
 
-        memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated(cuda_index)
-        memory["cuda_reserved_bytes"] = torch.cuda.memory_reserved(cuda_index)
+        # a model split across GPUs: what it holds on every one of them
+        on = [int(d["device"][5:]) for d in (loaded.placement or {}).get("devices", []) if d["device"][:5] == "cuda:"]
+        memory["cuda_allocated_bytes"] = sum(torch.cuda.memory_allocated(i) for i in on or [cuda_index])
+        memory["cuda_reserved_bytes"] = sum(torch.cuda.memory_reserved(i) for i in on or [cuda_index])
     n_layers = len(decoder_layers(model)) if loaded else None
     return {
         "model": loaded.model_id if loaded else None,
