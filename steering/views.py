@@ -497,6 +497,25 @@ def split_text(row: dict) -> str:
     return text + (f" · ~{offload['expected_tokens_per_s']} tokens/s (estimate)" if offload else "")
 
 
+def load_advice(row: dict) -> str:
+    """One sentence for the model picker about loading a plan row: the expected speed of an
+    `offload` row and how to ask for it, the split of a row across GPUs, or why nothing loads."""
+    name, devices, offload = f"{row['id']} {row['quant']}", row.get("devices") or [], row.get("offload")
+    if row["verdict"] == "offload" and offload:
+        layers = offload["cpu_layers"] + offload["gpu_layers"]
+        return (
+            f"{name} fits only with {offload['cpu_layers']} of its {layers} layers in CPU RAM: expect about "
+            f"{offload['expected_tokens_per_s']} tokens/s (an estimate). Tick **Allow offload** to load it that way."
+        )
+    if row["verdict"] == "stable" and len(devices) > 1:
+        return f"{name} runs split across {len(devices)} GPUs ({split_text(row)})."
+    if row["verdict"] == "wont_fit":
+        return f"{name} does not fit this machine, not even with layers in CPU RAM" + (
+            f" ({row['note']})." if row.get("note") else "."
+        )
+    return ""
+
+
 def _row_spare(row: dict, plan: dict, margin: int) -> str:
     """Spare memory of a plan row: on the card, or on the tightest GPU of a split model."""
     headroom = {f"cuda:{g.get('cuda_index')}": g["headroom_bytes"] for g in plan.get("gpus") or []}

@@ -132,3 +132,8 @@ def test_the_memory_tab_shows_the_split(monkeypatch):
         plan["margin_bytes"],
     )
     assert bars.count('class="device-strip"') == 1 and "cuda:1: " in bars and "thin strip" in bars
+    advice = views.load_advice(rows[("Qwen/Qwen2.5-7B-Instruct", "fp16")])  # the picker's sentence
+    speed = rows[("Qwen/Qwen2.5-7B-Instruct", "fp16")]["offload"]["expected_tokens_per_s"]
+    assert f"about {speed} tokens/s" in advice and "Allow offload" in advice
+    assert "split across 2 GPUs" in views.load_advice(rows[("Qwen/Qwen2.5-7B-Instruct", "8bit")])
+    assert views.load_advice(rows[(catalog.FALLBACK_ID, "4bit")]) == ""
