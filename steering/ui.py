@@ -715,7 +715,9 @@ def _wire_steer(prompt: gr.Textbox, steer) -> None:
     )
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
-    form.table.change(ui_steer.check_table, [form.table, form.layer], [form.table, form.message], **UI_ONLY)
+    form.table.change(
+        ui_steer.check_table, [form.table, form.layer, form.message], [form.table, form.message], **UI_ONLY
+    )
     _wire_autotune(prompt, form, decoding)
     go = gr.State(False)
     buttons = [steer.generate_btn, steer.stop_btn]

@@ -146,14 +146,18 @@ def clear_vector_rows() -> tuple:
 
 
 @notices(2, at=1)
-def check_table(rows: list, layer: int) -> tuple:
-    """After a person edits the table: new rows get working defaults, bad cells are reset and
-    said so (rows counted from 1). Outputs (table or unchanged, message)."""
+def check_table(rows: list, layer: int, message: str = "") -> tuple:
+    """After the table changes: new rows get working defaults, bad cells are reset and said so
+    (rows counted from 1). Outputs (table or unchanged, message line); the message line is only
+    cleared when it showed the table's own earlier problems (other messages stay)."""
     rows = bounded_rows(rows)
     fixed, problems = views.normalize_rows(rows, limits.check_layer(layer, "layer", None), n_layers_now())
+    table = fixed if fixed != rows else gr.skip()
     if problems:
         gr.Warning("; ".join(problems))
-    return (fixed if fixed != rows else gr.skip()), inline("; ".join(problems))
+        return table, inline("; ".join(problems))
+    was_ours = isinstance(message, str) and message.startswith(inline("row "))
+    return table, "" if was_ours else gr.skip()
 
 
 # -- Generate and Stop ---------------------------------------------------------------------------

@@ -88,9 +88,18 @@ def _text(page, elem_id: str) -> str:
 
 def _set_tokens(page, tokens: int) -> None:
     page.locator("#decoding").get_by_text("Decoding").first.click()  # open the accordion
-    box = page.locator("#max-tokens input[type=number]")
-    box.fill(str(tokens))
+    _fill_slider(page, "max-tokens", tokens)
+
+
+def _fill_slider(page, elem_id: str, value: int) -> None:
+    """Type into a slider's number box and wait until the slider itself holds the value."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
     box.blur()
+    page.wait_for_function(
+        "([id, value]) => document.querySelector(`#${id} input[type=range]`).value === value", arg=[elem_id, str(value)]
+    )
 
 
 def _wait_run_ended(page) -> str:
@@ -140,8 +149,7 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     # The model is free at once: a short run finishes (it would wait behind 512 x 2 tokens otherwise).
     page.locator("#prompt-box textarea").fill("Hi")
-    page.locator("#max-tokens input[type=number]").fill("4")
-    page.locator("#max-tokens input[type=number]").blur()
+    _fill_slider(page, "max-tokens", 4)
     started = time.monotonic()
     page.locator("#generate").click()
     page.wait_for_function("() => /4 tokens, .* tokens\\/s/.test(document.querySelector('#run-info').innerText)")
@@ -226,9 +234,7 @@ def test_memory_tab_fills_itself_when_opened(page):
 def test_sweep_streams_its_rows_and_plots_them(page):
     page.get_by_role("tab", name="Sweep").click()
     page.locator("#sweep-coeffs textarea").fill("0, 0.25, 0.45, 0.75")
-    box = page.locator("#sweep-tokens input[type=number]")
-    box.fill("16")
-    box.blur()
+    _fill_slider(page, "sweep-tokens", 16)
     page.locator("#run-sweep").click()
     page.wait_for_function("() => !document.querySelector('#stop-sweep').disabled")
     page.wait_for_function("() => document.querySelectorAll('#sweep-plot circle.marker').length >= 8")

@@ -147,7 +147,9 @@ def test_table_edits_are_checked_at_entry(embedded_dir):
     assert "row 3, coeff: must be a number" in message and "(reset to 0.45)" in message
     assert "row 3, layer: must be an integer from 0 to 29; got 99 (set to 29)" in message
     assert "row 4: a contrastive pair needs both" in message
-    assert _skipped(ui_steer.check_table(fixed[:2], 15)[0])  # nothing to fix: the table is left alone
+    assert all(_skipped(v) for v in ui_steer.check_table(fixed[:2], 15, "⚠️ coeff: other"))  # nothing to fix
+    table, cleared = ui_steer.check_table(fixed[:2], 15, message)  # its own problems fixed: message cleared
+    assert _skipped(table) and cleared == ""
 
 
 def test_people_count_rows_from_one():
