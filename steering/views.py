@@ -571,7 +571,7 @@ def memory_bars_html(bars: Sequence[tuple[str, dict]], headroom_bytes: int, marg
     if not bars:
         return "<p>No plan rows to draw.</p>"
     scale = max([headroom_bytes] + [row["need_bytes"] for _, row in bars]) or 1
-    scale = max([scale] + [d["bytes"] for _, row in bars for d in row.get("devices") or []])
+    scale = max([scale] + [sum(d["bytes"] for d in row.get("devices") or []) for _, row in bars])
 
     def pct(value: int) -> str:
         return f"{100 * value / scale:.2f}%"
