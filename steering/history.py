@@ -24,6 +24,7 @@ MAX_TEXT_CHARS = 20_000  # any longer text in an entry is cut (a 512-token outpu
 MAX_LIST_ITEMS = 1024  # a longer list (a raw direction) is replaced by a note: re-running it is refused
 KINDS = ("steer", "sweep", "autotune", "chat")
 PACKAGES = ("steering-lab", "llm-steer", "torch", "transformers", "gradio")
+DEFAULT_CAPTURE_MODE = "bos-neutral"  # steering/engine.py's default, without importing torch here
 HISTORY_COLUMNS = ("#", "time", "kind", "model", "quant", "capture", "seed", "vectors", "summary")
 
 _lock = threading.Lock()
@@ -65,8 +66,10 @@ def record(session: str | None, kind: str, request: dict, result: dict, *, conte
         request: the keyword arguments of the api function that produced the result (so that
             `rerun_request` can repeat it): prompt, vectors, seed, capture_mode, ...
         result: the api function's answer (model, quant, texts, rows, ...).
-        context: anything else worth keeping (e.g. "stopped": True).
+        context: anything else worth keeping (e.g. "stopped": True; "quant" when the result
+            does not say it).
     """
+    context = dict(context or {})
     if kind not in KINDS:
         raise ValueError(f"history kind must be one of {KINDS}; got {kind!r}")
     entry = _cut(
@@ -74,14 +77,15 @@ def record(session: str | None, kind: str, request: dict, result: dict, *, conte
             "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "kind": kind,
             "model": result.get("model"),
-            "quant": result.get("quant"),
-            "capture_mode": request.get("capture_mode"),
+            "quant": result.get("quant") or context.pop("quant", None),
+            # sweeps and auto-tunes capture texts the default way (their endpoints take no mode)
+            "capture_mode": request.get("capture_mode") or DEFAULT_CAPTURE_MODE,
             "seed": request.get("seed"),
             "vectors": request.get("vectors") or _sweep_vectors(kind, request),
             "versions": versions(),
             "request": request,
             "result": {k: v for k, v in result.items() if k != "done"},
-            **(context or {}),
+            **context,
         }
     )
     key = session or "-"

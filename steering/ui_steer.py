@@ -90,6 +90,12 @@ def n_layers_now() -> int | None:
     return loaded.n_layers if loaded is not None else None
 
 
+def loaded_quant() -> str | None:
+    """The loaded model's quantization (for results that do not carry it)."""
+    loaded = get_manager().current
+    return loaded.quant if loaded is not None else None
+
+
 # -- the vectors table ---------------------------------------------------------------------------
 def bounded_rows(rows) -> list[list]:
     """Every row of the table (blank ones too); a table longer than any request is refused at

@@ -13,7 +13,7 @@ import threading
 import gradio as gr
 
 from steering import api, history, limits, plots, views
-from steering.ui_steer import end_run, end_search, inline, n_layers_now, notices, session_of
+from steering.ui_steer import end_run, end_search, inline, loaded_quant, n_layers_now, notices, session_of
 
 _sweeps: dict[str | None, threading.Event] = {}  # a session's running sweep: its stop flag
 _lock = threading.Lock()
@@ -60,7 +60,8 @@ def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, request: g
                 del _sweeps[session]
         if result is not None:
             stopped = bool(result.get("stopped")) or not result["done"]
-            history.record(session, "sweep", arguments, result, context={"stopped": True} if stopped else None)
+            context = {"quant": loaded_quant(), **({"stopped": True} if stopped else {})}
+            history.record(session, "sweep", arguments, result, context=context)
 
 
 def stop_sweep(request: gr.Request = None) -> tuple:
@@ -101,7 +102,8 @@ def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress()
         with _lock:
             if _tunes.get(session) is stop:
                 del _tunes[session]
-    history.record(session, "autotune", arguments, result, context={"stopped": True} if stop.is_set() else None)
+    context = {"quant": loaded_quant(), **({"stopped": True} if stop.is_set() else {})}
+    history.record(session, "autotune", arguments, result, context=context)
     picture = plots.autotune_html(result)
     if result.get("layer") is None or result.get("coeff") is None:
         return gr.skip(), gr.skip(), picture, inline(str(result.get("reason") or "auto-tune found no setting"))

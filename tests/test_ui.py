@@ -436,6 +436,7 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
     assert plot.count('class="marker"') >= 3 and "layer 15" in info
     (entry,) = history.entries(None)
     assert entry["kind"] == "sweep" and entry["model"] == "SmolLM2-135M-Instruct" and entry["request"]["coeffs"]
+    assert (entry["quant"], entry["capture_mode"], entry["seed"]) == ("fp32", "bos-neutral", 0)
     rows, result, message = ui_history.rerun_entry(1)
     assert "the output is the same" in message and [r["text"] for r in result["rows"]] == [r[7] for r in table]
     assert rows[0][0] == 2 and rows[0][2] == "sweep"
