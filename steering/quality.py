@@ -27,8 +27,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
+from llm_steer import DecaySchedule
 
 from steering import generate, limits
 from steering.engine import DEFAULT_CAPTURE_MODE, NEUTRAL_TEXTS, SteeringEngine, VectorSpec
@@ -219,14 +221,22 @@ def relevance_scores(
 
 # -- autotune --------------------------------------------------------------------------------------
 # The default search (chosen by bench/quality.py, docs/quality.md): layers at these fractions of
-# the depth (15 and 18 of SmolLM2's 30) x these coefficients, 1 baseline + 8 candidates = 2 batches.
+# the depth (15 and 18 of SmolLM2's 30) x these coefficients x these decays, 1 baseline + 8
+# candidates = 2 batches. A decay below 1 multiplies the coefficient by decay**step at each
+# decoding step (llm-steer's DecaySchedule; step 0, the prompt, gets the full coefficient).
 LAYER_FRACTIONS = (0.5, 0.6)
 COEFFS = (0.35, 0.4, 0.45, 0.5)
+DECAYS = (1.0,)
 BATCH_ROWS = limits.MAX_SWEEP_ROWS
 # Optional (autotune(probes=PROBE_PROMPTS)): also try each candidate on these neutral prompts, so
 # that one prompt's greedy output does not decide alone. Measured: no better on the labelled set
 # (docs/quality.md) at three times the cost, so off by default.
 PROBE_PROMPTS = ("Tell me about your day.", "Write a few sentences about anything you like.")
+# Optional (autotune(samples=N)): also sample N outputs of every candidate on the user's prompt at
+# this temperature (seeds seed+1 .. seed+N) and choose as with probes (docs/quality.md).
+SAMPLE_TEMPERATURE = 0.7
+SAMPLES = 0  # autotune(samples=...) default
+MAX_SAMPLES = 8  # each sample costs as much as the greedy search itself
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -234,7 +244,7 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, max(0, round(f * n_layers))) for f in LAYER_FRACTIONS})
 
 
-def _check_request(engine, prompt, text, positive, negative, layers, coeffs, max_new_tokens):
+def _check_request(engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens):
     limits.check_text(prompt, "prompt", "prompt_chars")
     if positive or negative:
         positive, negative = limits.check_text(positive, "positive"), limits.check_text(negative, "negative")
@@ -247,36 +257,43 @@ def _check_request(engine, prompt, text, positive, negative, layers, coeffs, max
     coeffs = list(dict.fromkeys(limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)))
     if 0.0 in coeffs:
         raise InputError("coeffs", "0 is the baseline, which autotune always runs; give non-zero coefficients")
+    decays = DECAYS if not decays else decays
+    decays = list(dict.fromkeys(float(limits.check("decay", d, f"decays[{i}]")) for i, d in enumerate(decays)))
     tokens = limits.check("max_new_tokens", max_new_tokens)
     specs = {
         layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative) for layer in layers
     }
-    return specs, coeffs, tokens
+    return specs, [(c, d) for d in decays for c in coeffs], tokens
 
 
-def generate_candidates(engine, prompt, specs, coeffs, sampling, *, capture_mode, stop, progress):
-    """Baseline + every (layer, coefficient) as rows of batches of <= BATCH_ROWS, in layer order
-    (middle layer first). Returns (baseline ids, [(layer, coeff, text, ids)], stopped)."""
+def _decayed(spec: VectorSpec, decay: float) -> VectorSpec:
+    return spec if decay == 1.0 else replace(spec, decay=DecaySchedule(rate=decay))
+
+
+def generate_candidates(engine, prompt, specs, strengths, sampling, *, capture_mode, stop, progress):
+    """Baseline + every (layer, coefficient, decay) as rows of batches of <= BATCH_ROWS, in layer
+    order (middle layer first). Returns (baseline ids, [(layer, coeff, decay, text, ids)], stopped)."""
     from steering import generate as G
 
     middle = engine.n_layers / 2
     order = sorted(specs, key=lambda layer: (abs(layer - middle), layer))
-    jobs: list[tuple[int | None, float]] = [(None, 0.0)] + [(layer, c) for layer in order for c in coeffs]
+    jobs: list[tuple[int | None, float, float]] = [(None, 0.0, 1.0)]
+    jobs += [(layer, c, d) for layer in order for c, d in strengths]
     batches = [jobs[i : i + BATCH_ROWS] for i in range(0, len(jobs), BATCH_ROWS)]
     baseline: list[int] = []
     out = []
     for index, batch in enumerate(batches):
         if stop is not None and stop.is_set():
             return baseline, out, True
-        rows = [[] if layer is None else [(specs[layer], c)] for layer, c in batch]
+        rows = [[] if layer is None else [(_decayed(specs[layer], d), c)] for layer, c, d in batch]
         final = G.run_rows(engine, prompt, rows, sampling, stop=stop, capture_mode=capture_mode)
         if stop is not None and stop.is_set():  # this batch was cut short: its rows are partial
             return baseline, out, True
-        for (layer, coeff), text, ids in zip(batch, final.texts, final.token_ids):
+        for (layer, coeff, decay), text, ids in zip(batch, final.texts, final.token_ids):
             if layer is None:
                 baseline = list(ids)
             else:
-                out.append((layer, coeff, text, list(ids)))
+                out.append((layer, coeff, decay, text, list(ids)))
         if progress is not None:
             progress(0.9 * (index + 1) / len(batches), f"generated batch {index + 1} of {len(batches)}")
     return baseline, out, False
@@ -289,7 +306,7 @@ def score_rows(
     from steering.generate import prompt_ids
 
     context = prompt_ids(engine.tokenizer, prompt)
-    gens = [ids for _, _, _, ids in candidates]
+    gens = [c[-1] for c in candidates]
     spec = next(iter(specs.values()))
     if RELEVANCE == "logprob":  # relevance and perplexity from the same forward pass
         texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
@@ -306,13 +323,14 @@ def score_rows(
             for i, v in zip(picked, values):
                 relevance[i] = v
     rows = []
-    for (layer, coeff, text, ids), rel, p in zip(candidates, relevance, ppl):
+    for (layer, coeff, decay, text, ids), rel, p in zip(candidates, relevance, ppl):
         rep = repetition(ids)
         fluent = is_fluent(p, rep, len(ids), max_new_tokens)
         rows.append(
             dict(
                 layer=layer,
                 coeff=coeff,
+                decay=decay,
                 text=text,
                 relevance=round(rel, 4),
                 perplexity=None if p is None else round(p, 2),
@@ -324,55 +342,68 @@ def score_rows(
     return rows
 
 
+def setting(row: dict) -> tuple[int, float, float]:
+    """(layer, coeff, decay) of a row; rows without a decay are constant (decay 1)."""
+    return row["layer"], row["coeff"], row.get("decay", 1.0)
+
+
+def _gentleness(row: dict, n_layers: int) -> tuple:
+    """Sort key, gentlest first: smaller coefficient, then faster decay, then nearer the middle."""
+    return row["coeff"], row.get("decay", 1.0), abs(row["layer"] - n_layers / 2)
+
+
 def choose(rows: Sequence[dict], n_layers: int) -> tuple[dict | None, str]:
     """The row with the highest relevance among fluent rows that moved toward the text."""
     good = [r for r in rows if r["fluent"] and r["relevance"] > 0]
     if good:
-        best = max(good, key=lambda r: (r["relevance"], -r["coeff"]))
+        best = max(good, key=lambda r: (r["relevance"], [-v for v in _gentleness(r, n_layers)]))
         return best, (
             f"highest relevance ({best['relevance']:+.3f} nats/token over the unsteered output) among "
             f"{len(good)} of {len(rows)} candidate rows that stayed fluent and moved toward the text"
         )
     fluent = [r for r in rows if r["fluent"]]
     if fluent:
-        best = min(fluent, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
+        best = min(fluent, key=lambda r: _gentleness(r, n_layers))
         return (
             best,
             "no fluent row moved toward the text; the gentlest fluent setting is returned: "
             "try other layers or a longer text",
         )
     if rows:
-        best = min(rows, key=lambda r: (r["coeff"], abs(r["layer"] - n_layers / 2)))
+        best = min(rows, key=lambda r: _gentleness(r, n_layers))
         return best, "no candidate row stayed fluent; the gentlest setting is returned: try smaller coefficients"
     return None, "no candidate row was generated"
 
 
-def choose_across(rows_per_prompt: Sequence[Sequence[dict]], n_layers: int) -> tuple[dict | None, float | None, str]:
-    """The setting that is fluent and moved toward the text on the most prompts (ties: the higher
-    mean relevance on those prompts). Returns (the user's prompt's row of it, its score, reason)."""
+def choose_across(
+    rows_per_prompt: Sequence[Sequence[dict]], n_layers: int, what: str = "neutral probes"
+) -> tuple[dict | None, float | None, str]:
+    """The setting that is fluent and moved toward the text on the most outputs (the user's
+    prompt's and those of probes or samples; ties: the higher mean relevance on those). Returns
+    (the user's prompt's row of it, its score, reason)."""
     if len(rows_per_prompt) == 1 or not any(rows_per_prompt[1:]):
         best, reason = choose(rows_per_prompt[0], n_layers)
         return best, None if best is None else best["relevance"], reason
     table: dict[tuple, list[dict]] = {}
     for rows in rows_per_prompt:
         for r in rows:
-            table.setdefault((r["layer"], r["coeff"]), []).append(r)
-    own = {(r["layer"], r["coeff"]): r for r in rows_per_prompt[0]}
+            table.setdefault(setting(r), []).append(r)
+    own = {setting(r): r for r in rows_per_prompt[0]}
     ranked = []
-    for setting, rows in table.items():
+    for key, rows in table.items():
         ok = [r["relevance"] for r in rows if r["fluent"] and r["relevance"] > 0]
-        if setting in own and ok:
-            ranked.append((len(ok), sum(ok) / len(ok), -setting[1], setting))
+        if key in own and ok:
+            ranked.append((len(ok), sum(ok) / len(ok), [-v for v in _gentleness(own[key], n_layers)], key))
     if not ranked:
         best, reason = choose(rows_per_prompt[0], n_layers)
         return best, None if best is None else best["relevance"], reason
-    n_ok, mean, _, setting = max(ranked)
+    n_ok, mean, _, key = max(ranked)
     return (
-        own[setting],
+        own[key],
         mean,
         (
-            f"fluent and moved toward the text on {n_ok} of {len(rows_per_prompt)} prompts (yours and "
-            f"{len(rows_per_prompt) - 1} neutral probes), "
+            f"fluent and moved toward the text on {n_ok} of {len(rows_per_prompt)} outputs (your prompt's "
+            f"and {len(rows_per_prompt) - 1} {what}), "
             f"mean relevance {mean:+.3f} nats/token over the unsteered output"
         ),
     )
@@ -387,41 +418,53 @@ def autotune(
     negative: str = "",
     layers: Sequence[int] | None = None,
     coeffs: Sequence[float] | None = None,
+    decays: Sequence[float] | None = None,
     max_new_tokens: int = 40,
     seed: int = 0,
     capture_mode: str = DEFAULT_CAPTURE_MODE,
     stop: threading.Event | None = None,
     progress: Callable[[float, str], None] | None = None,
     probes: Sequence[str] = (),
+    samples: int = SAMPLES,
 ) -> dict:
-    """Search layers x coefficients for the setting that moves the output most toward the
-    steering text (or positive minus negative) among rows that stay fluent (greedy decoding).
+    """Search layers x coefficients (x decays) for the setting that moves the output most toward
+    the steering text (or positive minus negative) among rows that stay fluent (greedy decoding).
 
-    Candidates run as rows of batches of <= 8 (the unsteered baseline among them). With `probes`
-    (e.g. `PROBE_PROMPTS`) every candidate also runs on those prompts and the chosen setting is the
-    one fluent and relevant on the most prompts, ties broken by mean relevance (`choose_across`);
-    `rows` are always the user's prompt's rows.
+    Candidates run as rows of batches of <= 8 (the unsteered baseline among them). `decays`
+    (default `DECAYS`, constant only) adds per-step decay rates to the search. With `probes`
+    (e.g. `PROBE_PROMPTS`) every candidate also runs on those prompts, and with `samples` N it is
+    also sampled N times on the user's prompt (temperature SAMPLE_TEMPERATURE, seeds seed+1 ..
+    seed+N); the chosen setting is then the one fluent and relevant on the most outputs, ties
+    broken by mean relevance (`choose_across`); `rows` are always the user's prompt's greedy rows.
 
-    Returns {"layer", "coeff", "score", "rows": [{"layer", "coeff", "text", "relevance",
-    "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen row's
-    relevance; a row's `score` is its relevance when it is fluent, else None. When no row is
-    fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
-    says so; layer, coeff and score are None only when no row was generated (stopped at once).
-    `stop` (set from another thread)
-    ends the search between or within batches; the rows finished so far are still scored.
-    The caller holds the model manager's lock.
+    Returns {"layer", "coeff", "decay", "score", "rows": [{"layer", "coeff", "decay", "text",
+    "relevance", "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen
+    row's relevance; a row's `score` is its relevance when it is fluent, else None. When no row
+    is fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
+    says so; layer, coeff, decay and score are None only when no row was generated (stopped at
+    once). `stop` (set from another thread) ends the search between or within batches; the rows
+    finished so far are still scored. The caller holds the model manager's lock.
     """
     from steering import generate as G
 
     started = time.monotonic()
-    specs, coeffs, tokens = _check_request(engine, prompt, text, positive, negative, layers, coeffs, max_new_tokens)
-    sampling = G.Sampling(max_new_tokens=tokens, seed=limits.check("seed", seed))
-    prompts = [prompt] + list(probes)
+    specs, strengths, tokens = _check_request(
+        engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens
+    )
+    seed = limits.check("seed", seed)
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= MAX_SAMPLES:
+        raise InputError("samples", f"must be an integer from 0 to {MAX_SAMPLES}; got {limits.shorten(samples)}")
+    greedy = G.Sampling(max_new_tokens=tokens, seed=seed)
+    runs = [(prompt, greedy)] + [(p, greedy) for p in probes]
+    runs += [
+        (prompt, G.Sampling(tokens, SAMPLE_TEMPERATURE, 1.0, (seed + i) % limits.MAX_SEED))
+        for i in range(1, 1 + samples)
+    ]
     rows_per_prompt, stopped = [], False
-    for index, each in enumerate(prompts):
-        share = lambda f, m, i=index: progress and progress((i + f) / len(prompts) * 0.95, m)  # noqa: E731
+    for index, (each, sampling) in enumerate(runs):
+        share = lambda f, m, i=index: progress and progress((i + f) / len(runs) * 0.95, m)  # noqa: E731
         baseline, candidates, stopped = generate_candidates(
-            engine, each, specs, coeffs, sampling, capture_mode=capture_mode, stop=stop, progress=share
+            engine, each, specs, strengths, sampling, capture_mode=capture_mode, stop=stop, progress=share
         )
         if candidates and (not stopped or index == 0):
             rows_per_prompt.append(
@@ -430,22 +473,30 @@ def autotune(
         if stopped:
             break
     rows = rows_per_prompt[0] if rows_per_prompt else []
+    what = "neutral probes" if not samples else ("samples" if not probes else "probes and samples")
     best, score, reason = (
-        choose_across(rows_per_prompt, engine.n_layers) if rows else (None, None, "no candidate row was generated")
+        choose_across(rows_per_prompt, engine.n_layers, what)
+        if rows
+        else (None, None, "no candidate row was generated")
     )
-    n_all = len(specs) * len(coeffs)
+    n_all = len(specs) * len(strengths)
     if stopped:
         reason = (
-            f"stopped after {len(rows)} of {n_all} candidates on your prompt and {len(rows_per_prompt) - 1} probes; "
+            f"stopped after {len(rows)} of {n_all} candidates on your prompt and {len(rows_per_prompt) - 1} more runs; "
             + reason
         )
     elapsed = time.monotonic() - started
-    reason += f" ({n_all} candidates at layers {sorted(specs)} x coefficients {list(coeffs)}, {elapsed:.0f} s)"
+    searched = sorted({d for _, d in strengths})
+    shown = f" x decays {searched}" if searched != [1.0] else ""
+    shown += f", {samples} sampled output{'s' if samples > 1 else ''} each" if samples else ""
+    coeff_list = list(dict.fromkeys(c for c, _ in strengths))
+    reason += f" ({n_all} candidates at layers {sorted(specs)} x coefficients {coeff_list}{shown}, {elapsed:.0f} s)"
     if progress is not None:
         progress(1.0, "done")
     return {
         "layer": None if best is None else best["layer"],
         "coeff": None if best is None else best["coeff"],
+        "decay": None if best is None else best["decay"],
         "score": None if score is None else round(score, 4),
         "rows": rows,
         "reason": reason,

@@ -90,15 +90,47 @@ def test_autotune_shape_and_choice(smol_engine):
         max_new_tokens=10,
         progress=lambda f, m: progress.append(f),
     )
-    assert set(result) == {"layer", "coeff", "score", "rows", "reason"}
-    assert [(r["layer"], r["coeff"]) for r in result["rows"]] == [(15, 0.2), (15, 0.4)]
+    assert set(result) == {"layer", "coeff", "decay", "score", "rows", "reason"}
+    assert [(r["layer"], r["coeff"], r["decay"]) for r in result["rows"]] == [(15, 0.2, 1.0), (15, 0.4, 1.0)]
     for row in result["rows"]:
-        assert set(row) == {"layer", "coeff", "text", "relevance", "perplexity", "repetition", "fluent", "score"}
+        assert set(row) == {
+            "layer", "coeff", "decay", "text", "relevance", "perplexity", "repetition", "fluent", "score"
+        }  # fmt: skip
         assert row["score"] == (row["relevance"] if row["fluent"] else None)
     chosen = next(r for r in result["rows"] if (r["layer"], r["coeff"]) == (result["layer"], result["coeff"]))
     if any(r["fluent"] and r["relevance"] > 0 for r in result["rows"]):
         assert chosen["fluent"] and result["score"] == max(r["score"] for r in result["rows"] if r["score"] is not None)
     assert progress[-1] == 1.0 and result["reason"]
+    assert smol_engine.is_clean()
+
+
+def test_autotune_searches_decays_and_samples(smol_engine):
+    from dataclasses import replace
+
+    from llm_steer import DecaySchedule
+
+    runs = []
+    result = Q.autotune(
+        smol_engine,
+        PROMPT,
+        text="the ocean",
+        layers=[15],
+        coeffs=[0.6],
+        decays=[1.0, 0.5],
+        max_new_tokens=8,
+        samples=1,
+        progress=lambda f, m: runs.append(m),
+    )
+    rows = {r["decay"]: r for r in result["rows"]}
+    assert sorted(rows) == [0.5, 1.0] and result["decay"] in rows
+    assert "1 sampled output each" in result["reason"] and "decays [0.5, 1.0]" in result["reason"]
+    spec = Q.VectorSpec(layer=15, coeff=1.0, text="the ocean")
+    decayed = G.run_rows(
+        smol_engine, PROMPT, [[(replace(spec, decay=DecaySchedule(rate=0.5)), 0.6)]], G.Sampling(max_new_tokens=8)
+    )
+    assert rows[0.5]["text"] == decayed.texts[0]  # the candidate ran with that schedule ...
+    assert rows[0.5]["text"] != rows[1.0]["text"]  # ... which changes the output
+    assert sum("batch 1 of 1" in m for m in runs) == 2  # the greedy run and one sampled run
     assert smol_engine.is_clean()
 
 
@@ -132,3 +164,9 @@ def test_autotune_rejects_bad_requests(smol_engine):
         Q.autotune(smol_engine, PROMPT, text="x", layers=[99])
     with pytest.raises(InputError):
         Q.autotune(smol_engine, PROMPT, text="x", coeffs=[0.0, 0.5])
+    for bad in ([0.0], [1.5]):
+        with pytest.raises(InputError, match=r"decays\[0\]"):
+            Q.autotune(smol_engine, PROMPT, text="x", decays=bad)
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(InputError, match="samples"):
+            Q.autotune(smol_engine, PROMPT, text="x", samples=bad)
