@@ -4,6 +4,7 @@
     python app.py --share --auth alice:secret       # a temporary public link, with a password
     python app.py --model Qwen/Qwen2.5-1.5B-Instruct --quant 4bit --vram-limit 6GiB
     python app.py --simulate-gpu 8GiB --gui-overhead 0.7GiB   # plan as if on the reference card
+    python app.py --simulate-gpu 8GiB,8GiB                    # ... or on two such cards
 
 The initial model is loaded before the server starts, so the first request does not pay for it.
 SIGTERM (and Ctrl-C) close the server and release the model, then exit with status 0.
@@ -42,6 +43,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return gpu.parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _auth(text: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
     if not sep or not user.strip() or not password.strip():
@@ -71,8 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mcp", action="store_true", help="also serve the endpoints as MCP tools (gradio[mcp])")
     dev = parser.add_argument_group("development and testing")
-    dev.add_argument("--simulate-gpu", type=_size, metavar="SIZE", help="plan as if on a card of this size")
-    dev.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the simulated card")
+    dev.add_argument(
+        "--simulate-gpu", type=_sizes, metavar="SIZE[,SIZE...]", help="plan as if on cards of these sizes (8GiB,8GiB)"
+    )
+    dev.add_argument("--gui-overhead", type=_size, metavar="SIZE", help="desktop VRAM on the (first) simulated card")
     args = parser.parse_args(argv)
     if args.auth is None and AUTH_ENV in os.environ:  # set but empty is an error, not "no login"
         try:
