@@ -461,12 +461,14 @@ def timed_autotune(engine, topics, tokens) -> list[dict]:
                 "topic": topic["name"],
                 "layer": result["layer"],
                 "coeff": result["coeff"],
+                "decay": result["decay"],
                 "seconds": round(time.time() - started, 1),
                 "reason": result["reason"],
             }
         )
         print(
-            f"  autotune {topic['name']}: layer {result['layer']} coeff {result['coeff']} in {out[-1]['seconds']} s",
+            f"  autotune {topic['name']}: layer {result['layer']} coeff {result['coeff']} decay {result['decay']}"
+            f" in {out[-1]['seconds']} s",
             flush=True,
         )
     return out
@@ -556,7 +558,10 @@ def print_report(report, layers, coeffs) -> None:
         for k, v in h["bounds"].items():
             print(f"  {k}: {v}")
     for run in report.get("autotune_runs", []):
-        print(f"  autotune {run['topic']}: layer {run['layer']} coeff {run['coeff']} {run['seconds']} s")
+        print(
+            f"  autotune {run['topic']}: layer {run['layer']} coeff {run['coeff']} decay {run.get('decay')}"
+            f" {run['seconds']} s"
+        )
 
 
 def generate_probes(engine, topics, layers, coeffs, tokens, path: Path) -> dict:
