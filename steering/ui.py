@@ -651,34 +651,38 @@ def _wire_history(past) -> None:
 
 def _wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
     buttons = [sweep.run_btn, sweep.stop_btn]
-    begun = sweep.run_btn.click(ui_sweep.begin_sweep, None, [*buttons, sweep.info], show_progress="hidden", **UI_ONLY)
-    running = begun.then(
-        run_sweep,
-        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed],
-        [sweep.table, sweep.plot, sweep.info],
+    run_id = gr.State("")
+    begun = sweep.run_btn.click(
+        ui_sweep.begin_sweep, None, [*buttons, sweep.info, run_id], show_progress="hidden", **UI_ONLY
+    )
+    begun.then(
+        ui_sweep.sweep_run,
+        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, run_id],
+        [sweep.table, sweep.plot, sweep.info, *buttons],
         show_progress="minimal",
+        trigger_mode="multiple",  # see _wire_steer
         **PRIVATE,
         **MODEL,
     )
-    running.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
-    sweep.stop_btn.click(ui_sweep.stop_sweep, None, [sweep.info, *buttons], cancels=[running], **UI_ONLY)
+    sweep.stop_btn.click(ui_sweep.stop_sweep, None, [sweep.info, *buttons], **UI_ONLY)
 
 
 def _wire_autotune(prompt: gr.Textbox, form, decoding) -> None:
     """Auto-tune fills the form's layer and coefficient; Stop ends (or unqueues) the search."""
     buttons = [form.autotune_btn, form.autotune_stop]
+    run_id = gr.State("")
     begun = form.autotune_btn.click(
-        ui_steer.begin_search, None, [*buttons, form.message], show_progress="hidden", **UI_ONLY
+        ui_steer.begin_search, None, [*buttons, form.message, run_id], show_progress="hidden", **UI_ONLY
     )
-    tuning = begun.then(
-        ui_sweep.autotune_form,
-        [prompt, form.text, form.positive, form.negative, decoding.seed],
-        [form.layer, form.coeff, form.autotune_picture, form.message],
+    begun.then(
+        ui_sweep.autotune_run,
+        [prompt, form.text, form.positive, form.negative, decoding.seed, run_id],
+        [form.layer, form.coeff, form.autotune_picture, form.message, *buttons],
+        trigger_mode="multiple",  # see _wire_steer
         **PRIVATE,
         **MODEL,
     )
-    tuning.then(ui_steer.end_search, None, buttons, show_progress="hidden", **UI_ONLY)
-    form.autotune_stop.click(ui_sweep.stop_autotune, None, [form.message, *buttons], cancels=[tuning], **UI_ONLY)
+    form.autotune_stop.click(ui_sweep.stop_autotune, None, [form.message, *buttons], **UI_ONLY)
 
 
 def _wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
@@ -719,26 +723,28 @@ def _wire_steer(prompt: gr.Textbox, steer) -> None:
         ui_steer.check_table, [form.table, form.layer, form.message], [form.table, form.message], **UI_ONLY
     )
     _wire_autotune(prompt, form, decoding)
-    go = gr.State(False)
+    run_id = gr.State("")
     buttons = [steer.generate_btn, steer.stop_btn]
     settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
     begun = steer.generate_btn.click(
         ui_steer.begin_run,
         [form.table, *typed, form.coeff, form.layer],
-        [form.table, *typed, form.message, *buttons, steer.run_info, go],
+        [form.table, *typed, form.message, *buttons, steer.run_info, run_id],
         show_progress="hidden",
         **UI_ONLY,
     )
-    generation = begun.then(ui_steer.gate, go, None, show_progress="hidden", **UI_ONLY).success(
-        generate_outputs,
-        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions],
-        [steer.steered, steer.baseline, steer.run_info],
+    # trigger_mode "multiple": a run begun while a stopped one is still ending waits its turn
+    # instead of being dropped (Gradio drops a second trigger of a pending event by default).
+    begun.then(ui_steer.gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
+        ui_steer.generate_run,
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions, run_id],
+        [steer.steered, steer.baseline, steer.run_info, *buttons],
         show_progress="minimal",
+        trigger_mode="multiple",
         **PRIVATE,
         **MODEL,
     )
-    generation.then(ui_steer.end_run, None, buttons, show_progress="hidden", **UI_ONLY)
-    steer.stop_btn.click(ui_steer.stop_run, None, [steer.run_info, *buttons], cancels=[generation], **UI_ONLY)
+    steer.stop_btn.click(ui_steer.stop_run, None, [steer.run_info, *buttons], **UI_ONLY)  # no cancels: see Runs
 
 
 def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, memory, recipes) -> None:

@@ -8,8 +8,8 @@ field; every other output is left as it was (`gr.skip()`), so previous results s
 
 Generate is a chain: `begin_run` (instant, no queue: adds a typed-but-unadded vector, disables
 Generate, enables Stop) -> `gate` -> `generate_outputs` (the model queue) -> `end_run`. Stop sets
-this session's stop flag (a run in its prefill ends within one layer) and cancels the event (a
-run still queued never starts), and writes "stopped after N tokens".
+this run's stop flag (a run in its prefill ends within one layer, a run still queued ends as
+soon as it starts, without the model) and writes "stopped after N tokens".
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -168,37 +169,110 @@ def check_table(rows: list, layer: int, message: str = "") -> tuple:
 
 # -- Generate and Stop ---------------------------------------------------------------------------
 @dataclass
-class _Run:
-    """A session's generation in progress: what Stop needs."""
+class Run:
+    """A run from its button click on: the flag Stop sets, and its newest update."""
 
+    session: str | None
     stop: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None  # the newest update
+    result: dict | None = None
 
 
-_runs: dict[str | None, _Run] = {}
-_runs_lock = threading.Lock()
+class Runs:
+    """The runs begun in each session, by id. A run is registered when its button is clicked,
+    before it waits in the queue, so Stop reaches it wherever it is: a queued run whose flag is
+    set starts and ends at once without touching the model, a running one ends within a layer.
+    (Stop does not use Gradio's `cancels`: cancelling a generator as it finishes by itself could
+    leave the model's queue slot taken, and every later run waiting; measured in a browser.)"""
+
+    MAX = 256  # runs whose handler never came (a page closed while queued) are dropped oldest first
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._latest: dict[str | None, str] = {}
+        self._lock = threading.Lock()
+
+    def begin(self, session: str | None) -> str:
+        run_id = uuid.uuid4().hex
+        with self._lock:
+            self._runs[run_id] = Run(session)
+            self._latest[session] = run_id
+            while len(self._runs) > self.MAX:
+                self._runs.pop(next(iter(self._runs)))
+        return run_id
+
+    def get(self, run_id: str | None, session: str | None) -> Run:
+        """The run `run_id` (a new one, for callers by name that did not begin one)."""
+        with self._lock:
+            run = self._runs.get(run_id) if run_id else None
+        return run if run is not None else self._runs[self.begin(session)]
+
+    def latest(self, session: str | None) -> Run | None:
+        with self._lock:
+            return self._runs.get(self._latest.get(session, ""))
+
+    def is_latest(self, run_id: str | None, session: str | None) -> bool:
+        """Whether no newer run was begun in the session (a stopped run that ends after the next
+        one was begun must not re-enable its button or overwrite its line)."""
+        with self._lock:
+            return not run_id or self._latest.get(session) == run_id
+
+    def end(self, run: Run) -> None:
+        with self._lock:
+            for run_id, known in list(self._runs.items()):
+                if known is run:
+                    del self._runs[run_id]
 
 
-def begin_run(rows, text, positive, negative, coeff, layer) -> tuple:
+runs = Runs()
+
+
+def with_buttons(stream_fn, registry: Runs, n_outputs: int):
+    """`stream_fn`'s outputs plus (run button, stop button): when the run ends the run button is
+    enabled and Stop disabled again, unless a newer run was begun meanwhile (its chain owns them).
+    Gradio cannot end a chain with `.then()` here: a stopped run's `.then` would fire after the
+    next run began."""
+
+    signature = inspect.signature(stream_fn)
+
+    @functools.wraps(stream_fn)
+    def stream(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for outputs in stream_fn(*bound.args, **bound.kwargs):
+            yield (*outputs, gr.skip(), gr.skip())
+        run_id, request = bound.arguments.get("run_id"), bound.arguments.get("request")
+        latest = registry.is_latest(run_id, session_of(request))
+        yield (*([gr.skip()] * n_outputs), *(end_run() if latest else (gr.skip(), gr.skip())))
+
+    stream.__signature__ = signature  # Gradio reads the inputs and gr.Request from it
+    return stream
+
+
+def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request = None) -> tuple:
     """Before a run: a vector typed into the form but not added is added now (and said so), then
     Generate is disabled and Stop enabled. Outputs (table, text, positive, negative, message,
-    generate button, stop button, run line, go): `go` False leaves everything and skips the run."""
+    generate button, stop button, run line, run id): an empty run id (a refusal) leaves
+    everything and skips the run."""
     try:
         table = _form_row(rows, text, positive, negative, coeff, layer)
     except (SteeringError, gr.Error) as exc:
-        return refused(_message(exc), 9, at=4)[:8] + (False,)
+        return refused(_message(exc), 9, at=4)[:8] + ("",)
+    run_id = runs.begin(session_of(request))
     busy = (gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…")
     if table is None:
-        return (gr.skip(),) * 4 + ("", *busy, True)
+        return (gr.skip(),) * 4 + ("", *busy, run_id)
     added = table[-1]
     note = f"Added the typed vector to the table (row {len(table)}, coefficient {added[3]:g}, layer {added[4]})."
     gr.Info(note)
-    return (table, "", "", "", note, *busy, True)
+    return (table, "", "", "", note, *busy, run_id)
 
 
-def begin_search() -> tuple:
-    """Before a slower action (auto-tune): its button disabled, its Stop shown, the message cleared."""
-    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), ""
+def begin_search(request: gr.Request = None) -> tuple:
+    """Before an auto-tune: its button disabled, its Stop shown, the message cleared; outputs
+    (buttons, message, run id)."""
+    from steering.ui_sweep import tunes  # (ui_sweep imports this module)
+
+    run_id = tunes.begin(session_of(request))
+    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), "", run_id
 
 
 def end_search() -> tuple:
@@ -206,9 +280,9 @@ def end_search() -> tuple:
     return gr.Button(interactive=True), gr.Button(visible=False)
 
 
-def gate(go: bool) -> None:
+def gate(run_id: str) -> None:
     """Ends the Generate chain quietly when `begin_run` refused (no toast: it showed one)."""
-    if go is not True:
+    if not run_id:
         raise gr.Error("not started", visible=False, print_exception=False)
 
 
@@ -229,15 +303,18 @@ def generate_outputs(
     capture_mode,
     raw_prompt,
     directions=None,
+    run_id: str | None = None,
     request: gr.Request = None,
 ):
     """Stream steered and baseline text side by side (both rows of one batch); outputs
     (steered, baseline, run line). Stop (or a closed page) sets the stop flag: generation ends
     within one decoding step, or one layer of the prefill, and the model lock is released."""
     session = session_of(request)
-    run = _Run()
-    with _runs_lock:
-        _runs[session] = run
+    run = runs.get(run_id, session)
+    if run.stop.is_set():  # stopped while it waited in the queue: Stop has said so already
+        runs.end(run)
+        yield gr.skip(), gr.skip(), gr.skip()
+        return
     rows = bounded_rows(rows)
     vectors = views.rows_to_vectors(rows, int(layer), directions)
     arguments = dict(
@@ -248,19 +325,19 @@ def generate_outputs(
     stream = api.steer_stream(stop=run.stop, compare=True, **arguments)
     try:
         for run.result in _people_errors(stream, views.table_row_numbers(rows)):
-            line = views.run_line(run.result, elapsed_s=0, seed=seed, running=not run.result["done"])
-            if run.result["done"]:
-                stopped = run.stop.is_set()
+            stopped = run.stop.is_set()  # Stop has written "stopped after": no "generating…" after it
+            line = views.run_line(run.result, elapsed_s=0, seed=seed, running=not (run.result["done"] or stopped))
+            if run.result["done"] or stopped:
                 line = views.run_line(run.result, elapsed_s=time.perf_counter() - started, seed=seed, stopped=stopped)
             notice = views.fallback_notice(run.result.get("fallback"))
-            yield run.result["steered"], run.result["baseline"], line + (f"  \n{notice}" if notice else "")
+            if not runs.is_latest(run_id, session):  # a newer run was begun: its line shows
+                line, notice = gr.skip(), ""
+            yield run.result["steered"], run.result["baseline"], line if not notice else line + f"  \n{notice}"
     finally:
         stopped = not (run.result or {}).get("done") or run.stop.is_set()
         run.stop.set()
         stream.close()
-        with _runs_lock:
-            if _runs.get(session) is run:
-                del _runs[session]
+        runs.end(run)
         if run.result is not None:
             context = {"stopped": True} if stopped else None
             history.record(session, "steer", arguments, run.result, context=context)
@@ -276,11 +353,13 @@ def _people_errors(stream, row_numbers):
 
 def stop_run(request: gr.Request = None) -> tuple:
     """Stop this session's run, wherever it is; outputs (run line, generate button, stop button)."""
-    with _runs_lock:
-        run = _runs.get(session_of(request))
+    run = runs.latest(session_of(request))
     line = None
     if run is not None:
         run.stop.set()
         result = run.result
         line = views.run_line(result, elapsed_s=0, seed=0, stopped=True) if result else None
     return line or "Stopped before the model started: stopped after 0 tokens", *end_run()
+
+
+generate_run = with_buttons(generate_outputs, runs, 3)  # the Generate chain's step: outputs + the two buttons

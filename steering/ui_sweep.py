@@ -8,30 +8,42 @@ enabled only then. Every finished (or stopped) result goes into the session's hi
 from __future__ import annotations
 
 import inspect
-import threading
 
 import gradio as gr
 
 from steering import api, history, limits, plots, views
-from steering.ui_steer import end_run, end_search, inline, loaded_quant, n_layers_now, notices, session_of
+from steering.ui_steer import (
+    Runs,
+    end_run,
+    end_search,
+    inline,
+    loaded_quant,
+    n_layers_now,
+    notices,
+    session_of,
+    with_buttons,
+)
 
-_sweeps: dict[str | None, threading.Event] = {}  # a session's running sweep: its stop flag
-_lock = threading.Lock()
+sweeps, tunes = Runs(), Runs()  # what Stop reaches (see ui_steer.Runs: no Gradio `cancels`)
 
 
-def begin_sweep() -> tuple:
-    """Run disabled, Stop enabled, the message line cleared."""
-    return gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…"
+def begin_sweep(request: gr.Request = None) -> tuple:
+    """Run disabled, Stop enabled, the message line set; outputs (buttons, info, run id)."""
+    run_id = sweeps.begin(session_of(request))
+    return gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…", run_id
 
 
 @notices(3, at=2)
-def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, request: gr.Request = None):
+def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, run_id=None, request: gr.Request = None):
     """One row per coefficient, streamed as the tokens arrive, then scored: outputs (table, plot,
     info). The table keeps the previous sweep until this one has its first text."""
     session = session_of(request)
-    stop = threading.Event()
-    with _lock:
-        _sweeps[session] = stop
+    run = sweeps.get(run_id, session)
+    stop = run.stop
+    if stop.is_set():  # stopped while it waited in the queue
+        sweeps.end(run)
+        yield gr.skip(), gr.skip(), gr.skip()
+        return
     arguments = dict(
         prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
         max_new_tokens=max_new_tokens, seed=seed,
@@ -55,9 +67,7 @@ def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, request: g
     finally:
         stop.set()
         stream.close()
-        with _lock:
-            if _sweeps.get(session) is stop:
-                del _sweeps[session]
+        sweeps.end(run)
         if result is not None:
             stopped = bool(result.get("stopped")) or not result["done"]
             context = {"quant": loaded_quant(), **({"stopped": True} if stopped else {})}
@@ -66,23 +76,21 @@ def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, request: g
 
 def stop_sweep(request: gr.Request = None) -> tuple:
     """Stop this session's sweep; outputs (info, run button, stop button)."""
-    with _lock:
-        stop = _sweeps.get(session_of(request))
-    if stop is not None:
-        stop.set()
+    run = sweeps.latest(session_of(request))
+    if run is not None:
+        run.stop.set()
     return "Stopped.", *end_run()
 
 
 # -- Auto-tune in the vector form ------------------------------------------------------------------
-_tunes: dict[str | None, threading.Event] = {}
-
-
 def _accepts(name: str) -> bool:
     return name in inspect.signature(api.autotune).parameters
 
 
 @notices(4, at=3)
-def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress(), request: gr.Request = None, **search):
+def autotune_form(
+    prompt, text, positive, negative, seed, run_id=None, progress=gr.Progress(), request: gr.Request = None, **search
+):
     """Search layers x coefficients for the form's vector on the prompt; fill the form's layer and
     coefficient with the chosen setting. Outputs (layer slider, coefficient, picture, message).
     `search` passes api.autotune's own `layers` / `max_new_tokens` (the UI uses its defaults)."""
@@ -91,17 +99,17 @@ def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress()
         raise gr.Error("text: type the steering text (or a positive and a negative text) to tune first")
     arguments = dict(prompt=prompt, **given, seed=limits.check("seed", seed), **search)
     session = session_of(request)
-    stop = threading.Event()
+    run = tunes.get(run_id, session)
+    stop = run.stop
+    if stop.is_set():  # stopped while it waited in the queue
+        tunes.end(run)
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     extra = {"stop": stop} if _accepts("stop") else {}  # api.autotune may not take a stop flag yet
     progress(0, desc="Auto-tune: searching layers × coefficients")
-    with _lock:
-        _tunes[session] = stop
     try:
         result = api.autotune(**arguments, **extra)
     finally:
-        with _lock:
-            if _tunes.get(session) is stop:
-                del _tunes[session]
+        tunes.end(run)
     context = {"quant": loaded_quant(), **({"stopped": True} if stop.is_set() else {})}
     history.record(session, "autotune", arguments, result, context=context)
     picture = plots.autotune_html(result)
@@ -121,9 +129,18 @@ def autotune_form(prompt, text, positive, negative, seed, progress=gr.Progress()
 
 def stop_autotune(request: gr.Request = None) -> tuple:
     """Stop this session's auto-tune (a queued one never starts); outputs (message, buttons)."""
-    with _lock:
-        stop = _tunes.get(session_of(request))
-    if stop is not None:
-        stop.set()
+    run = tunes.latest(session_of(request))
+    if run is not None:
+        run.stop.set()
     finished = "" if _accepts("stop") else " (a search already running finishes its current batch first)"
     return f"Auto-tune stopped{finished}.", *end_search()
+
+
+sweep_run = with_buttons(run_sweep, sweeps, 3)  # the Sweep chain's step: outputs + run and stop buttons
+
+
+def autotune_run(prompt, text, positive, negative, seed, run_id=None, progress=gr.Progress(), request=None):
+    """`autotune_form` plus (Auto-tune button, its Stop) back to rest, unless a newer auto-tune began."""
+    outputs = autotune_form(prompt, text, positive, negative, seed, run_id=run_id, progress=progress, request=request)
+    latest = tunes.is_latest(run_id, session_of(request))
+    return (*outputs, *(end_search() if latest else (gr.skip(), gr.skip())))
