@@ -462,3 +462,23 @@ def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir
         assert layer.value == result["layer"] and coeff == result["coeff"]
         assert f"layer {result['layer']} and coefficient {result['coeff']:g}" in message
     assert "autotune-grid" in picture and picture.count("<td") == len(result["rows"])
+
+
+def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_buttons_alone(embedded_dir):
+    from steering import ui_steer
+
+    ensure_embedded_loaded()
+    session = "stop-test"
+    request = type("Request", (), {"session_hash": session})()
+    args = ("Hi", [], 15, 4, 0.0, 1.0, 0, "bos-neutral", False, None)
+    first = ui_steer.runs.begin(session)  # clicked, still queued
+    line, generate_btn, stop_btn = ui_steer.stop_run(request)
+    assert line.endswith("stopped after 0 tokens") and generate_btn.interactive and not stop_btn.interactive
+    second = ui_steer.runs.begin(session)  # Generate clicked again before the stopped run got its turn
+    stale = list(ui_steer.generate_run(*args, first, request))
+    assert all(_skipped(v) for out in stale for v in out)  # no model work, no line, the new run's buttons kept
+    outputs = list(ui_steer.generate_run(*args, second, request))
+    steered, baseline, line, generate_btn, stop_btn = outputs[-2]
+    assert steered and line.endswith("seed 0") and "4 tokens" in line
+    *_, generate_btn, stop_btn = outputs[-1]
+    assert generate_btn.interactive and stop_btn.interactive is False  # the latest run ends its own chain
