@@ -88,10 +88,12 @@ def test_autotune_shape_and_choice(smol_engine):
         layers=[15],
         coeffs=[0.2, 0.4],
         max_new_tokens=10,
+        samples=0,  # the greedy rule (samples: the next test)
         progress=lambda f, m: progress.append(f),
     )
     assert set(result) == {"layer", "coeff", "decay", "score", "rows", "reason"}
-    assert [(r["layer"], r["coeff"], r["decay"]) for r in result["rows"]] == [(15, 0.2, 1.0), (15, 0.4, 1.0)]
+    default = Q.DECAYS[0]  # the default search's decay
+    assert [(r["layer"], r["coeff"], r["decay"]) for r in result["rows"]] == [(15, 0.2, default), (15, 0.4, default)]
     for row in result["rows"]:
         assert set(row) == {
             "layer", "coeff", "decay", "text", "relevance", "perplexity", "repetition", "fluent", "score"
