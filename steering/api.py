@@ -420,7 +420,8 @@ def autotune(
         prompt. relevance: how much more likely the unsteered model finds the steering text after
         this output than after the baseline's (nats per token). fluent: repetition
         (1 - distinct-2) <= 0.2, perplexity <= 30 and at least 8 tokens. "reason" says why the
-        chosen setting won. On the embedded model at the defaults it takes about 20 s on 2 CPU cores.
+        chosen setting won. On the embedded model at the defaults it takes 14-17 s on 2 shared CPU
+        cores (up to 62 s while they were busy).
     """
     prompt = generate.check_prompt(prompt)
     tokens = limits.check("max_new_tokens", max_new_tokens)
