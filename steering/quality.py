@@ -12,8 +12,9 @@ which setting (layer, coefficient) gets the most of the second while keeping the
   output), `relevance_hidden` (cosine of the output's mean hidden state with the steering
   direction) and `relevance_embed` (cosine of the output's mean token embedding with the text's).
   `bench/quality.py` ranks them against word-list labels; `RELEVANCE` names the winner.
-* `autotune(...)`: generates a grid of layers x coefficients as rows of a few batches, scores every
-  row and returns the setting with the highest relevance among fluent rows.
+* `autotune(...)`: generates a grid of layers x coefficients x decays as rows of a few batches,
+  greedy and at a few sampling seeds, scores every row and returns the setting that is fluent and
+  relevant on the most of those outputs (with one output: the most relevant fluent row).
 
 Scoring is memory-lean: the decoder runs without its output head (`model.model`), the hidden
 states are sliced to the scored positions, and only those go through `lm_head`, a few rows at a
