@@ -51,7 +51,17 @@ def test_named_endpoints_are_exactly_the_public_api(api):
     assert set(info["named_endpoints"]) == ENDPOINTS  # UI-only handlers are private
     assert not info["unnamed_endpoints"]
     steer_params = [p["parameter_name"] for p in info["named_endpoints"]["/steer"]["parameters"]]
-    assert steer_params == ["prompt", "vectors", "max_new_tokens", "temperature", "top_p", "seed", "compare"]
+    assert steer_params == [
+        "prompt",
+        "vectors",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "compare",
+        "capture_mode",
+        "raw_prompt",
+    ]
     sweep_params = info["named_endpoints"]["/sweep"]["parameters"]
     assert [(p["parameter_name"], p["python_type"]["type"]) for p in sweep_params][:4] == [
         ("prompt", "str"),
