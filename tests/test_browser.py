@@ -92,14 +92,20 @@ def _set_tokens(page, tokens: int) -> None:
 
 
 def _fill_slider(page, elem_id: str, value: int) -> None:
-    """Type into a slider's number box and wait until the slider itself holds the value."""
+    """Type into a slider's number box until the slider itself holds the value (a keystroke can be
+    lost while the page re-renders, so it is typed again, at most three times)."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-    page.wait_for_function(
-        "([id, value]) => document.querySelector(`#${id} input[type=range]`).value === value", arg=[elem_id, str(value)]
-    )
+    check = "([id, value]) => document.querySelector(`#${id} input[type=range]`).value === value"
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            page.wait_for_function(check, arg=[elem_id, str(value)], timeout=10_000)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
 
 
 def _wait_run_ended(page) -> str:
@@ -146,6 +152,12 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     assert "stopped after 0 tokens" in line, line
     assert time.monotonic() - started < 10
     assert _value(page, "steered-output") == "" and _value(page, "baseline-output") == ""
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    # At once again, while the stopped run may still be ending: the click is not dropped, Stop works.
+    page.locator("#generate").click()
+    page.wait_for_function("() => !document.querySelector('#stop').disabled")
+    page.locator("#stop").click()
+    page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('stopped after 0 tokens')")
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     # The model is free at once: a short run finishes (it would wait behind 512 x 2 tokens otherwise).
     page.locator("#prompt-box textarea").fill("Hi")
