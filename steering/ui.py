@@ -218,14 +218,15 @@ generate_outputs = ui_steer.generate_outputs
 run_sweep = ui_sweep.run_sweep  # steering/ui_sweep.py: rows stream in, Stop ends them
 
 
-@user_errors
-def show_similarity(rows, layer) -> str:
-    """The cosine heatmap of the table's (enabled) texts at the layer slider's layer."""
-    texts = views.vector_texts(views.rows_to_vectors(rows, int(layer)))
+@ui_steer.notices(2, at=1)
+def show_similarity(rows, layer) -> tuple:
+    """The cosine heatmap of the table's (enabled) texts at the layer slider's layer; outputs
+    (heatmap, message): a refusal leaves the previous heatmap."""
+    texts = views.vector_texts(views.rows_to_vectors(ui_steer.bounded_rows(rows), int(layer)))
     if len(texts) < 2:
         raise gr.Error("texts: the vectors table needs at least 2 different texts to compare", print_exception=False)
     result = api.similarity(texts[: int(limits.LIMITS["similarity_texts"].maximum)], int(layer))
-    return views.heatmap_html(result["texts"], result["matrix"], result["layer"])
+    return views.heatmap_html(result["texts"], result["matrix"], result["layer"]), ""
 
 
 @ui_steer.notices(5, at=0)  # a refusal (a context out of range) shows where the card reading goes
@@ -260,7 +261,14 @@ def export_table(rows, layer, fmt, capture_mode, directions) -> str:
     return api.export_vectors(views.rows_to_vectors(rows, int(layer), directions), fmt, capture_mode)["path"]
 
 
-@user_errors
+@ui_steer.notices(2, at=1)
+def export_table_shown(rows, layer, fmt, capture_mode, directions) -> tuple:
+    """`export_table` for the button: outputs (file, the files' message line); a refusal is a
+    notice and that message, the previous file stays."""
+    return export_table(rows, layer, fmt, capture_mode, directions), ""
+
+
+@ui_steer.notices(3, at=2)  # a refused file: a notice and the import line; the table stays
 def import_into_table(file_path, rows, directions, layer) -> tuple:
     """Append the vectors of an uploaded control vector file to the table (editable rows)."""
     result = api.import_vectors(file_path)
@@ -529,9 +537,10 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
 def _vectors_tab() -> SimpleNamespace:
     with gr.Tab("Vectors"):
         gr.Markdown("Texts whose vectors point the same way steer alike. Uses the table's texts and the layer slider.")
-        show_btn = gr.Button("Show similarity")
-        heatmap = gr.HTML("")
-    return SimpleNamespace(show_btn=show_btn, heatmap=heatmap)
+        show_btn = gr.Button("Show similarity", elem_id="show-similarity")
+        message = gr.Markdown("", elem_id="similarity-message", elem_classes=["field-message"])
+        heatmap = gr.HTML("", elem_id="heatmap")
+    return SimpleNamespace(show_btn=show_btn, message=message, heatmap=heatmap)
 
 
 def _memory_tab() -> SimpleNamespace:
@@ -760,9 +769,9 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
     )
     _wire_steer(prompt, steer)
     form.export_btn.click(
-        export_table,
+        export_table_shown,
         [form.table, form.layer, form.export_format, decoding.capture, form.directions],
-        form.export_file,
+        [form.export_file, form.import_info],
         **PRIVATE,
         **MODEL,
     )
@@ -774,7 +783,9 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
         **MODEL,
     )
     _wire_sweep(prompt, sweep, decoding)
-    vectors.show_btn.click(show_similarity, [form.table, form.layer], vectors.heatmap, **PRIVATE, **MODEL)
+    vectors.show_btn.click(
+        show_similarity, [form.table, form.layer], [vectors.heatmap, vectors.message], **PRIVATE, **MODEL
+    )
     memory_view = [memory.card, memory.bars, memory.processes, memory.plan, memory.events]
     memory.refresh_btn.click(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)
     memory.tab.select(refresh_memory, memory.context, memory_view, **PRIVATE, **INFO)  # fills itself on open

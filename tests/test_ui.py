@@ -482,3 +482,14 @@ def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_button
     assert steered and line.endswith("seed 0") and "4 tokens" in line
     *_, generate_btn, stop_btn = outputs[-1]
     assert generate_btn.interactive and stop_btn.interactive is False  # the latest run ends its own chain
+
+
+def test_similarity_and_vector_files_refuse_beside_the_field(embedded_dir, tmp_path):
+    ensure_embedded_loaded()
+    assert _refusal(ui.show_similarity([["dogs", "", "", 0.5, 15, True]], 15)).startswith("texts: ")
+    heatmap, message = ui.show_similarity([["dogs", "", "", 0.5, 15, True], ["cats", "", "", 0.5, 15, True]], 15)
+    assert "colour-scale" in heatmap and "dogs" in heatmap and message == ""
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a control vector")
+    assert _refusal(ui.import_into_table(str(junk), [["dogs", "", "", 0.5, 15, True]], {}, 15))
+    assert _refusal(ui.export_table_shown([["dogs", "", "", 0.5, 1, True]], 15, "gguf", "bos-neutral", {}))
