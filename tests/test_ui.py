@@ -429,7 +429,7 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
 
     ensure_embedded_loaded()
     history.clear(None)
-    updates = list(ui_sweep.run_sweep("Tell me about your weekend.", "dogs", 15, "0, 0.45", 6, 0))
+    updates = list(ui_sweep.run_sweep("Tell me about your weekend.", "dogs", 15, "0, 0.45", 4, 0))
     assert any("generating" in info for _, _, info in updates[:-1])  # rows streamed before the scores
     table, plot, info = updates[-1]
     assert [row[0] for row in table] == [0.0, 0.45] and all(row[3] in ("yes", "no") for row in table)
