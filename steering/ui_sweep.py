@@ -123,6 +123,9 @@ def autotune_form(
         + (f" (score {score:.3f} nats/token)" if score is not None else "")
         + f". {result.get('reason') or ''} Click **Add vector** to add it."
     )
+    decay = result.get("decay")
+    if isinstance(decay, (int, float)) and decay != 1:  # the table has no decay column yet
+        message += f" ⚠️ It was found with a decay of {decay:g} per token, which the table cannot hold; /steer can."
     gr.Info(f"Auto-tune: layer {layer}, coefficient {result['coeff']:g}")
     return gr.Slider(value=layer), result["coeff"], picture, message
 
