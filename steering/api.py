@@ -398,10 +398,9 @@ def autotune(
     """Search layers x coefficients for the setting that steers the output toward the text while
     it stays fluent (candidates as rows of batches of up to 8).
 
-    Every candidate runs greedy on the prompt and is sampled 3 more times there (temperature 0.7,
-    seeds seed+1 .. seed+3); the chosen setting is fluent and moved toward the text on the most
-    of those 4 outputs (ties: the higher mean relevance). Candidates: coefficients 0.45-0.6, each
-    decaying by 0.95 per generated token (measured on our labelled set: docs/quality.md).
+    Candidates: the middle layer x coefficients 0.4, 0.45, 0.5 (constant), each a row of one
+    greedy batch with the unsteered baseline; the chosen setting is the most relevant fluent one
+    (measured on our labelled set: docs/quality.md).
 
     Args:
         prompt: the user message the setting is tuned on.
@@ -410,18 +409,17 @@ def autotune(
         negative: the text to steer away from, for a contrastive pair.
         layers: up to 4 layers to search, 0 .. n_layers-1; default: the middle layer.
         max_new_tokens: tokens per candidate, 1 to 512 (40 measures fluency well).
-        seed: random seed: the greedy run does not use it; the 3 sampled runs use seed+1 .. seed+3.
+        seed: random seed (decoding is greedy; kept for the record and for searches that sample).
 
     Returns:
         {"layer", "coeff", "decay", "score", "rows": [{"layer", "coeff", "text", "relevance",
         "perplexity", "repetition", "fluent", "score"}], "reason", "model", "fallback"}. decay: the
-        per-token multiplier of the coefficient that every candidate ran with (apply the setting
-        as a vector with this coeff and decay). rows: the greedy output of each candidate on the
-        prompt. relevance: how much more likely the unsteered model finds the steering text after
-        this output than after the baseline's (nats per token). fluent: repetition
-        (1 - distinct-2) <= 0.2, perplexity <= 30 and at least 8 tokens. "reason" says why the
-        chosen setting won. On the embedded model at the defaults it takes 14-17 s on 2 shared CPU
-        cores (up to 62 s while they were busy).
+        per-token multiplier of the coefficient the candidates ran with (1.0: constant). rows:
+        the greedy output of each candidate on the prompt. relevance: how much more likely the
+        unsteered model finds the steering text after this output than after the baseline's
+        (nats per token). fluent: repetition (1 - distinct-2) <= 0.2, perplexity <= 30 and at
+        least 8 tokens. "reason" says why the chosen setting won. On the embedded model at the
+        defaults it took 3-23 s on 2 CPU cores shared with other jobs.
     """
     prompt = generate.check_prompt(prompt)
     tokens = limits.check("max_new_tokens", max_new_tokens)
