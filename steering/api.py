@@ -394,13 +394,17 @@ def autotune(
     layers: list[int] | None = None,
     max_new_tokens: int = 40,
     seed: int = _D["seed"],
+    *,
+    stop: Event | None = None,
 ) -> dict:
     """Search layers x coefficients for the setting that steers the output toward the text while
     it stays fluent (candidates as rows of batches of up to 8).
 
     Candidates: the middle layer x coefficients 0.4, 0.45, 0.5 (constant), each a row of one
     greedy batch with the unsteered baseline; the chosen setting is the most relevant fluent one
-    (measured on our labelled set: docs/quality.md).
+    (measured on our labelled set: docs/quality.md). In-process callers (the UI's Stop) may pass
+    the keyword `stop` (a threading.Event): the search ends within a decoding step and chooses
+    among the rows it finished.
 
     Args:
         prompt: the user message the setting is tuned on.
@@ -439,7 +443,7 @@ def autotune(
         mapped = None if layers is None else sorted({attempt.layer(v) for v in layers})
         result = quality.autotune(
             engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
-            max_new_tokens=tokens, seed=seed,
+            max_new_tokens=tokens, seed=seed, stop=stop,
         )  # fmt: skip
         # The API's rows keep the issue's fields: every candidate ran with the result's decay.
         rows = [{k: v for k, v in row.items() if k != "decay"} for row in result["rows"]]

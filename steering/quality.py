@@ -487,10 +487,9 @@ def autotune(
     )
     n_all = len(specs) * len(strengths)
     if stopped:
-        reason = (
-            f"stopped after {len(rows)} of {n_all} candidates on your prompt and {len(rows_per_prompt) - 1} more runs; "
-            + reason
-        )
+        more = max(len(rows_per_prompt) - 1, 0)
+        extra = f" and {more} more run{'s' if more != 1 else ''}" if more else ""
+        reason = f"stopped after {len(rows)} of {n_all} candidates on your prompt{extra}; " + reason
     elapsed = time.monotonic() - started
     searched = sorted({d for _, d in strengths})
     shown = f" x decays {searched}" if searched != [1.0] else ""

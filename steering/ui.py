@@ -161,7 +161,11 @@ def _endpoint(fn):
     evaluated so `gr.api` sees real types (api.py uses `from __future__ import annotations`) and
     the API page shows `dict` instead of `Any`."""
     call = user_errors(fn)
-    call.__signature__ = inspect.signature(fn, eval_str=True)
+    signature = inspect.signature(fn, eval_str=True)
+    # Keyword-only parameters (e.g. autotune's `stop` flag) are for in-process callers such as the
+    # UI's handlers, not for clients: the endpoint does not offer them.
+    public = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    call.__signature__ = signature.replace(parameters=public)
     return call
 
 
@@ -193,17 +197,33 @@ def refresh_model_view() -> tuple:
     return _model_view(api.status())
 
 
-def load_selected_model(model: str, quant: str, force: bool, progress=gr.Progress(track_tqdm=True)) -> tuple:
+def load_selected_model(
+    model: str, quant: str, force: bool, allow_offload: bool = False, progress=gr.Progress(track_tqdm=True)
+) -> tuple:
     """Load the chosen model; the layer sliders follow its depth. Outputs: the model view and
     the model's message line. A refusal is a notice and a message; the dropdown goes back to the
     model that is still loaded, nothing else changes."""
     progress(0, desc=f"Loading {model}")
     try:
-        return (*_model_view(api.load_model(model, quant, force)), "")
+        return (*_model_view(api.load_model(model, quant, force, bool(allow_offload))), "")
     except SteeringError as exc:
         logger.info("load_selected_model refused: %s", exc)
         shown = ui_steer.refused(str(exc), 6, at=5)
         return (*shown[:4], gr.Dropdown(value=get_manager().status().get("model")), shown[5])
+
+
+def model_advice(model: str, quant: str) -> str:
+    """The plan's sentence for the chosen model: an offload row's expected speed (and the
+    Allow-offload box), a split across GPUs, or why nothing loads. Empty for a model that simply
+    fits, is not in the plan (a local folder) or when no plan can be made."""
+    try:
+        plan = api.plan()
+    except SteeringError:
+        return ""
+    rows = [r for r in plan.get("models", []) if r.get("id") == model and quant in ("auto", r.get("quant"))]
+    if quant == "auto" and any(r.get("verdict") in ("stable", "fragile") for r in rows):
+        return ""  # "auto" takes a quantization that fits
+    return "  \n".join(text for text in map(views.load_advice, rows) if text)
 
 
 # -- handlers: the vectors table and generation: steering/ui_steer.py ----------------------------
@@ -347,16 +367,22 @@ def _model_panel(loaded, locked: bool) -> SimpleNamespace:
             )
             quant = gr.Radio(list(QUANT_CHOICES), value="auto", label="Quantization", interactive=not locked, scale=3)
             force = gr.Checkbox(False, label="Force (skip the memory check)", interactive=not locked, scale=1)
+            allow_offload = gr.Checkbox(
+                False, label="Allow offload (layers in CPU RAM: much slower)", interactive=not locked, scale=1
+            )
             load_btn = gr.Button("Load", variant="secondary", interactive=not locked, scale=1)
         if locked:
             gr.Markdown("_Model switching is disabled on this server (`--lock-model`)._")
         message = gr.Markdown("", elem_id="model-message", elem_classes=["field-message"])
+        advice = gr.Markdown("", elem_id="load-advice")
         status_md = gr.Markdown("Loading…", elem_id="status-line")
         fallback_md = gr.Markdown("", elem_id="fallback-notice")
     return SimpleNamespace(
         dropdown=dropdown,
         quant=quant,
         force=force,
+        allow_offload=allow_offload,
+        advice=advice,
         load_btn=load_btn,
         message=message,
         status_md=status_md,
@@ -762,11 +788,13 @@ def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, mem
     demo.load(refresh_model_view, None, model_view, **PRIVATE, **INFO)
     model.load_btn.click(
         load_selected_model,
-        [model.dropdown, model.quant, model.force],
+        [model.dropdown, model.quant, model.force, model.allow_offload],
         [*model_view, model.message],
         **PRIVATE,
         **MODEL,
     )
+    for chosen in (model.dropdown, model.quant):  # the plan's word on the choice, before loading
+        chosen.change(model_advice, [model.dropdown, model.quant], model.advice, **PRIVATE, **INFO)
     _wire_steer(prompt, steer)
     form.export_btn.click(
         export_table_shown,

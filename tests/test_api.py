@@ -9,12 +9,14 @@ serving. The README's ```python client examples are executed against this server
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
 from _server import ROOT, TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
+from steering import api as steering_api
 from steering import catalog, engine, limits, ui, views
 
 PROMPT = "Tell me about your weekend."
@@ -353,3 +355,13 @@ def test_autotune_refuses_bad_input(api, args, expected):
     with pytest.raises(AppError) as caught:
         api.predict(*args, api_name="/autotune")
     assert re.search(expected, str(caught.value)), str(caught.value)
+
+
+def test_autotune_stops_at_once_and_its_stop_flag_is_not_an_endpoint_parameter(api):
+    stop = threading.Event()
+    stop.set()
+    result = steering_api.autotune("Tell me about your day.", text="the ocean", stop=stop)
+    assert result["rows"] == [] and result["reason"].startswith("stopped after 0 of 3 candidates on your prompt;")
+    info = api.view_api(print_info=False, return_format="dict")
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/autotune"]["parameters"]]
+    assert params == ["prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed"]

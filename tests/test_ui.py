@@ -13,8 +13,9 @@ import gradio as gr
 import pytest
 from _server import ensure_embedded_loaded
 
-from steering import gpu, limits, ui, views
+from steering import catalog, gpu, limits, ui, views
 from steering.errors import InputError
+from steering.loader import get_manager
 
 
 def test_table_rows_become_steer_vectors():
@@ -493,3 +494,18 @@ def test_similarity_and_vector_files_refuse_beside_the_field(embedded_dir, tmp_p
     junk.write_bytes(b"not a control vector")
     assert _refusal(ui.import_into_table(str(junk), [["dogs", "", "", 0.5, 15, True]], {}, 15))
     assert _refusal(ui.export_table_shown([["dogs", "", "", 0.5, 1, True]], 15, "gguf", "bos-neutral", {}))
+
+
+def test_model_advice_gives_an_offload_models_speed_and_load_takes_allow_offload(embedded_dir):
+    ensure_embedded_loaded()
+    with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
+        offload = ui.model_advice("mistralai/Mistral-7B-Instruct-v0.3", "fp16")
+        fits = ui.model_advice("Qwen/Qwen2.5-1.5B-Instruct", "auto")
+    assert "tokens/s" in offload and "Allow offload" in offload and "CPU RAM" in offload
+    assert fits == ""  # "auto" takes a quantization that fits: nothing to say
+    demo = ui.build_demo()
+    load = next(fn for fn in demo.fns.values() if fn.fn is not None and fn.name == "load_selected_model")
+    labels = [getattr(block, "label", None) for block in load.inputs]
+    assert labels[-1] == "Allow offload (layers in CPU RAM: much slower)"
+    view = ui.load_selected_model(catalog.EMBEDDED_ID, "auto", False, True)  # a model that fits: loads as usual
+    assert view[-1] == "" and get_manager().status()["model"] == catalog.EMBEDDED_ID
