@@ -363,27 +363,41 @@ def _quality_columns(engine, prompt, rows, generations, text, sampling) -> list[
     return columns
 
 
-def similarity(texts: list[str], layer: int) -> dict:
+def similarity(texts: list, layer: int) -> dict:
     """Cosine similarity of the steering vectors of several texts at one layer.
 
     Args:
-        texts: 2 to 8 texts.
+        texts: 2 to 8 items: a text, or a contrastive pair {"positive": text, "negative": text}
+            (compared as its difference vector, the one that steers).
         layer: the layer to capture at, 0 .. n_layers-1.
 
     Returns:
-        {"texts", "layer", "matrix": list of lists of cosines in [-1, 1], "model", "fallback"}.
+        {"texts" (a pair labelled "positive − negative"), "layer", "matrix": list of lists of
+        cosines in [-1, 1], "model", "fallback"}.
     """
     limits.check_count("similarity_texts", texts, "texts")
-    texts = [limits.check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+    items = [_similarity_item(item, f"texts[{i}]") for i, item in enumerate(texts)]
     layer = limits.check_layer(layer, "layer", _known_layers())
+    labels = [item if isinstance(item, str) else f"{item[0]} − {item[1]}" for item in items]
+    named = [(f"texts[{i}]", t) for i, item in enumerate(items) for t in ((item,) if isinstance(item, str) else item)]
 
     def work(attempt: Attempt) -> dict:
         mapped = attempt.layer(layer)
-        matrix = eng.engine_for(attempt.loaded).similarity(texts, mapped)
-        return {"texts": texts, "layer": mapped, "matrix": matrix, "model": attempt.loaded.model_id}
+        matrix = eng.engine_for(attempt.loaded).similarity(items, mapped)
+        return {"texts": labels, "layer": mapped, "matrix": matrix, "model": attempt.loaded.model_id}
 
-    fits = _token_fits("sweep", texts=[(f"texts[{i}]", t) for i, t in enumerate(texts)])  # up to 8 rows
+    fits = _token_fits("sweep", texts=named)  # captures of up to 8 rows
     return _run("similarity", [("layer", layer)], work, fits=fits)
+
+
+def _similarity_item(item, field: str) -> str | tuple[str, str]:
+    """A text, or a pair {"positive", "negative"} as (positive, negative); else a field-named error."""
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"positive", "negative"}, key=str)
+        if unknown:
+            raise InputError(f"{field}.{unknown[0]}", "unknown key: a pair is {positive, negative}")
+        return tuple(limits.check_text(item.get(k), f"{field}.{k}") for k in ("positive", "negative"))
+    return limits.check_text(item, field)
 
 
 def autotune(

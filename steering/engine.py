@@ -335,9 +335,14 @@ class SteeringEngine:
         # captured where the layer's input arrives; built here beside the batch-row coefficients
         return self.steer._normalize_direction(raw.view(1, 1, -1)).float().to(self.device)
 
-    def similarity(self, texts: Sequence[str], layer: int, mode: str = DEFAULT_CAPTURE_MODE) -> list[list[float]]:
-        """Cosine matrix of the texts' vectors at `layer` (the Vectors heatmap)."""
-        vectors = torch.stack(self.text_means(layer, list(texts), mode))
+    def similarity(
+        self, items: Sequence[str | tuple[str, str]], layer: int, mode: str = DEFAULT_CAPTURE_MODE
+    ) -> list[list[float]]:
+        """Cosine matrix of the items' vectors at `layer` (the Vectors heatmap): a text's vector, or
+        for a (positive, negative) pair the difference vector that steers."""
+        texts = list(dict.fromkeys(t for item in items for t in ((item,) if isinstance(item, str) else item)))
+        means = dict(zip(texts, self.text_means(layer, texts, mode), strict=True))
+        vectors = torch.stack([means[i] if isinstance(i, str) else means[i[0]] - means[i[1]] for i in items])
         unit = torch.nn.functional.normalize(vectors, dim=-1)
         return (unit @ unit.T).clamp(-1, 1).tolist()
 

@@ -242,10 +242,10 @@ run_sweep = ui_sweep.run_sweep  # steering/ui_sweep.py: rows stream in, Stop end
 def show_similarity(rows, layer) -> tuple:
     """The cosine heatmap of the table's (enabled) texts at the layer slider's layer; outputs
     (heatmap, message): a refusal leaves the previous heatmap."""
-    texts = views.vector_texts(views.rows_to_vectors(ui_steer.bounded_rows(rows), int(layer)))
-    if len(texts) < 2:
-        raise gr.Error("texts: the vectors table needs at least 2 different texts to compare", print_exception=False)
-    result = api.similarity(texts[: int(limits.LIMITS["similarity_texts"].maximum)], int(layer))
+    items = views.similarity_items(views.rows_to_vectors(ui_steer.bounded_rows(rows), int(layer)))
+    if len(items) < 2:
+        raise gr.Error("texts: the vectors table needs at least 2 different vectors to compare", print_exception=False)
+    result = api.similarity(items[: int(limits.LIMITS["similarity_texts"].maximum)], int(layer))
     return views.heatmap_html(result["texts"], result["matrix"], result["layer"]), ""
 
 

@@ -272,17 +272,23 @@ def run_line(result: dict, *, elapsed_s: float, seed: int, stopped: bool = False
     return " · ".join(parts)
 
 
-def vector_texts(vectors: Sequence[dict]) -> list[str]:
-    """The distinct texts of the enabled vectors, in order (a pair contributes both of its texts)."""
-    texts: list[str] = []
+def similarity_items(vectors: Sequence[dict]) -> list:
+    """The distinct items of the enabled vectors for the heatmap, in order: a text, or a pair as
+    {"positive", "negative"} (its difference vector steers, so that is what is compared)."""
+    items: list = []
     for vector in vectors:
         if not vector.get("enabled", True):
             continue
-        for key in ("text", "positive", "negative"):
-            value = vector.get(key)
-            if isinstance(value, str) and value.strip() and value not in texts:
-                texts.append(value)
-    return texts
+        text, positive, negative = (vector.get(k) for k in ("text", "positive", "negative"))
+        if isinstance(positive, str) and isinstance(negative, str) and (positive.strip() or negative.strip()):
+            item = {"positive": positive, "negative": negative}
+        elif isinstance(text, str) and text.strip():
+            item = text
+        else:
+            continue
+        if item not in items:
+            items.append(item)
+    return items
 
 
 def parse_coeffs(text: str) -> list[float]:

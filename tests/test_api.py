@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 from _server import ROOT, TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
@@ -142,6 +143,22 @@ def test_similarity_matrix(api):
     assert all(matrix[i][i] == pytest.approx(1.0, abs=1e-4) for i in range(3))
     assert matrix[0][1] > matrix[0][2]  # dogs are closer to puppies than to a bridge
     assert api.predict(texts, LAYER, api_name="/similarity")["fallback"] is None
+
+
+def test_similarity_compares_a_pair_as_its_difference_vector(api, smol_engine):
+    pair = {"positive": "happy", "negative": "sad"}
+    result = api.predict(["joyful", pair, "sad"], LAYER, api_name="/similarity")
+    assert result["texts"] == ["joyful", "happy − sad", "sad"]
+    matrix = result["matrix"]
+    assert matrix[1][1] == pytest.approx(1.0, abs=1e-4)
+    happy, sad, joyful = smol_engine.text_means(LAYER, ["happy", "sad", "joyful"], "bos-neutral")
+    expected = torch.nn.functional.cosine_similarity(happy - sad, joyful, dim=0).item()
+    assert matrix[0][1] == pytest.approx(expected, abs=1e-4)
+    assert matrix[1][2] < 0 < matrix[0][1]  # the difference points away from "sad", toward "joyful"
+    with pytest.raises(AppError, match=r"^texts\[1\]\.extra: unknown key"):
+        api.predict(["joyful", {**pair, "extra": 1}], LAYER, api_name="/similarity")
+    with pytest.raises(AppError, match=r"^texts\[0\]\.negative: "):
+        api.predict([{"positive": "happy"}, "sad"], LAYER, api_name="/similarity")
 
 
 def test_plan_matches_the_cli_shape(api):

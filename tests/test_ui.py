@@ -50,7 +50,9 @@ def test_vectors_round_trip_through_the_table():
     ]
     assert views.rows_to_vectors(views.vectors_to_rows(vectors, 15), 15) == vectors
     assert views.vectors_to_rows([{"text": "x", "coeff": 1, "layer": None}], 15)[0][4] == 15
-    assert views.vector_texts(vectors + [{"text": "dogs"}]) == ["dogs"]  # disabled pair left out, no repeats
+    assert views.similarity_items(vectors + [{"text": "dogs"}]) == ["dogs"]  # disabled pair left out, no repeats
+    pair = {"positive": "a", "negative": "b", "coeff": 1.0, "layer": 7}
+    assert views.similarity_items([pair, vectors[0], pair]) == [{"positive": "a", "negative": "b"}, "dogs"]
 
 
 def test_coefficients_text():
@@ -490,6 +492,8 @@ def test_similarity_and_vector_files_refuse_beside_the_field(embedded_dir, tmp_p
     assert _refusal(ui.show_similarity([["dogs", "", "", 0.5, 15, True]], 15)).startswith("texts: ")
     heatmap, message = ui.show_similarity([["dogs", "", "", 0.5, 15, True], ["cats", "", "", 0.5, 15, True]], 15)
     assert "colour-scale" in heatmap and "dogs" in heatmap and message == ""
+    heatmap, _ = ui.show_similarity([["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 0.5, 15, True]], 15)
+    assert "happy − sad" in heatmap  # a pair is one row: its difference vector
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a control vector")
     assert _refusal(ui.import_into_table(str(junk), [["dogs", "", "", 0.5, 15, True]], {}, 15))
