@@ -167,6 +167,20 @@ def _texts(specs: Sequence[eng.VectorSpec]) -> list[tuple[str, str]]:
     ]
 
 
+def _on_model(attempt: Attempt, specs: Sequence[eng.VectorSpec]) -> tuple[list[eng.VectorSpec], dict]:
+    """The vectors with their layers mapped onto the model that answers, and the answer's fields
+    that say which model that is and where it steered."""
+    loaded = attempt.loaded
+    mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
+    base = {
+        "model": loaded.model_id,
+        "quant": loaded.quant,
+        "device": loaded.device,
+        "layers": sorted({s.layer for s in mapped if s.enabled}),
+    }
+    return mapped, base
+
+
 def _check_capture_mode(mode) -> str:
     if mode not in eng.CAPTURE_MODES:
         raise InputError("capture_mode", f"must be one of {', '.join(eng.CAPTURE_MODES)}; got {mode!r}")
@@ -195,17 +209,10 @@ def steer_stream(
     capture_mode = _check_capture_mode(capture_mode)
 
     def work(attempt: Attempt) -> Iterator[dict]:
-        loaded = attempt.loaded
-        mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
-        base = {
-            "model": loaded.model_id,
-            "quant": loaded.quant,
-            "device": loaded.device,
-            "layers": sorted({s.layer for s in mapped if s.enabled}),
-        }
+        mapped, base = _on_model(attempt, specs)
         stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
         for update in stream(
-            eng.engine_for(loaded),
+            eng.engine_for(attempt.loaded),
             prompt,
             generate.compare_rows(mapped, compare),
             sampling,

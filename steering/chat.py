@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from threading import Event
 
 from steering import api, generate, limits
@@ -139,13 +138,7 @@ def chat_stream(
 
     def work(attempt: Attempt) -> Iterator[dict]:
         loaded = attempt.loaded
-        mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
-        base = {
-            "model": loaded.model_id,
-            "quant": loaded.quant,
-            "device": loaded.device,
-            "layers": sorted({s.layer for s in mapped if s.enabled}),
-        }
+        mapped, base = api._on_model(attempt, specs)
         row_ids = [generate.conversation_ids(loaded.tokenizer, c) for c in conversations]
         stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
         rows = generate.compare_rows(mapped, True)
