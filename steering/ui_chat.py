@@ -6,16 +6,17 @@ decoding settings and the capture mode, so a chat steers exactly as Generate doe
 conversation's history is a `gr.State` of plain {"role", "content"} messages that its
 `gr.Chatbot` shows; the model work is `steering/chat.py`.
 
-Send (or Enter) is a chain like Generate's: `begin_turn` (no queue: Send disabled, Stop
-enabled) -> `send_message` (the model queue; both replies stream) -> `end_turn`. Stop sets this
-session's stop flag and cancels the event: a turn still queued never starts, a running one ends
-within a decoding step (or a layer of its prefill) and keeps the replies it had. A refusal is a
-notice and a message line under the box; the conversations stay as they were.
+Send (or Enter) is a chain like Generate's (steering/ui_steer.py, `Runs`): `begin_turn` (no
+queue: the turn is registered, Send disabled, Stop enabled) -> `send_turn` (the model queue; both
+replies stream; Send and Stop are restored at its end). Stop sets the turn's flag wherever it is,
+without Gradio's `cancels` (which could leave the model's queue slot taken, measured on Generate):
+a turn still queued starts and ends at once without touching the model, a running one ends within
+a decoding step (or a layer of its prefill) and keeps the replies it had. A refusal is a notice
+and a message line under the box; the conversations stay as they were.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
@@ -23,29 +24,26 @@ import gradio as gr
 
 from steering import chat, history, limits, views
 from steering.errors import SteeringError
-from steering.ui_steer import bounded_rows, gate, notices, refused, session_of
+from steering.ui_steer import Runs, bounded_rows, end_run, gate, notices, refused, session_of, with_buttons
 
 # As in steering/ui.py: every handler that runs the model shares one concurrency id, limit 1.
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 UI_ONLY = {"concurrency_limit": None, "api_visibility": "private"}  # no model, no waiting
 PRIVATE = {"api_visibility": "private"}
 
-_stops: dict[str | None, threading.Event] = {}  # the running turn of each session: what Stop sets
-_stops_lock = threading.Lock()
+turns = Runs()  # each session's turns, from the Send click on: what Stop reaches
 
 
 # -- handlers ----------------------------------------------------------------------------------
-def begin_turn(message) -> tuple:
-    """Before a turn: Send disabled, Stop enabled. Outputs (send button, stop button, message
-    line, go): an empty message is refused here, and `go` False skips the turn."""
+def begin_turn(message, request: gr.Request = None) -> tuple:
+    """Before a turn: it is registered, Send disabled, Stop enabled. Outputs (send button, stop
+    button, message line, run id): an empty message is refused here, and an empty run id skips the turn."""
     if not isinstance(message, str) or not message.strip():
-        return *refused("message: type a message first", 3, at=2), False
-    return gr.Button(interactive=False), gr.Button(interactive=True), "", True
+        return *refused("message: type a message first", 3, at=2), ""
+    return gr.Button(interactive=False), gr.Button(interactive=True), "", turns.begin(session_of(request))
 
 
-def end_turn() -> tuple:
-    """Send enabled again, Stop disabled."""
-    return gr.Button(interactive=True), gr.Button(interactive=False)
+end_turn = end_run  # Send enabled again, Stop disabled
 
 
 @notices(7, at=6)
@@ -61,14 +59,19 @@ def send_message(
     seed,
     capture_mode,
     directions=None,
+    run_id: str | None = None,
     request: gr.Request = None,
 ):
     """Stream one turn of both conversations. Outputs (steered chat, baseline chat, steered
     history, baseline history, message box, run line, message line); the message box empties
     once the turn runs. Each finished or stopped turn is kept in the session's history."""
-    session, stop = session_of(request), threading.Event()
-    with _stops_lock:
-        _stops[session] = stop
+    session = session_of(request)
+    run = turns.get(run_id, session)
+    if run.stop.is_set():  # stopped while it waited in the queue: nothing to do
+        turns.end(run)
+        yield (gr.skip(),) * 7
+        return
+    stop = run.stop
     rows = bounded_rows(rows)
     arguments = dict(
         message=message, history_steered=history_steered, history_baseline=history_baseline,
@@ -89,9 +92,7 @@ def send_message(
         stopped = not (result or {}).get("done") or stop.is_set()
         stop.set()
         stream.close()
-        with _stops_lock:
-            if _stops.get(session) is stop:
-                del _stops[session]
+        turns.end(run)
         if result is not None:
             history.record(session, "chat", arguments, result, context={"stopped": True} if stopped else None)
 
@@ -106,11 +107,13 @@ def _counted_for_people(stream, row_numbers):
 
 def stop_turn(request: gr.Request = None) -> tuple:
     """Stop this session's turn, wherever it is. Outputs (send button, stop button)."""
-    with _stops_lock:
-        stop = _stops.get(session_of(request))
-    if stop is not None:
-        stop.set()
+    run = turns.latest(session_of(request))
+    if run is not None:
+        run.stop.set()
     return end_turn()
+
+
+send_turn = with_buttons(send_message, turns, 7)  # the Send chain's step: outputs + Send and Stop
 
 
 def clear_chat(request: gr.Request = None) -> tuple:
@@ -159,32 +162,33 @@ def wire_chat(tab: SimpleNamespace, form: SimpleNamespace, decoding: SimpleNames
     """Send / Enter -> one turn, Stop, Clear. `form` and `decoding` are the Steer tab's vector
     form (table, layer slider, imported directions) and decoding panel."""
     buttons = [tab.send_btn, tab.stop_btn]
-    go = gr.State(False)
+    run_id = gr.State("")
     begun = gr.on(
         [tab.send_btn.click, tab.message.submit],
         begin_turn,
         tab.message,
-        [*buttons, tab.message_line, go],
+        [*buttons, tab.message_line, run_id],
         show_progress="hidden",
         **UI_ONLY,
     )
     settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed, decoding.capture]
     histories = [tab.steered_history, tab.baseline_history]
-    turn = begun.then(gate, go, None, show_progress="hidden", **UI_ONLY).success(
-        send_message,
-        [tab.message, *histories, form.table, form.layer, *settings, form.directions],
-        [tab.steered, tab.baseline, *histories, tab.message, tab.run_info, tab.message_line],
+    # trigger_mode "multiple": a turn sent while a stopped one is still ending waits its turn
+    # instead of being dropped (Gradio drops a second trigger of a pending event by default).
+    begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
+        send_turn,
+        [tab.message, *histories, form.table, form.layer, *settings, form.directions, run_id],
+        [tab.steered, tab.baseline, *histories, tab.message, tab.run_info, tab.message_line, *buttons],
         show_progress="minimal",
+        trigger_mode="multiple",
         **PRIVATE,
         **MODEL,
     )
-    turn.then(end_turn, None, buttons, show_progress="hidden", **UI_ONLY)
-    tab.stop_btn.click(stop_turn, None, buttons, cancels=[turn], **UI_ONLY)
+    tab.stop_btn.click(stop_turn, None, buttons, **UI_ONLY)  # no cancels: see the module docstring
     gr.on(  # Clear, or either chat's own trash button: both conversations start afresh
         [tab.clear_btn.click, tab.steered.clear, tab.baseline.clear],
         clear_chat,
         None,
         [tab.steered, tab.baseline, *histories, tab.run_info, tab.message_line, *buttons],
-        cancels=[turn],
         **UI_ONLY,
     )

@@ -274,3 +274,29 @@ def test_phone_width_puts_the_outputs_right_after_generate(page):
         assert page.get_by_text("Use via API").first.is_visible()
     finally:
         page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_chat_stop_then_send_again_is_not_dropped_and_keeps_both_conversations(page):
+    page.locator("#new-text textarea").fill("dogs")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    _set_tokens(page, 200)
+    page.get_by_role("tab", name="Chat").click()
+    box = page.locator("#chat-message textarea")
+
+    def send_then_stop(text: str, via_enter: bool) -> None:
+        box.fill(text)
+        box.press("Enter") if via_enter else page.locator("#chat-send").click()
+        page.wait_for_function("() => !document.querySelector('#chat-stop').disabled")
+        page.locator("#chat-baseline").get_by_text(text).first.wait_for()
+        page.locator("#chat-stop").click()
+        page.wait_for_function(
+            "() => /stopped after/.test(document.querySelector('#chat-run-info').innerText)"
+            " && !document.querySelector('#chat-send').disabled"
+        )
+
+    send_then_stop("Tell me a long story about the sea.", via_enter=True)
+    send_then_stop("And then?", via_enter=False)  # at once again: the turn runs (its message shows), not dropped
+    for chat in ("#chat-steered", "#chat-baseline"):  # each conversation holds both messages
+        assert page.locator(chat).get_by_text("Tell me a long story about the sea.").count() >= 1
+        assert page.locator(chat).get_by_text("And then?").count() >= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import gradio as gr
 import pytest
 from _server import TOKENS, client, launched
 from gradio_client.exceptions import AppError
@@ -158,6 +159,22 @@ def test_the_tab_streams_a_turn_and_stop_keeps_what_was_said(api):
     refused = list(ui_chat.send_message("Hi", [], [], far, LAYER, *settings))
     assert refused[-1][-1].startswith("⚠️ row 2, layer: must be an integer from 0 to 29"), refused[-1][-1]
     assert ui_chat.clear_chat(None)[:6] == ([], [], [], [], "", "")
+
+
+def test_stop_reaches_a_turn_still_waiting_for_the_model(api):
+    """Send registers the turn before it queues; Stop then sets its flag, and when the queue
+    reaches it the turn ends at once without touching the model (no Gradio `cancels`)."""
+    rows = [["dogs", "", "", 0.6, LAYER, True]]
+    settings = (200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE)
+    *buttons, message_line, run_id = ui_chat.begin_turn("Hi", None)
+    assert run_id and message_line == "" and buttons[1].interactive
+    assert ui_chat.begin_turn("  ", None)[-1] == ""  # an empty message is refused before it queues
+    send, stop = ui_chat.stop_turn(None)
+    assert send.interactive and not stop.interactive
+    started = time.monotonic()
+    updates = list(ui_chat.send_turn("Hi", [], [], rows, LAYER, *settings, None, run_id))
+    assert time.monotonic() - started < 1  # 200 tokens were not generated
+    assert all(isinstance(value, type(gr.skip())) for value in updates[0])
 
 
 def test_chat_is_documented_like_the_other_endpoints(api):
