@@ -354,7 +354,7 @@ footer .show-api, footer .api-docs, footer a[href*="view=api"] { display: inline
 
 def _model_panel(loaded, locked: bool) -> SimpleNamespace:
     model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
-    with gr.Accordion("Model", open=True):
+    with gr.Accordion("Model", open=True, elem_id="model-panel"):
         with gr.Row():
             dropdown = gr.Dropdown(
                 model_choices,
@@ -782,10 +782,20 @@ def _wire_steer(prompt: gr.Textbox, steer) -> None:
     steer.stop_btn.click(ui_steer.stop_run, None, [steer.run_info, *buttons], **UI_ONLY)  # no cancels: see Runs
 
 
+# On a phone the model panel starts folded (its status line stays in the page title's place when
+# opened), so the prompt, the vector form and Generate with its outputs come first.
+FOLD_MODEL_PANEL_ON_PHONES = """() => {
+    if (window.innerWidth >= 640) return;
+    const toggle = document.querySelector('#model-panel .label-wrap');
+    if (toggle && toggle.classList.contains('open')) toggle.click();
+}"""
+
+
 def _wire(demo: gr.Blocks, prompt: gr.Textbox, model, steer, sweep, vectors, memory, recipes) -> None:
     form, decoding = steer.form, steer.decoding
     model_view = [model.status_md, model.fallback_md, form.layer, sweep.layer, model.dropdown]
     demo.load(refresh_model_view, None, model_view, **PRIVATE, **INFO)
+    demo.load(None, None, None, js=FOLD_MODEL_PANEL_ON_PHONES)
     model.load_btn.click(
         load_selected_model,
         [model.dropdown, model.quant, model.force, model.allow_offload],

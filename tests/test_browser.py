@@ -261,13 +261,16 @@ def test_phone_width_puts_the_outputs_right_after_generate(page):
     page.set_viewport_size({"width": 390, "height": 844})
     try:
         page.reload()
-        page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+        # folded on a phone: the status line is there, inside the closed model panel
+        page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for(state="attached")
         top = "e => e.getBoundingClientRect().top + window.scrollY"
         generate, steered, table = (
             page.locator(selector).evaluate(top) for selector in ("#generate", "#steered-output", "#vectors-table")
         )
         assert generate < steered < table  # outputs right after the controls that produce them
         assert steered - generate < 300
+        assert steered < 1400  # the model panel starts folded on a phone: the outputs are not far down
+        assert "open" not in page.locator("#model-panel .label-wrap").get_attribute("class")
         viewport = page.locator("#vectors-table .virtual-table-viewport")
         width, scroll = viewport.evaluate("e => [e.clientWidth, e.scrollWidth]")
         assert width < 390 and scroll > width  # all columns there: the table scrolls within itself
