@@ -153,3 +153,14 @@ def test_flags_auth_env_and_share_warning(monkeypatch):
         with pytest.raises(SystemExit) as caught:
             app.parse_args([])
         assert caught.value.code == 2
+
+
+def test_simulate_gpu_takes_several_cards():
+    import app
+
+    args = app.parse_args(["--simulate-gpu", "8GiB,8GiB", "--gui-overhead", "0.7GiB"])
+    assert args.simulate_gpu == [8 * 2**30, 8 * 2**30] and args.gui_overhead == int(0.7 * 2**30)
+    for bad in (["--simulate-gpu", "8GiB,"], ["--simulate-gpu", "8GiB,lots"]):
+        with pytest.raises(SystemExit) as caught:
+            app.parse_args(bad)
+        assert caught.value.code == 2
