@@ -23,8 +23,17 @@ from types import SimpleNamespace
 import gradio as gr
 
 from steering import chat, history, limits, views
-from steering.errors import SteeringError
-from steering.ui_steer import Runs, bounded_rows, end_run, gate, notices, refused, session_of, with_buttons
+from steering.ui_steer import (
+    Runs,
+    bounded_rows,
+    end_run,
+    gate,
+    notices,
+    people_errors,
+    refused,
+    session_of,
+    with_buttons,
+)
 
 # As in steering/ui.py: every handler that runs the model shares one concurrency id, limit 1.
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
@@ -81,7 +90,7 @@ def send_message(
     started, result = time.perf_counter(), None
     stream = chat.chat_stream(stop=stop, **arguments)
     try:
-        for result in _counted_for_people(stream, views.table_row_numbers(rows)):
+        for result in people_errors(stream, views.table_row_numbers(rows)):
             done = result["done"]
             elapsed = time.perf_counter() - started if done else 0
             line = views.run_line(result, elapsed_s=elapsed, seed=seed, running=not done, stopped=stop.is_set())
@@ -95,14 +104,6 @@ def send_message(
         turns.end(run)
         if result is not None:
             history.record(session, "chat", arguments, result, context={"stopped": True} if stopped else None)
-
-
-def _counted_for_people(stream, row_numbers):
-    """`stream` with its refusals naming table rows as the table counts them (from 1)."""
-    try:
-        yield from stream
-    except SteeringError as exc:
-        raise gr.Error(views.for_people(str(exc), row_numbers)) from None
 
 
 def stop_turn(request: gr.Request = None) -> tuple:

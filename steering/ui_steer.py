@@ -324,7 +324,7 @@ def generate_outputs(
     started = time.perf_counter()
     stream = api.steer_stream(stop=run.stop, compare=True, **arguments)
     try:
-        for run.result in _people_errors(stream, views.table_row_numbers(rows)):
+        for run.result in people_errors(stream, views.table_row_numbers(rows)):
             stopped = run.stop.is_set()  # Stop has written "stopped after": no "generating…" after it
             line = views.run_line(run.result, elapsed_s=0, seed=seed, running=not (run.result["done"] or stopped))
             if run.result["done"] or stopped:
@@ -343,7 +343,7 @@ def generate_outputs(
             history.record(session, "steer", arguments, run.result, context=context)
 
 
-def _people_errors(stream, row_numbers):
+def people_errors(stream, row_numbers):
     """`stream` with its refusals counted the way the table counts rows (from 1)."""
     try:
         yield from stream
