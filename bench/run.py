@@ -454,6 +454,45 @@ def bench_capture(engine, spec, s: Settings) -> dict:
     }
 
 
+def bench_linear_path(engine, s: Settings) -> dict:
+    """The CPU kernel choice of `steering/cpu.py`, measured: plain transformers `generate` of the
+    prompt as 1 row and as 8 rows, with the model's linear layers on oneDNN (what the loader
+    installs) and on MKL (`F.linear`), interleaved; ratios oneDNN / MKL, below 1 = oneDNN faster."""
+    from steering import cpu
+
+    model = engine.model
+
+    def variant(kernel: str, n_rows: int):
+        def run():
+            (cpu.use_onednn if kernel == "onednn" else cpu.use_mkl)(model)
+            elapsed, _, rows = _plain_rows(engine, n_rows, s.sweep_tokens)
+            return elapsed, rows
+
+        return run
+
+    variants = {f"{k}_{n}": variant(k, n) for k in ("onednn", "mkl") for n in (1, 8)}
+    try:
+        for fn in variants.values():
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        tokens: dict[str, list] = {}  # the last run's rows of each variant
+        for _, order in _rotations(list(variants), max(2, s.sweep_repeats)):
+            for name in order:
+                elapsed, tokens[name] = variants[name]()
+                times[name].append(elapsed)
+    finally:
+        cpu.use_onednn(model)  # the loader's choice, whatever happened above
+    ratio = {n: _median([a / b for a, b in zip(times[f"onednn_{n}"], times[f"mkl_{n}"])]) for n in (1, 8)}
+    logger.info("linear path: oneDNN / MKL wall time, 1 row %.3f, 8 rows %.3f", ratio[1], ratio[8])
+    return {
+        "onednn_over_mkl_1_row": ratio[1],
+        "onednn_over_mkl_8_rows": ratio[8],
+        "seconds": times,
+        "new_tokens": s.sweep_tokens,
+        "tokens_identical_across_kernels": {n: tokens[f"onednn_{n}"] == tokens[f"mkl_{n}"] for n in (1, 8)},
+    }
+
+
 _START_CHILD = """
 import json, sys, time
 import steering, torch
@@ -547,6 +586,7 @@ def run(mode: str, threads: int = DEFAULT_THREADS) -> dict:
             engine, sweep_rows(STEER_TEXT, spec.layer, list(SWEEP_COEFFS)), s.sweep_tokens, s.sweep_repeats, "sweep"
         )
         capture = bench_capture(engine, spec, s)
+        linear_path = bench_linear_path(engine, s)
     start = bench_start(s, threads)
 
     out.update(
@@ -571,7 +611,8 @@ def run(mode: str, threads: int = DEFAULT_THREADS) -> dict:
         for key, (op, bound) in TARGETS.items()
     }  # fmt: skip
     out["details"] = {"overhead": overhead["detail"], "compare": compare["detail"], "sweep": sweep["detail"],
-                      "capture": capture["detail"], "start": start["detail"]}  # fmt: skip
+                      "capture": capture["detail"], "start": start["detail"],
+                      "linear_path": linear_path}  # fmt: skip
     out["environment"] = {
         "settings": asdict(s),
         "threads": torch.get_num_threads(),
@@ -619,6 +660,10 @@ def table(result: dict) -> str:
         ("compare_tokens_identical", fmt(result["compare_tokens_identical"])),
         ("sweep_tokens_identical", fmt(result["sweep_tokens_identical"])),
     ]
+    linear = result.get("details", {}).get("linear_path")
+    if linear:  # the kernel choice of steering/cpu.py, measured in the same run
+        rows += [("linear_path: oneDNN / MKL, 1 row", fmt(linear["onednn_over_mkl_1_row"])),
+                 ("linear_path: oneDNN / MKL, 8 rows", fmt(linear["onednn_over_mkl_8_rows"]))]  # fmt: skip
     lines = ["| figure | value | target |", "| --- | --- | --- |"]
     for key, value in rows:
         target = result["targets"].get(key)

@@ -1,73 +1,97 @@
-"""The CPU numeric path of decoding: few-row linear layers computed weight-major.
+"""The CPU numeric path: a CPU fp32 model's linear layers computed by oneDNN instead of MKL.
 
-A decoding step multiplies every weight matrix W (out x in) by one hidden state per batch row.
-`torch.nn.functional.linear` computes that as x @ W.T with x (rows x in); MKL's fp32 GEMM picks a
-poor kernel for 2-8 rows on the AMD EPYC CI machine: all the linear layers of SmolLM2-135M cost
-32 ms for 1 row, 51-73 ms for 2 and 55-83 ms for 8 (every weight read from memory, 2 threads,
-`bench/README.md`). The same product taken the other way round, W @ x.T (a GEMM whose small side
-is N), costs 23-33 ms for 2 or 4 rows (as much as 1 row: the step is bound by reading the weights)
-and 55-65 ms for 8 (there MKL's kernel is compute bound, ~70 GFLOP/s on 2 cores).
+Every token of every row goes through the model's linear layers (7 per block and the output
+head; 211 in SmolLM2-135M), and on the CPU those are nearly all of the time. `F.linear` takes
+MKL's fp32 GEMM; on the AMD EPYC CI machine (2 threads) MKL picks poor kernels here: the output
+head (49152 x 576) costs 6.7 ms for 1 row, 13.7 ms for 2 and 11.1 ms for 8, and the blocks'
+prefill runs at half the speed oneDNN reaches. oneDNN's inner product (the kernel PyTorch ships
+for `torch.ops.mkldnn._linear_pointwise`, which its own compiler emits for CPU linears) on the
+same products: 2.3 ms, 3.0 ms and 4.9 ms for the head, and about 2x faster block prefill.
 
-`small_batch_linears(model)` swaps that product in for the plain `nn.Linear` layers of a CPU fp32
-model while a generation runs, for 2 to `MAX_ROWS` rows: the decoding steps of a compare or a
-sweep. One row keeps `F.linear` (MKL's GEMV is the fastest there: padding one row into this GEMM
-made single-row decoding ~10 % slower), and so does the prompt's prefill (many rows, compute
-bound), so a single-row generation is bit for bit what plain transformers computes.
+Measured on the embedded SmolLM2 with plain transformers `generate` (48-token prompt, 16 new
+tokens, greedy, 3 interleaved rounds): 1 row 0.73-0.80 s -> 0.62-0.64 s; the same prompt as
+8 rows 1.69-1.82 s -> 1.02-1.09 s; an 8-row prefill 532-549 ms -> 288-319 ms. `bench/run.py`
+measures it on every run (`details.linear_path`): the same generations with either path,
+interleaved, in one process.
 
-Batched rows are not bit-identical to separate runs, on this path or on plain `F.linear`: MKL
-takes a different kernel for 1, 2-3, 4-11, ... rows (and, within a product, for a tail column),
-so the last bits of a row depend on how many rows share its step. Greedy tokens stay identical in
-practice (argmax is robust to last-bit differences): `bench/run.py` checks it on every run for
-the compare and the sweep, `tests/test_engine.py` for compares, sweeps and mixed rows. (Padding every step to a
-multiple of 4 columns makes 1-8 rows bit-identical with this MKL on this machine, but costs the
-10 % above on single rows.)
+`use_onednn(model)` swaps the kernel in for the model's plain `nn.Linear` layers whose weight is
+fp32 on the CPU (quantized layers, subclasses and layers with accelerate's hooks are left alone)
+and keeps it for the model's life; the loader does it for every model it loads on the CPU.
+Outside `torch.no_grad`/`inference_mode` a layer falls back to `F.linear` (the oneDNN op has no
+backward). `use_mkl(model)` takes it away again (the benchmark compares the two).
+
+Numerics: the two kernels sum in different orders, so logits differ in the last bits (~1e-4 on
+SmolLM2's output head). Within one model every path (ours, stock llm-steer, plain `generate`)
+uses the same kernel. Batched rows are not bit-identical to separate runs on either kernel (both
+pick their blocking by the number of rows); greedy tokens stay identical in practice, and
+`bench/run.py` and `tests/test_engine.py` check that.
 """
 
 from __future__ import annotations
 
-import contextlib
 import types
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-MIN_ROWS = 2  # one row: MKL's GEMV (F.linear) is faster
-MAX_ROWS = 8  # a decoding step of the largest sweep (steering.limits: 8 coefficients)
+_MARK = "_steering_onednn"
 
 
-def _weight_major_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward` as (W @ x.T).T for a few rows; `F.linear` otherwise."""
-    width = x.shape[-1] if x.dim() else 0
-    rows = x.numel() // width if width else 0
-    if not MIN_ROWS <= rows <= MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
-        return F.linear(x, self.weight, self.bias)
-    out = torch.mm(self.weight, x.reshape(rows, width).t()).t()  # (rows, out), a transposed view
-    out = out + self.bias if self.bias is not None else out.contiguous()
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN (x86-64 and aarch64 wheels do) and its linear op."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@contextlib.contextmanager
-def small_batch_linears(model) -> Iterator[int]:
-    """Compute the model's few-row fp32 CPU linear layers weight-major for the block.
+def _onednn_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` by oneDNN's inner product; `F.linear` where that op does not apply."""
+    weight = self.weight
+    if (
+        x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return F.linear(x, weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
-    Only exact `torch.nn.Linear` modules whose weight is fp32 on the CPU are touched (quantized
-    and GPU layers are left alone); each gets an instance `forward`, removed again on exit.
-    Yields how many layers were switched. The caller must hold the model for the whole block
-    (the model manager's lock): other users of the model would see the switched layers too.
-    """
-    switched = [
-        module
-        for module in model.modules()
-        if type(module) is torch.nn.Linear
+
+def _eligible(module) -> bool:
+    return (
+        type(module) is torch.nn.Linear
         and module.weight.device.type == "cpu"
         and module.weight.dtype == torch.float32
-        and "forward" not in module.__dict__
-    ]
-    for module in switched:
-        module.forward = types.MethodType(_weight_major_linear, module)
-    try:
-        yield len(switched)
-    finally:
-        for module in switched:
+        and "forward" not in module.__dict__  # accelerate's hooks (offload) or someone else's
+    )
+
+
+def use_onednn(model) -> int:
+    """Compute the model's fp32 CPU `nn.Linear` layers with oneDNN from now on; returns how many
+    layers that is (0 where this torch has no oneDNN). Idempotent."""
+    if not onednn_available():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if getattr(module, _MARK, False):
+            switched += 1
+        elif _eligible(module):
+            module.forward = types.MethodType(_onednn_linear, module)
+            setattr(module, _MARK, True)
+            switched += 1
+    return switched
+
+
+def use_mkl(model) -> int:
+    """Undo `use_onednn`: the layers go back to `F.linear` (MKL). Returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, _MARK, False):
             module.__dict__.pop("forward", None)
+            delattr(module, _MARK)
+            switched += 1
+    return switched
+
+
+def kernel(model) -> str:
+    """The kernel of the model's CPU linear layers: "onednn" after `use_onednn`, else "mkl"."""
+    return "onednn" if any(getattr(m, _MARK, False) for m in model.modules()) else "mkl"

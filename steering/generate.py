@@ -39,7 +39,6 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from steering import lifecycle, limits
-from steering.cpu import small_batch_linears
 from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 from steering.loaded import decoder_layers
@@ -197,7 +196,6 @@ def stream_rows(
             try:
                 with (
                     torch.inference_mode(),
-                    small_batch_linears(model),
                     shared_prefill(model, input_ids, attention_mask, layers),
                 ):
                     model.generate(

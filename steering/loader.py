@@ -402,6 +402,11 @@ def _load_weights(
     where = ", ".join(f"{d['device']} {d['layers']} layers" for d in split.devices()) if split else device
     logger.info("loading %s (%s) on %s", spec.id, quant, where)
     model, tokenizer = weights.load_pretrained(source, kwargs)
+    if cuda_index is None:
+        from steering import cpu
+
+        switched = cpu.use_onednn(model)
+        logger.info("CPU linear layers: %d of them computed by oneDNN (steering/cpu.py)", switched)
     loaded = LoadedModel(
         model_id=spec.id,
         quant=quant,

@@ -61,8 +61,11 @@ def embedded_dir() -> Path:
 def smol(embedded_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from steering import cpu
+
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    cpu.use_onednn(model)  # as the loader does for every CPU model
     return model, tokenizer
 
 

@@ -56,25 +56,35 @@ def test_fast_conversion_equals_transformers_gguf_loader(tmp_path):
     )
 
 
-def test_small_batch_linears_compute_the_same_layers_and_leave_nothing_behind(smol):
-    """The weight-major product of `steering.cpu` (used by generation for 2-8 rows) equals
-    `F.linear` up to float rounding, leaves one row and long inputs to `F.linear` itself, and is
-    gone after the block. (Batched == separate tokens: tests/test_engine.py.)"""
+def test_onednn_linears_compute_the_same_layers_and_can_be_taken_away(embedded_dir):
+    """`steering.cpu.use_onednn` (what the loader does to every CPU model) switches the 211 linear
+    layers, computes what `F.linear` computes up to float rounding for 1 to 48 rows, keeps
+    autograd working outside inference mode, and `use_mkl` restores the stock layers exactly."""
+    from transformers import AutoModelForCausalLM
+
     from steering import cpu
 
-    model, _ = smol
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype="float32").eval()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     layer = model.model.layers[3].mlp.up_proj
     torch.manual_seed(0)
+    inputs = {rows: torch.randn(rows, 1, layer.in_features) for rows in (1, 2, 5, 8, 9, 48)}
     with torch.inference_mode():
-        inputs = {rows: torch.randn(rows, 1, layer.in_features) for rows in (1, 2, 5, 8, 9, 48)}
         expected = {rows: layer(x) for rows, x in inputs.items()}
-        with cpu.small_batch_linears(model) as switched:
-            assert switched == len(linears) == 211  # 7 per layer x 30 + lm_head
-            got = {rows: layer(x) for rows, x in inputs.items()}
-    assert all("forward" not in m.__dict__ for m in linears)
-    for rows in (1, 9, 48):  # outside 2..8 rows: exactly F.linear
-        assert torch.equal(got[rows], expected[rows]), rows
-    for rows in (2, 5, 8):
+    assert cpu.kernel(model) == "mkl"
+    assert cpu.use_onednn(model) == len(linears) == 211  # 7 per layer x 30 + lm_head
+    assert cpu.use_onednn(model) == 211  # idempotent
+    assert cpu.kernel(model) == "onednn"
+    with torch.inference_mode():
+        got = {rows: layer(x) for rows, x in inputs.items()}
+    for rows in inputs:
         assert got[rows].shape == expected[rows].shape
         torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got[48], expected[48])  # really another kernel (else this test proves nothing)
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()  # falls back to F.linear where a gradient is wanted
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert cpu.use_mkl(model) == 211 and cpu.kernel(model) == "mkl"
+    assert all("forward" not in m.__dict__ for m in linears)
+    with torch.inference_mode():
+        assert torch.equal(layer(inputs[48]), expected[48])
