@@ -432,7 +432,7 @@ def bench_capture(engine, spec, s: Settings) -> dict:
         steer.reset_all()
         return elapsed, 1
 
-    variants = {"bos": ours("bos"), "bos-neutral": ours("bos-neutral"), "stock": stock}
+    variants = {"contexts": ours("contexts"), "bos": ours("bos"), "bos-neutral": ours("bos-neutral"), "stock": stock}
     for fn in variants.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -442,7 +442,7 @@ def bench_capture(engine, spec, s: Settings) -> dict:
             elapsed, passes[name] = variants[name]()
             times[name].append(elapsed)
     engine.cache.clear()
-    ratios = {m: [t / st for t, st in zip(times[m], times["stock"])] for m in ("bos", "bos-neutral")}
+    ratios = {m: [t / st for t, st in zip(times[m], times["stock"])] for m in ("contexts", "bos", "bos-neutral")}
     return {
         "stock_capture_ratio": _median(ratios[DEFAULT_CAPTURE_MODE]),
         "detail": {

@@ -258,9 +258,11 @@ def steer(
         top_p: nucleus sampling threshold in (0, 1].
         seed: random seed (0 to 2**31-1); each batch row samples with its own generator.
         compare: also generate the unsteered baseline, in the same batch.
-        capture_mode: how a text becomes a vector: "bos-neutral" (default: after a start token,
-            minus the mean of neutral sentences), "bos" (after a start token), or "stock"
-            (llm-steer's own capture; comparison only, it does not carry the text's meaning).
+        capture_mode: how a text becomes a vector: "contexts" (default: the text read inside a
+            few short sentences, minus the same sentences around neutral words), "bos-neutral"
+            (after a start token, minus the mean of neutral sentences), "bos" (after a start
+            token), or "stock" (llm-steer's own capture; comparison only, it does not carry the
+            text's meaning).
         raw_prompt: send the prompt as it is, without the model's chat template.
 
     Returns:

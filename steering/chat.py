@@ -189,7 +189,8 @@ def chat(
         temperature: 0 for greedy decoding, up to 2.
         top_p: nucleus sampling threshold in (0, 1].
         seed: random seed (0 to 2**31-1); each conversation samples with its own generator.
-        capture_mode: how text vectors are captured: bos-neutral (default), bos, or stock (comparison only).
+        capture_mode: how text vectors are captured: contexts (default), bos-neutral, bos, or stock
+            (comparison only).
 
     Returns:
         {"steered", "baseline" (the two new replies), "history_steered", "history_baseline" (each

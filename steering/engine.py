@@ -13,7 +13,11 @@ hidden state. We keep that patching and fix what a shared server cannot live wit
 * meaning: llm-steer averages the layer input over the text's tokens *without* a BOS token, and
   the first position's huge activation (an attention sink) dominates the mean, so every text
   gives nearly the same vector. Mode "bos" prepends BOS and drops position 0; "bos-neutral"
-  also subtracts the mean vector of a few neutral texts. "stock" keeps llm-steer's capture.
+  also subtracts the mean vector of a few neutral texts. "contexts" (the default) reads the text
+  inside a few short sentences ("Tell me about {text}.") and subtracts the same sentences around
+  neutral words ("Tell me about something."), so what is left is what the text adds to a
+  sentence: on the labelled set of docs/quality.md it steers on topic and fluent far more often
+  than "bos-neutral". "stock" keeps llm-steer's capture.
 * speed: the normalised direction is computed once per (model, layer, text, mode) and cached;
   `steering_method` hands llm-steer a precomputed (B, 1, H) delta instead of re-deriving it at
   every decoding step.
@@ -41,8 +45,12 @@ from steering.loaded import decoder_layers, input_device
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_MODES = ("bos", "bos-neutral", "stock")
-DEFAULT_CAPTURE_MODE = "bos-neutral"
+CAPTURE_MODES = ("contexts", "bos-neutral", "bos", "stock")
+DEFAULT_CAPTURE_MODE = "contexts"
+# "contexts": a text is read inside each of these sentences ("{}" is the text) ...
+CONTEXT_TEMPLATES = ("{}", "This is about {}.", "I love {}.", "Tell me about {}.", "Let's talk about {}.")
+# ... and the same sentences around these topic-free words are subtracted.
+CONTEXT_FILLERS = ("something", "a thing", "this and that", "stuff", "anything")
 # The neutral texts whose mean vector "bos-neutral" subtracts: plain, topic-free sentences.
 NEUTRAL_TEXTS = (
     "The",
@@ -297,6 +305,12 @@ class SteeringEngine:
         if mode == "stock":
             # Exactly llm-steer's Steer.add: no special tokens, mean over every position, full pass.
             return [self._capture(layer, [encode(t)], early_stop=False)[0].mean(dim=0) for t in texts]
+        if mode == "contexts":
+            means = self._context_means(layer, texts)
+            neutral_key = (self.identity, layer, "\x00fillers", mode)
+            if neutral_key not in self.cache:
+                self.cache[neutral_key] = torch.stack(self._context_means(layer, CONTEXT_FILLERS)).mean(dim=0)
+            return [m - self.cache[neutral_key] for m in means]
         rows = [self._bos_ids + encode(t) for t in texts]
         means = []
         for start in range(0, len(rows), self.max_capture_rows):  # the batch shape the plan prices
@@ -309,6 +323,19 @@ class SteeringEngine:
             neutral = torch.stack(self.text_means(layer, NEUTRAL_TEXTS, "bos")).mean(dim=0)
             means = [m - neutral for m in means]
         return means
+
+    def _context_means(self, layer: int, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Per text: the mean over `CONTEXT_TEMPLATES` of the sentence's mean layer input (BOS
+        dropped), every sentence of every text as rows of a few capture passes."""
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        rows = [self._bos_ids + encode(t.format(text)) for text in texts for t in CONTEXT_TEMPLATES]
+        sentence_means = []
+        for start in range(0, len(rows), self.max_capture_rows):
+            chunk = rows[start : start + self.max_capture_rows]
+            hidden = self._capture(layer, chunk)  # (B, T, H)
+            sentence_means += [hidden[i, 1 : len(row)].mean(dim=0) for i, row in enumerate(chunk)]
+        per_text = len(CONTEXT_TEMPLATES)
+        return [torch.stack(sentence_means[i * per_text : (i + 1) * per_text]).mean(dim=0) for i in range(len(texts))]
 
     def layer_rms(self, layer: int) -> float:
         """Typical RMS of one token's hidden state entering `layer`, on the neutral texts (the

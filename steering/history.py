@@ -24,7 +24,7 @@ MAX_TEXT_CHARS = 20_000  # any longer text in an entry is cut (a 512-token outpu
 MAX_LIST_ITEMS = 1024  # a longer list (a raw direction) is replaced by a note: re-running it is refused
 KINDS = ("steer", "sweep", "autotune", "chat")
 PACKAGES = ("steering-lab", "llm-steer", "torch", "transformers", "gradio")
-DEFAULT_CAPTURE_MODE = "bos-neutral"  # steering/engine.py's default, without importing torch here
+DEFAULT_CAPTURE_MODE = "contexts"  # steering/engine.py's default, without importing torch here
 HISTORY_COLUMNS = ("#", "time", "kind", "model", "quant", "capture", "seed", "vectors", "summary")
 
 _lock = threading.Lock()

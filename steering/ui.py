@@ -64,7 +64,7 @@ def export_vectors(
             Layers 2 and up: llama.cpp adds direction.N after block N, which is the input of our
             layer N+1, so our layer L is written as direction.{L-1}.
         format: "gguf" (llama.cpp --control-vector) or "safetensors" (the same tensors and metadata).
-        capture_mode: how text vectors are captured (bos-neutral, bos or stock), as in the UI.
+        capture_mode: how text vectors are captured (contexts, bos-neutral, bos or stock), as in the UI.
 
     Returns:
         the file. Text and pair vectors become absolute vectors: coefficient x direction x the

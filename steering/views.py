@@ -35,7 +35,8 @@ SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetiti
 FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule; the plot draws it as the fluency boundary
 RECIPE_FORMAT = "steering-lab-recipe"
 RECIPE_VERSION = 2  # 2 added capture_mode, raw_prompt and the model; version 1 files still load
-CAPTURE_MODES = ("bos-neutral", "bos", "stock")  # steering/engine.py's, without importing torch here
+CAPTURE_MODES = ("contexts", "bos-neutral", "bos", "stock")  # steering/engine.py's, without importing torch here
+VERSION_1_CAPTURE_MODE = "bos-neutral"  # the default when version 1 recipes were written
 # A recipe's settings are `/steer`'s keyword arguments, so `**recipe["settings"]` replays it.
 DEFAULT_SETTINGS = {
     **{name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
@@ -373,6 +374,8 @@ def parse_recipe(text: str) -> dict:
     if not isinstance(vectors, list) or not all(isinstance(v, dict) for v in vectors):
         raise InputError("recipe.vectors", "must be a list of vector objects")
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    if data.get("version") == 1:  # made before capture modes were recorded: the default of then
+        settings = {"capture_mode": VERSION_1_CAPTURE_MODE, **settings}
     model = data.get("model") if isinstance(data.get("model"), dict) else None
     return make_recipe(str(data.get("prompt", "")), vectors, settings, model)
 

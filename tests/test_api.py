@@ -151,7 +151,7 @@ def test_similarity_compares_a_pair_as_its_difference_vector(api, smol_engine):
     assert result["texts"] == ["joyful", "happy − sad", "sad"]
     matrix = result["matrix"]
     assert matrix[1][1] == pytest.approx(1.0, abs=1e-4)
-    happy, sad, joyful = smol_engine.text_means(LAYER, ["happy", "sad", "joyful"], "bos-neutral")
+    happy, sad, joyful = smol_engine.text_means(LAYER, ["happy", "sad", "joyful"], engine.DEFAULT_CAPTURE_MODE)
     expected = torch.nn.functional.cosine_similarity(happy - sad, joyful, dim=0).item()
     assert matrix[0][1] == pytest.approx(expected, abs=1e-4)
     assert matrix[1][2] < 0 < matrix[0][1]  # the difference points away from "sad", toward "joyful"

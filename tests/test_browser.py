@@ -220,7 +220,7 @@ def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
     assert recipe["settings"]["capture_mode"] == "stock" and recipe["settings"]["raw_prompt"] is True
     assert recipe["model"]["id"] == "SmolLM2-135M-Instruct"
 
-    page.reload()  # a fresh form: bos-neutral, raw prompt off, empty table
+    page.reload()  # a fresh form: contexts capture, raw prompt off, empty table
     page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
     page.get_by_role("tab", name="Recipes").click()
     page.locator("input[type=file][accept*=json]").set_input_files(str(saved))

@@ -266,7 +266,36 @@ def test_other_limits(smol_engine):
         G.sweep_rows("dogs", 3, [0.1, math.inf])
     with pytest.raises(InputError, match="^capture_mode"):
         smol_engine.text_means(3, ["dogs"], "nope")
-    assert set(CAPTURE_MODES) == {"bos", "bos-neutral", "stock"}
+    assert set(CAPTURE_MODES) == {"contexts", "bos", "bos-neutral", "stock"}
+
+
+def test_contexts_capture_is_the_text_in_sentences_minus_the_fillers(smol_engine):
+    """The default capture, recomputed independently with transformers' `output_hidden_states`
+    (hidden_states[L] is the input of layer L): the mean over CONTEXT_TEMPLATES of each sentence's
+    mean layer input (start token dropped), minus the same for CONTEXT_FILLERS. And it carries
+    meaning: "the ocean" is nearer "the sea" than "music"."""
+    from steering.engine import CONTEXT_FILLERS, CONTEXT_TEMPLATES, DEFAULT_CAPTURE_MODE
+
+    assert DEFAULT_CAPTURE_MODE == "contexts"
+    tok, model, layer = smol_engine.tokenizer, smol_engine.model, 15
+
+    def by_hand(text: str) -> torch.Tensor:
+        means = []
+        for template in CONTEXT_TEMPLATES:
+            ids = torch.tensor([smol_engine._bos_ids + tok.encode(template.format(text), add_special_tokens=False)])
+            with torch.inference_mode():
+                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+            means.append(hidden[0, 1:].mean(dim=0))
+        return torch.stack(means).mean(dim=0)
+
+    fillers = torch.stack([by_hand(f) for f in CONTEXT_FILLERS]).mean(dim=0)
+    got = smol_engine.text_means(layer, ["the ocean", "the sea", "music"], "contexts")
+    for text, vector in zip(["the ocean", "the sea", "music"], got):
+        torch.testing.assert_close(vector, by_hand(text) - fillers, rtol=1e-3, atol=1e-3)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()  # noqa: E731
+    assert cos(got[0], got[1]) > cos(got[0], got[2]) + 0.1
+    # not the old default: the sentences change the vector
+    assert cos(got[0], smol_engine.text_means(layer, ["the ocean"], "bos-neutral")[0]) < 0.99
 
 
 def test_several_vectors_at_one_layer_follow_one_rule(smol_engine):

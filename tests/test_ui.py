@@ -255,7 +255,7 @@ def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir
     ensure_embedded_loaded()
     prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
     assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.5, 15, True]]  # the middle of 30 layers
-    assert settings == [64, 0.0, 1.0, 0, "bos-neutral", False] and directions == {}
+    assert settings == [64, 0.0, 1.0, 0, "contexts", False] and directions == {}
     with pytest.raises(gr.Error) as caught:
         ui.apply_example("nope")
     assert caught.value.message.startswith("example: ")
@@ -439,7 +439,7 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
     assert plot.count('class="marker"') >= 3 and "layer 15" in info
     (entry,) = history.entries(None)
     assert entry["kind"] == "sweep" and entry["model"] == "SmolLM2-135M-Instruct" and entry["request"]["coeffs"]
-    assert (entry["quant"], entry["capture_mode"], entry["seed"]) == ("fp32", "bos-neutral", 0)
+    assert (entry["quant"], entry["capture_mode"], entry["seed"]) == ("fp32", "contexts", 0)
     rows, result, message = ui_history.rerun_entry(1)
     assert "the output is the same" in message and [r["text"] for r in result["rows"]] == [r[7] for r in table]
     assert rows[0][0] == 2 and rows[0][2] == "sweep"
