@@ -2,6 +2,7 @@
 
     python bench/quality.py            # full run: generations cached in bench/results/
     python bench/quality.py --quick    # smoke test: 2 topics x 2 prompts, 1 layer, 16 tokens
+    python bench/quality.py --stage fresh  # round 3: the validation set (bench/quality_fresh.json)
 
 Stage 1 (generate): for every topic of `bench/quality_set.json` (6 topics x 6 neutral prompts),
 greedy 40-token outputs of the embedded SmolLM2-135M at every (layer, coefficient) of the grid,
@@ -408,7 +409,7 @@ def print_sample(topics, gens, scores, n: int, seed: int) -> None:
 
 def fit_fluency(scores) -> dict | None:
     """Agreement of fluency rules with the by-eye labels (quality_eye_labels.json, "fluent")."""
-    if not EYE_FILE.exists():
+    if not EYE_FILE.exists() or CAPTURE_MODE != "bos-neutral":  # the rule was fitted on round 1's outputs
         return None
     eye = json.loads(EYE_FILE.read_text()).get("fluent", {})
     rows = [(scores["rows"][k], v) for k, v in eye.items() if k in scores["rows"]]
@@ -446,7 +447,9 @@ def eye_check(scores) -> dict | None:
     """The automatic labels (word list, fluency rule) against by-eye labels of a random sample."""
     if not EYE_FILE.exists():
         return None
-    check = json.loads(EYE_FILE.read_text()).get("check", {})
+    # the labels belong to one capture mode's outputs (their keys say only topic|prompt|layer|coeff)
+    section = "check" if CAPTURE_MODE == "bos-neutral" else f"check_{CAPTURE_MODE}"
+    check = json.loads(EYE_FILE.read_text()).get(section, {})
     rows = [(scores["rows"][k], v) for k, v in check.items() if k in scores["rows"]]
     if not rows:
         return None
@@ -550,6 +553,8 @@ def print_report(report, layers, coeffs) -> None:
     base = report["settings"]["None|0"]
     print(f"  baseline (coeff 0): {base['on_topic']:.2f}/{base['fluent']:.2f}/{base['good']:.2f}")
     for s, v in report.get("settings_round2", {}).items():
+        if None in v.values():  # not generated in this run (round 2 ran with bos-neutral)
+            continue
         print(f"  {s:14s} {v['on_topic']:.2f}/{v['fluent']:.2f}/{v['good']:.2f}")
     if "headline" in report:
         h = report["headline"]
@@ -626,6 +631,10 @@ SEARCHES = {
     "layer 15 x 0.45-0.6 x decay 0.95, 2 samples": ((15,), (0.45, 0.5, 0.55, 0.6), (0.95,), 2),
     "layer 15 x 0.45-0.6 x decay 0.95, 3 samples": ((15,), (0.45, 0.5, 0.55, 0.6), (0.95,), 3),
     "layer 15 x 0.5-0.7 x decay 0.9": ((15,), (0.5, 0.55, 0.6, 0.7), (0.9,), 0),
+    # round 3 ("contexts" capture; its grid has 0.55)
+    "layer 15 x 0.45-0.55": ((15,), (0.45, 0.5, 0.55), (1.0,), 0),
+    "layer 15 x 0.4-0.55": ((15,), (0.4, 0.45, 0.5, 0.55), (1.0,), 0),
+    "layers 12, 15 x 0.4-0.5": ((12, 15), (0.4, 0.45, 0.5), (1.0,), 0),
 }
 
 
@@ -806,10 +815,78 @@ def bounds(table) -> dict:
     return out
 
 
+FRESH_FILE = HERE / "quality_fresh.json"
+
+
+def fresh_check(engine, tokens: int) -> dict:
+    """Round 3's validation on topics and prompts written after the choices were made: the real
+    `quality.autotune` (default search) on prompt 0 of each topic, then on prompts 1-5 the
+    unsteered baseline, (a) the fixed default, (b) autotune's pick and (c) the largest-effect
+    setting of the bench grid, as rows of one batch; labelled by the same word-list and fluency
+    rules. Written to bench/results/quality_fresh_results.json (_bos-neutral.json for that mode)."""
+    from steering import generate as G
+    from steering import quality as Q
+
+    topics = json.loads(FRESH_FILE.read_text())["topics"]
+    coeffs = COEFFS_BY_MODE.get(CAPTURE_MODE, COEFFS)
+    good: dict[str, list[bool]] = {"baseline": [], "default": [], "autotune": [], "largest_effect": []}
+    report: dict = {"capture_mode": CAPTURE_MODE, "max_new_tokens": tokens, "topics": {}}
+    for topic in topics:
+        texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
+        started = time.time()
+        tuned = Q.autotune(engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, **texts)
+        seconds = time.time() - started
+        effect = {}
+        for layer in LAYERS:
+            values = G.effect_scores(
+                engine, [[(spec_for(topic, layer), c)] for c in coeffs], topic.get("text") or topic["positive"],
+                CAPTURE_MODE,
+            )  # fmt: skip
+            effect.update({(layer, c): v for c, v in zip(coeffs, values)})
+        settings = {
+            "baseline": None,
+            "default": DEFAULT_SETTING,
+            "autotune": (tuned["layer"], tuned["coeff"]),
+            "largest_effect": max(effect, key=effect.get),
+        }
+        rows = [[] if s is None else [(spec_for(topic, s[0]), s[1])] for s in settings.values()]
+        outputs = []
+        for p, prompt in enumerate(topic["prompts"][1:], 1):
+            final = G.run_rows(engine, prompt, rows, G.Sampling(max_new_tokens=tokens), capture_mode=CAPTURE_MODE)
+            ppl = Q.output_perplexities(engine, G.prompt_ids(engine.tokenizer, prompt), final.token_ids)
+            for name, text, ids, pp in zip(settings, final.texts, final.token_ids, ppl):
+                rep = Q.repetition(ids)
+                fluent, on = Q.is_fluent(pp, rep, len(ids)), on_topic(text, topic["words"])
+                good[name].append(fluent and on)
+                outputs.append({"prompt": p, "setting": name, "text": text, "on_topic": on, "fluent": fluent,
+                                "perplexity": pp, "repetition": rep})  # fmt: skip
+        report["topics"][topic["name"]] = {
+            "autotune": {
+                "layer": tuned["layer"],
+                "coeff": tuned["coeff"],
+                "seconds": round(seconds, 1),
+                "reason": tuned["reason"],
+            },  # fmt: skip
+            "settings": {k: None if v is None else list(v) for k, v in settings.items()},
+            "good": {k: sum(o["on_topic"] and o["fluent"] for o in outputs if o["setting"] == k) for k in settings},
+            "outputs": outputs,
+        }
+        print(f"  fresh {topic['name']}: autotune {settings['autotune']} in {seconds:.1f} s, good "
+              f"{report['topics'][topic['name']]['good']}", flush=True)  # fmt: skip
+    report["rates"] = {k: [sum(v) / len(v), len(v)] for k, v in good.items()}
+    (RESULTS / f"quality_fresh_results{'' if CAPTURE_MODE == 'contexts' else '_' + CAPTURE_MODE}.json").write_text(
+        json.dumps(report, indent=1) + "\n"
+    )
+    print("\nfresh set, on-topic-and-fluent rate on prompts 1-5 of each topic (autotune tuned on prompt 0):")
+    for name, (rate, n) in report["rates"].items():
+        print(f"  {name:15s} {rate:.3f} (n={n})")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small set, 1 layer, 16 tokens")
-    parser.add_argument("--stage", choices=("generate", "probes", "decay", "seeds", "all"), default="all")
+    parser.add_argument("--stage", choices=("generate", "probes", "decay", "seeds", "fresh", "all"), default="all")
     parser.add_argument("--sample", type=int, default=0, help="print N random outputs with their labels and stop")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed autotune runs")
@@ -828,6 +905,9 @@ def main() -> None:
         parser.error(f"--stage {args.stage} is round 2's, measured with --capture-mode bos-neutral")
     RESULTS.mkdir(exist_ok=True)
     engine = load_engine()
+    if args.stage == "fresh":  # round 3's validation set: nothing of the labelled set's grid is needed
+        fresh_check(engine, tokens)
+        return
     gens = generate_all(engine, topics, layers, coeffs, tokens, RESULTS / f"quality_generations{suffix}.json")
     if args.stage == "probes":
         generate_probes(engine, topics, PROBE_LAYERS, coeffs, tokens, RESULTS / f"quality_generations{suffix}.json")

@@ -423,7 +423,7 @@ def autotune(
     """Search layers x coefficients for the setting that steers the output toward the text while
     it stays fluent (candidates as rows of batches of up to 8).
 
-    Candidates: the middle layer x coefficients 0.4, 0.45, 0.5 (constant), each a row of one
+    Candidates: the middle layer x coefficients 0.45, 0.5, 0.55 (constant), each a row of one
     greedy batch with the unsteered baseline; the chosen setting is the most relevant fluent one
     (measured on our labelled set: docs/quality.md). In-process callers (the UI's Stop) may pass
     the keyword `stop` (a threading.Event): the search ends within a decoding step and chooses
