@@ -47,8 +47,8 @@ MAX_NEW_TOKENS = 40
 PROBE_LAYERS = (15, 18)  # autotune's probe prompts are generated at these layers only (time)
 
 
-def load_set(quick: bool) -> list[dict]:
-    topics = json.loads(SET_FILE.read_text())["topics"]
+def load_set(quick: bool, path: Path = SET_FILE) -> list[dict]:
+    topics = json.loads(path.read_text())["topics"]
     if quick:
         topics = [dict(t, prompts=t["prompts"][:2]) for t in topics[:2]]
     return topics
@@ -894,13 +894,18 @@ def main() -> None:
         "--capture-mode", default="contexts", choices=("contexts", "bos-neutral", "bos"),
         help="how texts become vectors (default: the app's default, contexts; rounds 1-2 used bos-neutral)",
     )  # fmt: skip
+    parser.add_argument(
+        "--set", choices=("labelled", "fresh"), default="labelled",
+        help="fresh: the whole grid on round 3's validation set (quality_fresh.json), for its bounds",
+    )  # fmt: skip
     args = parser.parse_args()
     global CAPTURE_MODE
     CAPTURE_MODE = args.capture_mode
-    topics = load_set(args.quick)
+    topics = load_set(args.quick, FRESH_FILE if args.set == "fresh" else SET_FILE)
     grid = COEFFS_BY_MODE.get(CAPTURE_MODE, COEFFS)
     layers, coeffs, tokens = ((15,), (0.3, 0.5), 16) if args.quick else (LAYERS, grid, MAX_NEW_TOKENS)
     suffix = ("_quick" if args.quick else "") + ("" if CAPTURE_MODE == "bos-neutral" else f"_{CAPTURE_MODE}")
+    suffix += "_fresh" if args.set == "fresh" else ""
     if CAPTURE_MODE != "bos-neutral" and args.stage in ("probes", "decay", "seeds"):
         parser.error(f"--stage {args.stage} is round 2's, measured with --capture-mode bos-neutral")
     RESULTS.mkdir(exist_ok=True)

@@ -44,8 +44,9 @@ DEFAULT_SETTINGS = {
     "raw_prompt": False,
 }
 
-# Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy): at the middle layer 0.3-0.5
-# steers while most outputs stay fluent, and from 0.6 most loop (docs/quality.md).
+# Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy, capture "contexts"): at the
+# middle layer 0.45-0.5 steers while most outputs stay fluent, and from 0.55 fluency gives way
+# (docs/quality.md); each was read at 0.45 and 0.5 (0.6 for the pair) and keeps the one that read well.
 # A layer of None means "the loaded model's default layer"
 # (n_layers // 2), so the recipes also apply to other models.
 EXAMPLES: dict[str, dict] = {
@@ -59,14 +60,14 @@ EXAMPLES: dict[str, dict] = {
             {
                 "positive": "I am so happy and joyful",
                 "negative": "I am so sad and miserable",
-                "coeff": 0.6,
+                "coeff": 0.45,
                 "layer": None,
             }
         ],
     },
     "Golden Gate Bridge": {
         "prompt": "What should I do on my holiday?",
-        "vectors": [{"text": "the Golden Gate Bridge", "coeff": 0.5, "layer": None}],
+        "vectors": [{"text": "the Golden Gate Bridge", "coeff": 0.45, "layer": None}],
     },
 }
 

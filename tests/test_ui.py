@@ -254,7 +254,7 @@ def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir
 
     ensure_embedded_loaded()
     prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
-    assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.5, 15, True]]  # the middle of 30 layers
+    assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.45, 15, True]]  # the middle of 30 layers
     assert settings == [64, 0.0, 1.0, 0, "contexts", False] and directions == {}
     with pytest.raises(gr.Error) as caught:
         ui.apply_example("nope")
