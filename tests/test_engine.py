@@ -11,7 +11,7 @@ from llm_steer import DecaySchedule, Steer
 
 from steering import generate as G
 from steering import limits
-from steering.engine import CAPTURE_MODES, VectorSpec, parse_vector
+from steering.engine import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, VectorSpec, parse_vector
 from steering.errors import InputError
 
 PROMPT = "Tell me about your weekend."
@@ -274,7 +274,7 @@ def test_contexts_capture_is_the_text_in_sentences_minus_the_fillers(smol_engine
     (hidden_states[L] is the input of layer L): the mean over CONTEXT_TEMPLATES of each sentence's
     mean layer input (start token dropped), minus the same for CONTEXT_FILLERS. And it carries
     meaning: "the ocean" is nearer "the sea" than "music"."""
-    from steering.engine import CONTEXT_FILLERS, CONTEXT_TEMPLATES, DEFAULT_CAPTURE_MODE
+    from steering.engine import CONTEXT_FILLERS, CONTEXT_TEMPLATES
 
     assert DEFAULT_CAPTURE_MODE == "contexts"
     tok, model, layer = smol_engine.tokenizer, smol_engine.model, 15
@@ -379,7 +379,7 @@ def _naive_effects(engine, rows, text):
     context = G.prompt_ids(engine.tokenizer, G.NEUTRAL_PROMPT)
     target = engine.tokenizer.encode(text, add_special_tokens=False)
     ids = torch.tensor([context + target] * (len(rows) + 1))
-    with engine.installed([[]] + list(rows), "bos-neutral"), torch.inference_mode():
+    with engine.installed([[]] + list(rows), DEFAULT_CAPTURE_MODE), torch.inference_mode():
         logits = engine.model(input_ids=ids).logits.float()
     logprobs = torch.log_softmax(logits[:, len(context) - 1 : -1], dim=-1)
     picked = logprobs.gather(-1, ids[:, len(context) :, None]).squeeze(-1).mean(dim=-1)
