@@ -310,6 +310,7 @@ class SteeringEngine:
             neutral_key = (self.identity, layer, "\x00fillers", mode)
             if neutral_key not in self.cache:
                 self.cache[neutral_key] = torch.stack(self._context_means(layer, CONTEXT_FILLERS)).mean(dim=0)
+            self.cache.move_to_end(neutral_key)  # used by every text at this layer: keep it in the LRU
             return [m - self.cache[neutral_key] for m in means]
         rows = [self._bos_ids + encode(t) for t in texts]
         means = []
