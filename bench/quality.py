@@ -43,6 +43,10 @@ COEFFS = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75)  # rounds 1-2 ("bos-neutral
 COEFFS_BY_MODE = {"contexts": (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.75)}  # round 3
 # The capture mode of the run (--capture-mode); "bos-neutral" runs keep rounds 1-2's file names.
 CAPTURE_MODE = "contexts"
+# Where vectors are added. Rounds 1-3 measured llm-steer's rule, "all" (their cached outputs stay
+# valid under `--positions all`); round 4 measures "prompt", the app's default since then.
+POSITIONS = "prompt"
+COEFFS_BY_POSITIONS = {"prompt": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)}  # round 4's largest-effect grid
 MAX_NEW_TOKENS = 40
 PROBE_LAYERS = (15, 18)  # autotune's probe prompts are generated at these layers only (time)
 
@@ -71,8 +75,10 @@ def spec_for(topic: dict, layer: int):
     from steering.engine import VectorSpec
 
     if "positive" in topic:
-        return VectorSpec(layer=layer, coeff=1.0, positive=topic["positive"], negative=topic["negative"])
-    return VectorSpec(layer=layer, coeff=1.0, text=topic["text"])
+        return VectorSpec(
+            layer=layer, coeff=1.0, positive=topic["positive"], negative=topic["negative"], positions=POSITIONS
+        )
+    return VectorSpec(layer=layer, coeff=1.0, text=topic["text"], positions=POSITIONS)
 
 
 def key(topic: str, prompt_index: int, layer: int | None = None, coeff: float | None = None) -> str:
@@ -115,7 +121,8 @@ def generate_all(engine, topics, layers, coeffs, tokens, path: Path) -> dict:
 
 METHODS = ("logprob", "logprob-plain", "hidden", "embed")  # candidate relevance scores
 # The app's fixed default: the middle layer (15 of 30), limits' default coefficient, no decay.
-DEFAULT_SETTING = (15, limits.DEFAULT_COEFF)
+DEFAULT_SETTING = (15, limits.DEFAULT_COEFF)  # positions "prompt"
+DEFAULT_SETTING_ALL = (15, 0.45)  # rounds 1-3's default, positions "all"
 
 
 def on_topic(text: str, words: list[str]) -> bool:
@@ -816,26 +823,43 @@ def bounds(table) -> dict:
 
 
 FRESH_FILE = HERE / "quality_fresh.json"
+FRESH2_FILE = HERE / "quality_fresh2.json"  # round 4's second validation set
+# Round 4 (positions "prompt"): other autotune searches measured beside the default one.
+ROUND4_SEARCHES = {
+    "autotune_wide": {"coeffs": (0.75, 1.0, 1.25, 1.5)},
+    "autotune_15_17": {"layers": (15, 17)},
+}
 
 
-def fresh_check(engine, tokens: int) -> dict:
-    """Round 3's validation on topics and prompts written after the choices were made: the real
-    `quality.autotune` (default search) on prompt 0 of each topic, then on prompts 1-5 the
-    unsteered baseline, (a) the fixed default, (b) autotune's pick and (c) the largest-effect
-    setting of the bench grid, as rows of one batch; labelled by the same word-list and fluency
-    rules. Written to bench/results/quality_fresh_results.json (_bos-neutral.json for that mode)."""
+def fresh_check(engine, tokens: int, set_file: Path = FRESH_FILE, out: Path | None = None) -> dict:
+    """Round 3's validation set (round 4: any set, `--check-set`): the real `quality.autotune`
+    (default search) on prompt 0 of each topic, then on prompts 1-5 the unsteered baseline,
+    (a) the fixed default, (b) autotune's pick and (c) the largest-effect setting of the bench
+    grid, as rows of one batch; labelled by the same word-list and fluency rules. Written to
+    bench/results/quality_fresh_results.json (_bos-neutral.json for that mode), or `out`."""
     from steering import generate as G
     from steering import quality as Q
 
-    topics = json.loads(FRESH_FILE.read_text())["topics"]
-    coeffs = COEFFS_BY_MODE.get(CAPTURE_MODE, COEFFS)
+    topics = json.loads(set_file.read_text())["topics"]
+    coeffs = COEFFS_BY_POSITIONS.get(POSITIONS) or COEFFS_BY_MODE.get(CAPTURE_MODE, COEFFS)
     good: dict[str, list[bool]] = {"baseline": [], "default": [], "autotune": [], "largest_effect": []}
-    report: dict = {"capture_mode": CAPTURE_MODE, "max_new_tokens": tokens, "topics": {}}
+    report: dict = {"capture_mode": CAPTURE_MODE, "positions": POSITIONS, "set": set_file.name,
+                    "max_new_tokens": tokens, "topics": {}}  # fmt: skip
     for topic in topics:
         texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
         started = time.time()
-        tuned = Q.autotune(engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, **texts)
+        tuned = Q.autotune(
+            engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, positions=POSITIONS, **texts
+        )
         seconds = time.time() - started
+        others = {}
+        for name, search in ROUND4_SEARCHES.items() if POSITIONS == "prompt" else ():
+            other = Q.autotune(
+                engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, positions=POSITIONS,
+                **search, **texts,
+            )  # fmt: skip
+            others[name] = (other["layer"], other["coeff"])
+            good.setdefault(name, [])
         effect = {}
         for layer in LAYERS:
             values = G.effect_scores(
@@ -848,6 +872,7 @@ def fresh_check(engine, tokens: int) -> dict:
             "default": DEFAULT_SETTING,
             "autotune": (tuned["layer"], tuned["coeff"]),
             "largest_effect": max(effect, key=effect.get),
+            **others,
         }
         rows = [[] if s is None else [(spec_for(topic, s[0]), s[1])] for s in settings.values()]
         outputs = []
@@ -874,10 +899,10 @@ def fresh_check(engine, tokens: int) -> dict:
         print(f"  fresh {topic['name']}: autotune {settings['autotune']} in {seconds:.1f} s, good "
               f"{report['topics'][topic['name']]['good']}", flush=True)  # fmt: skip
     report["rates"] = {k: [sum(v) / len(v), len(v)] for k, v in good.items()}
-    (RESULTS / f"quality_fresh_results{'' if CAPTURE_MODE == 'contexts' else '_' + CAPTURE_MODE}.json").write_text(
-        json.dumps(report, indent=1) + "\n"
-    )
-    print("\nfresh set, on-topic-and-fluent rate on prompts 1-5 of each topic (autotune tuned on prompt 0):")
+    out = out or RESULTS / f"quality_fresh_results{'' if CAPTURE_MODE == 'contexts' else '_' + CAPTURE_MODE}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n{set_file.name}, positions {POSITIONS}: on-topic-and-fluent rate on prompts 1-5 of each topic "
+          "(autotune tuned on prompt 0):")  # fmt: skip
     for name, (rate, n) in report["rates"].items():
         print(f"  {name:15s} {rate:.3f} (n={n})")
     return report
@@ -898,9 +923,22 @@ def main() -> None:
         "--set", choices=("labelled", "fresh"), default="labelled",
         help="fresh: the whole grid on round 3's validation set (quality_fresh.json), for its bounds",
     )  # fmt: skip
+    parser.add_argument(
+        "--positions", default="prompt", choices=("prompt", "all"),
+        help="where vectors are added (default: the app's default, prompt; rounds 1-3 used all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--check-set", choices=("labelled", "fresh", "fresh2"), default=None,
+        help="round 4 (positions prompt): --stage fresh on this set (default: fresh)",
+    )  # fmt: skip
     args = parser.parse_args()
-    global CAPTURE_MODE
-    CAPTURE_MODE = args.capture_mode
+    global CAPTURE_MODE, POSITIONS, DEFAULT_SETTING
+    CAPTURE_MODE, POSITIONS = args.capture_mode, args.positions
+    if POSITIONS == "all":
+        DEFAULT_SETTING = DEFAULT_SETTING_ALL
+    elif args.stage != "fresh":
+        parser.error("positions prompt (round 4) is measured with --stage fresh --check-set ...; "
+                     "the whole grid of rounds 1-3 needs --positions all")  # fmt: skip
     topics = load_set(args.quick, FRESH_FILE if args.set == "fresh" else SET_FILE)
     grid = COEFFS_BY_MODE.get(CAPTURE_MODE, COEFFS)
     layers, coeffs, tokens = ((15,), (0.3, 0.5), 16) if args.quick else (LAYERS, grid, MAX_NEW_TOKENS)
@@ -910,6 +948,11 @@ def main() -> None:
         parser.error(f"--stage {args.stage} is round 2's, measured with --capture-mode bos-neutral")
     RESULTS.mkdir(exist_ok=True)
     engine = load_engine()
+    if args.stage == "fresh" and POSITIONS == "prompt":  # round 4: the real autotune on any set
+        name = args.check_set or "fresh"
+        set_file = {"labelled": SET_FILE, "fresh": FRESH_FILE, "fresh2": FRESH2_FILE}[name]
+        fresh_check(engine, tokens, set_file, RESULTS / f"quality_round4_{name}.json")
+        return
     if args.stage == "fresh":  # round 3's validation set: nothing of the labelled set's grid is needed
         fresh_check(engine, tokens)
         return

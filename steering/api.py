@@ -249,7 +249,10 @@ def steer(
         vectors: steering vectors, each {"text", "coeff", "layer"}, a contrastive pair
             {"positive", "negative", "coeff", "layer"}, or a raw direction {"direction": [hidden-size
             numbers], "coeff", "layer"} (an absolute vector, e.g. from /import_vectors); optional
-            "enabled" (default true) and "decay" (per-step coefficient multiplier in (0, 1]). For
+            "enabled" (default true), "positions" ("prompt", the default: added to the prompt's
+            positions only, ActAdd-style; "all": to the prompt and every generated token, as
+            llm-steer does, which needs about half the coefficient) and "decay" (per-step
+            coefficient multiplier in (0, 1], with positions "all"). For
             text and pairs coeff is in units of the hidden state's RMS at the last token; a direction
             is added as given, times coeff. |coeff| <= 20; layer is 0 .. n_layers-1 of the loaded
             model. Several vectors at one layer add up, each scaled by the same unsteered state.
@@ -417,15 +420,17 @@ def autotune(
     layers: list[int] | None = None,
     max_new_tokens: int = 40,
     seed: int = _D["seed"],
+    positions: str = eng.DEFAULT_POSITIONS,
     *,
     stop: Event | None = None,
 ) -> dict:
     """Search layers x coefficients for the setting that steers the output toward the text while
     it stays fluent (candidates as rows of batches of up to 8).
 
-    Candidates: the middle layer x coefficients 0.45, 0.5, 0.55 (constant), each a row of one
-    greedy batch with the unsteered baseline; the chosen setting is the most relevant fluent one
-    (measured on our labelled set: docs/quality.md). In-process callers (the UI's Stop) may pass
+    Candidates: the middle layer x coefficients 0.75, 1.0, 1.25 with positions "prompt" (0.45,
+    0.5, 0.55 with "all"), each a row of one greedy batch with the unsteered baseline; the chosen
+    setting is the most relevant fluent one (measured on our labelled set: docs/quality.md).
+    In-process callers (the UI's Stop) may pass
     the keyword `stop` (a threading.Event): the search ends within a decoding step and chooses
     among the rows it finished.
 
@@ -437,9 +442,12 @@ def autotune(
         layers: up to 4 layers to search, 0 .. n_layers-1; default: the middle layer.
         max_new_tokens: tokens per candidate, 1 to 512 (40 measures fluency well).
         seed: random seed (decoding is greedy; kept for the record and for searches that sample).
+        positions: where the candidate vectors are added: "prompt" (the default; the prompt's
+            positions only, ActAdd-style) or "all" (the prompt and every generated token, as
+            llm-steer does). Give the chosen setting's vector the same positions.
 
     Returns:
-        {"layer", "coeff", "decay", "score", "rows": [{"layer", "coeff", "text", "relevance",
+        {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "text", "relevance",
         "perplexity", "repetition", "fluent", "score"}], "reason", "model", "fallback"}. decay: the
         per-token multiplier of the coefficient the candidates ran with (1.0: constant). rows:
         the greedy output of each candidate on the prompt. relevance: how much more likely the
@@ -466,7 +474,7 @@ def autotune(
         mapped = None if layers is None else sorted({attempt.layer(v) for v in layers})
         result = quality.autotune(
             engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
-            max_new_tokens=tokens, seed=seed, stop=stop,
+            max_new_tokens=tokens, seed=seed, stop=stop, positions=positions,
         )  # fmt: skip
         # The API's rows keep the issue's fields: every candidate ran with the result's decay.
         rows = [{k: v for k, v in row.items() if k != "decay"} for row in result["rows"]]
@@ -508,7 +516,8 @@ def import_vectors(path: str) -> dict:
 
     Returns {"vectors": [...], "metadata": {...}, "model"}: a file written by /export_vectors
     gives back its original relative vectors; a foreign control vector gives one raw
-    {"direction", "coeff": 1, "layer": N+1} per direction.N tensor.
+    {"direction", "coeff": 1, "layer": N+1, "positions": "all"} per direction.N tensor (llama.cpp
+    adds control vectors at every position).
     """
     tensors, metadata = vector_io.read_file(path)
 

@@ -34,7 +34,14 @@ import torch
 from llm_steer import DecaySchedule
 
 from steering import generate, limits
-from steering.engine import DEFAULT_CAPTURE_MODE, NEUTRAL_TEXTS, SteeringEngine, VectorSpec
+from steering.engine import (
+    DEFAULT_CAPTURE_MODE,
+    DEFAULT_POSITIONS,
+    NEUTRAL_TEXTS,
+    POSITIONS,
+    SteeringEngine,
+    VectorSpec,
+)
 from steering.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -229,8 +236,12 @@ def relevance_scores(
 # one prompt and applied to the other five of its topic: 0.767 on topic and fluent (0.722 over
 # every tuning prompt; the fixed default 0.733 / 0.694); round 2's decaying and sampled searches
 # were measured with the older "bos-neutral" capture only (docs/quality.md).
+#
+# Round 4 made positions "prompt" (ActAdd-style: the prompt only) the default, and with it the
+# search: the default coefficient 1.0 and one step either side (docs/quality.md, round 4).
 LAYER_FRACTIONS = (0.5,)
-COEFFS = (0.45, 0.5, 0.55)
+COEFFS_BY_POSITIONS = {"prompt": (0.75, 1.0, 1.25), "all": (0.45, 0.5, 0.55)}
+COEFFS = COEFFS_BY_POSITIONS[DEFAULT_POSITIONS]
 DECAYS = (1.0,)
 BATCH_ROWS = limits.MAX_SWEEP_ROWS
 # Optional (autotune(probes=PROBE_PROMPTS)): also try each candidate on these neutral prompts, so
@@ -250,7 +261,7 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, max(0, round(f * n_layers))) for f in LAYER_FRACTIONS})
 
 
-def _check_request(engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens):
+def _check_request(engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens, positions):
     limits.check_text(prompt, "prompt", "prompt_chars")
     if positive or negative:
         positive, negative = limits.check_text(positive, "positive"), limits.check_text(negative, "negative")
@@ -259,15 +270,20 @@ def _check_request(engine, prompt, text, positive, negative, layers, coeffs, dec
         text = limits.check_text(text, "text")
     layers = default_layers(engine.n_layers) if not layers else layers
     layers = list(dict.fromkeys(limits.check_layer(v, f"layers[{i}]", engine.n_layers) for i, v in enumerate(layers)))
-    coeffs = COEFFS if not coeffs else coeffs
+    if positions not in POSITIONS:
+        raise InputError("positions", f"must be one of {', '.join(POSITIONS)}; got {limits.shorten(positions)}")
+    coeffs = COEFFS_BY_POSITIONS[positions] if not coeffs else coeffs
     coeffs = list(dict.fromkeys(limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)))
     if 0.0 in coeffs:
         raise InputError("coeffs", "0 is the baseline, which autotune always runs; give non-zero coefficients")
     decays = DECAYS if not decays else decays
     decays = list(dict.fromkeys(float(limits.check("decay", d, f"decays[{i}]")) for i, d in enumerate(decays)))
+    if positions == "prompt" and decays != [1.0]:
+        raise InputError("decays", 'a decay multiplies the coefficient per generated token: it needs positions "all"')
     tokens = limits.check("max_new_tokens", max_new_tokens)
     specs = {
-        layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative) for layer in layers
+        layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative, positions=positions)
+        for layer in layers
     }
     return specs, [(c, d) for d in decays for c in coeffs], tokens
 
@@ -432,18 +448,21 @@ def autotune(
     progress: Callable[[float, str], None] | None = None,
     probes: Sequence[str] = (),
     samples: int = SAMPLES,
+    positions: str = DEFAULT_POSITIONS,
 ) -> dict:
     """Search layers x coefficients (x decays) for the setting that moves the output most toward
     the steering text (or positive minus negative) among rows that stay fluent (greedy decoding).
 
-    Candidates run as rows of batches of <= 8 (the unsteered baseline among them). `decays`
-    (default `DECAYS`, constant only) adds per-step decay rates to the search. With `probes`
+    Candidates run as rows of batches of <= 8 (the unsteered baseline among them). `positions`
+    is where every candidate vector is added ("prompt", the default, or "all"); `coeffs` defaults
+    to `COEFFS_BY_POSITIONS[positions]`. `decays` (default `DECAYS`, constant only; other rates
+    need positions "all") adds per-step decay rates to the search. With `probes`
     (e.g. `PROBE_PROMPTS`) every candidate also runs on those prompts, and with `samples` N it is
     also sampled N times on the user's prompt (temperature SAMPLE_TEMPERATURE, seeds seed+1 ..
     seed+N); the chosen setting is then the one fluent and relevant on the most outputs, ties
     broken by mean relevance (`choose_across`); `rows` are always the user's prompt's greedy rows.
 
-    Returns {"layer", "coeff", "decay", "score", "rows": [{"layer", "coeff", "decay", "text",
+    Returns {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "decay", "text",
     "relevance", "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen
     row's relevance; a row's `score` is its relevance when it is fluent, else None. When no row
     is fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
@@ -455,7 +474,7 @@ def autotune(
 
     started = time.monotonic()
     specs, strengths, tokens = _check_request(
-        engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens
+        engine, prompt, text, positive, negative, layers, coeffs, decays, max_new_tokens, positions
     )
     seed = limits.check("seed", seed)
     if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= MAX_SAMPLES:
@@ -502,6 +521,7 @@ def autotune(
         "layer": None if best is None else best["layer"],
         "coeff": None if best is None else best["coeff"],
         "decay": None if best is None else best["decay"],
+        "positions": positions,
         "score": None if score is None else round(score, 4),
         "rows": rows,
         "reason": reason,

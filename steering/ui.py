@@ -428,7 +428,7 @@ def _vector_table() -> SimpleNamespace:
     table = gr.Dataframe(
         value=[],
         headers=list(views.VECTOR_COLUMNS),
-        datatype=["str", "str", "str", "number", "number", "bool"],
+        datatype=["str", "str", "str", "number", "number", "bool", "str"],
         type="array",
         column_count=len(views.VECTOR_COLUMNS),
         column_limits=(len(views.VECTOR_COLUMNS), len(views.VECTOR_COLUMNS)),  # rows may be added, columns not
@@ -436,6 +436,13 @@ def _vector_table() -> SimpleNamespace:
         label="Vectors",
         elem_id="vectors-table",
         elem_classes=["scroll-table"],
+    )
+    gr.Markdown(
+        "`positions`: **prompt** (the default) adds a vector to the prompt's positions only, as ActAdd "
+        "does, and the reply is written by unsteered layers reading the steered prompt; **all** also adds "
+        "it at every generated token, as llm-steer does, and needs about half the coefficient (0.45 "
+        "where prompt takes 1).",
+        elem_id="positions-help",
     )
     with gr.Row():
         remove_number = gr.Number(
@@ -531,7 +538,7 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
             text = gr.Textbox("dogs", label="Steering text", elem_id="sweep-text")
             layer = _layer_slider(n_layers, "Layer")
             coeffs = gr.Textbox(
-                "0, 0.25, 0.45, 0.75", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})", elem_id="sweep-coeffs"
+                "0, 0.5, 1, 1.5", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})", elem_id="sweep-coeffs"
             )
             tokens = _slider("sweep_max_new_tokens", "Max new tokens", elem_id="sweep-tokens")
         with gr.Row():

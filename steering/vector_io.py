@@ -34,13 +34,14 @@ from steering.errors import InputError
 FORMATS = ("gguf", "safetensors")
 ARCH = "controlvector"
 OURS = "steeringlab"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vectors record their positions; version 1 files were made with "all"
 MAX_FILE_BYTES = 64 * 2**20  # 64 MiB: a control vector of a 70B model (80 x 8192 floats) is 2.5 MiB
 NOTE = (
     "direction.N is an absolute vector added to the output of block N (llama.cpp), i.e. the input "
     "of transformers layer N+1 (Steering Lab). Text and pair vectors were converted from units of "
     "the hidden state's RMS with the typical RMS per layer in steeringlab.layer_rms; a decay "
-    "schedule is not represented in the tensors."
+    "schedule is not represented in the tensors. llama.cpp adds a control vector at every position "
+    "(Steering Lab's positions \"all\"), also for vectors that were added to the prompt only here."
 )
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
 
@@ -179,6 +180,8 @@ def vectors_from_file(
         except ValueError:
             raise InputError("file", f"has a damaged {OURS}.vectors entry") from None
         limits.check_count("vectors", raw, "file.vectors")
+        if metadata.get(f"{OURS}.format_version") == "1" and isinstance(raw, list):
+            raw = [{"positions": "all", **v} if isinstance(v, dict) else v for v in raw]
         specs = [parse_vector(v, i, n_layers) for i, v in enumerate(raw)]
         for i, spec in enumerate(specs):
             if spec.direction and len(spec.direction) != hidden_size:
@@ -197,7 +200,10 @@ def vectors_from_file(
                 f"is added after block {index}, the input of layer {index + 1}; this model's layers are "
                 f"0 to {n_layers - 1}",
             )
-        vectors.append({"direction": vector.tolist(), "coeff": 1.0, "layer": index + 1, "enabled": True})
+        # Made to be added at every position, as llama.cpp does: positions "all".
+        vectors.append(
+            {"direction": vector.tolist(), "coeff": 1.0, "layer": index + 1, "enabled": True, "positions": "all"}
+        )
     limits.check_count("vectors", vectors, "file")
     if not vectors:
         raise InputError("file", "holds no direction.N tensors")

@@ -30,11 +30,16 @@ from steering.plots import colour_scale
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
-VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled")
+VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled", "positions")
+# steering/engine.py's POSITIONS, without importing torch here: where a vector is added (the
+# prompt only, ActAdd-style, or the prompt and every generated token, as llm-steer does).
+POSITIONS = ("prompt", "all")
 SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetition", "effect", "text")
 FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule; the plot draws it as the fluency boundary
 RECIPE_FORMAT = "steering-lab-recipe"
-RECIPE_VERSION = 2  # 2 added capture_mode, raw_prompt and the model; version 1 files still load
+# 2 added capture_mode, raw_prompt and the model; 3 made vector positions "prompt" the default
+# (older files replay with "all", llm-steer's rule, which they were made with); 1 and 2 still load
+RECIPE_VERSION = 3
 CAPTURE_MODES = ("contexts", "bos-neutral", "bos", "stock")  # steering/engine.py's, without importing torch here
 VERSION_1_CAPTURE_MODE = "bos-neutral"  # the default when version 1 recipes were written
 # A recipe's settings are `/steer`'s keyword arguments, so `**recipe["settings"]` replays it.
@@ -133,6 +138,9 @@ def rows_to_vectors(
             vector["coeff"] = _number(cells["coeff"])
         vector["layer"] = default_layer if _blank(cells["layer"]) else _number(cells["layer"])
         vector["enabled"] = _truthy(cells["enabled"])
+        if not _blank(cells["positions"]):
+            where = cells["positions"]
+            vector["positions"] = where.strip() if isinstance(where, str) else where
         vectors.append(vector)
     return vectors
 
@@ -162,6 +170,7 @@ def vectors_to_rows(
                 vector.get("coeff", ""),
                 default_layer if layer is None else layer,
                 bool(vector.get("enabled", True)),
+                vector.get("positions", POSITIONS[0]),
             ]
         )
     return rows
@@ -199,6 +208,7 @@ def vector_row(vector: dict) -> list:
         vector["coeff"],
         vector["layer"],
         bool(vector.get("enabled", True)),
+        vector.get("positions", POSITIONS[0]),
     ]
 
 
@@ -212,10 +222,17 @@ def normalize_rows(rows, layer: int, n_layers: int | None) -> tuple[list[list], 
     fixed, problems = [], []
     for number, row in enumerate(rows or [], start=1):
         cells = list(row)[: len(VECTOR_COLUMNS)] + [None] * (len(VECTOR_COLUMNS) - len(row))
-        text, positive, negative, coeff, row_layer, enabled = cells
+        text, positive, negative, coeff, row_layer, enabled, positions = cells
         if not any(_filled(v) for v in (text, positive, negative)):
-            fixed.append(["" if _blank(v) else v for v in (text, positive, negative)] + [DEFAULT_COEFF, layer, True])
+            fixed.append(
+                ["" if _blank(v) else v for v in (text, positive, negative)]
+                + [DEFAULT_COEFF, layer, True, POSITIONS[0]]
+            )
             continue
+        positions = POSITIONS[0] if _blank(positions) else str(positions).strip()
+        if positions not in POSITIONS:
+            problems.append(f"row {number}, positions: must be one of {', '.join(POSITIONS)} (reset to {POSITIONS[0]})")
+            positions = POSITIONS[0]
         coeff = DEFAULT_COEFF if _blank(coeff) else _number(coeff)
         try:
             coeff = check("coeff", coeff)
@@ -233,7 +250,8 @@ def normalize_rows(rows, layer: int, n_layers: int | None) -> tuple[list[list], 
         if _filled(positive) != _filled(negative) and not _filled(text):
             problems.append(f"row {number}: a contrastive pair needs both a positive and a negative text")
         fixed.append(
-            ["" if _blank(v) else v for v in (text, positive, negative)] + [coeff, row_layer, _truthy(enabled)]
+            ["" if _blank(v) else v for v in (text, positive, negative)]
+            + [coeff, row_layer, _truthy(enabled), positions]
         )
     return fixed, problems
 
@@ -377,6 +395,8 @@ def parse_recipe(text: str) -> dict:
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     if data.get("version") == 1:  # made before capture modes were recorded: the default of then
         settings = {"capture_mode": VERSION_1_CAPTURE_MODE, **settings}
+    if data.get("version") in (1, 2):  # made when every vector was added at all positions
+        vectors = [{"positions": "all", **v} for v in vectors]
     model = data.get("model") if isinstance(data.get("model"), dict) else None
     return make_recipe(str(data.get("prompt", "")), vectors, settings, model)
 

@@ -345,7 +345,8 @@ def test_sweep_scores_relevance_and_fluency_and_recommends_a_row(api):
 
 def test_autotune_returns_the_documented_setting(api):
     result = api.predict(PROMPT, "the ocean", "", "", [LAYER], 12, 0, api_name="/autotune")
-    assert set(result) >= {"layer", "coeff", "score", "rows", "reason", "model", "fallback"}
+    assert set(result) >= {"layer", "coeff", "positions", "score", "rows", "reason", "model", "fallback"}
+    assert result["positions"] == "prompt"
     assert result["rows"] and all(
         set(r) == {"layer", "coeff", "text", "relevance", "perplexity", "repetition", "fluent", "score"}
         for r in result["rows"]
@@ -365,8 +366,9 @@ def test_autotune_returns_the_documented_setting(api):
         ((PROMPT, "dogs", "", "", [1, 2, 3, 4, 5]), r"^layers: give 1 to 4 layers; got 5"),
         ((PROMPT, "dogs", "", "", [99]), r"^layers\[0\]: must be an integer from 0 to 29; got 99"),
         ((PROMPT, "dogs", "", "", None, 0), r"^max_new_tokens: must be an integer from 1 to 512"),
+        ((PROMPT, "dogs", "", "", None, 8, 0, "reply"), r"^positions: must be one of prompt, all"),
     ],
-    ids=["text-and-pair", "nothing", "too-many-layers", "layer-range", "tokens"],
+    ids=["text-and-pair", "nothing", "too-many-layers", "layer-range", "tokens", "positions"],
 )
 def test_autotune_refuses_bad_input(api, args, expected):
     with pytest.raises(AppError) as caught:
@@ -381,4 +383,4 @@ def test_autotune_stops_at_once_and_its_stop_flag_is_not_an_endpoint_parameter(a
     assert result["rows"] == [] and result["reason"].startswith("stopped after 0 of 3 candidates on your prompt;")
     info = api.view_api(print_info=False, return_format="dict")
     params = [p["parameter_name"] for p in info["named_endpoints"]["/autotune"]["parameters"]]
-    assert params == ["prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed"]
+    assert params == ["prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed", "positions"]

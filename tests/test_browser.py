@@ -120,7 +120,7 @@ def _wait_run_ended(page) -> str:
 
 def test_typed_but_unadded_text_steers_and_the_run_line_says_how_it_ended(page):
     page.locator("#new-text textarea").fill("dogs")  # typed, never added
-    page.locator("#new-coeff input").fill("0.5")
+    page.locator("#new-coeff input").fill("1")
     _set_tokens(page, 24)
     page.locator("#generate").click()
     # Generate is disabled while the run goes on, Stop enabled; the typed vector is in the table.
@@ -192,11 +192,12 @@ def test_invalid_add_keeps_the_table_and_says_why_beside_the_field(page):
         assert _error_badges(page) == 0
         page.locator("#new-positive textarea").fill("")
         page.locator("#new-coeff input").fill("0.45")
-    # A row added with the table's own menu gets the default coefficient, the slider's layer, enabled.
+    # A row added with the table's own menu gets the default coefficient, the slider's layer, enabled
+    # and the default positions.
     page.locator("#vectors-table").get_by_text("dogs", exact=True).last.click()
     page.locator("#vectors-table button[aria-label='Open cell menu']:visible").first.click()
     page.get_by_role("menuitem", name="Add row below").first.click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.split('0.45').length === 3")
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.split('prompt').length === 3")
     page.locator("#remove-number input").fill("9")
     page.locator("#remove-row").click()
     page.wait_for_function("() => document.querySelector('#vector-message').innerText.includes('row: give a row')")
@@ -245,7 +246,7 @@ def test_memory_tab_fills_itself_when_opened(page):
 
 def test_sweep_streams_its_rows_and_plots_them(page):
     page.get_by_role("tab", name="Sweep").click()
-    page.locator("#sweep-coeffs textarea").fill("0, 0.25, 0.45, 0.75")
+    page.locator("#sweep-coeffs textarea").fill("0, 0.5, 1, 1.5")
     _fill_slider(page, "sweep-tokens", 16)
     page.locator("#run-sweep").click()
     page.wait_for_function("() => !document.querySelector('#stop-sweep').disabled")

@@ -29,8 +29,9 @@ def baseline(smol_engine):
     return _ids(smol_engine, [[]])[0]
 
 
-def _vec(text="dogs", coeff=1.0, layer=15, **kw):
-    return VectorSpec(layer=layer, coeff=coeff, text=text, **kw)
+def _vec(text="dogs", coeff=1.0, layer=15, positions="all", **kw):
+    """A text vector; positions "all" (llm-steer's rule) unless a test is about "prompt"."""
+    return VectorSpec(layer=layer, coeff=coeff, text=text, positions=positions, **kw)
 
 
 def test_zero_coefficient_is_unsteered_and_removal_restores(smol_engine, baseline):
@@ -231,6 +232,10 @@ def test_threads_get_their_own_vectors(fresh_manager):
         ({"text": "dogs", "coeff": 1, "layer": 2.5}, "vectors[0].layer"),
         ({"positive": "happy", "negative": "", "coeff": 1, "layer": 3}, "vectors[0].negative"),
         ({"text": "dogs", "coeff": 1, "layer": 3, "decay": 1.5}, "vectors[0].decay"),
+        ({"text": "dogs", "coeff": 1, "layer": 3, "positions": "reply"}, "vectors[0].positions"),
+        ({"text": "dogs", "coeff": 1, "layer": 3, "positions": ["all"]}, "vectors[0].positions"),
+        ({"text": "dogs", "coeff": 1, "layer": 3, "decay": 0.9, "positions": "prompt"}, "vectors[0].decay"),
+        ({"text": "dogs", "coeff": 1, "layer": 3, "decay": 0.9}, "vectors[0].decay"),  # "prompt" is the default
         ("dogs", "vectors[0]"),
     ],
 )
@@ -341,6 +346,38 @@ def test_a_raw_direction_is_added_as_given_beside_a_relative_vector(smol_engine)
     rms = Steer._rms(plain[:, -1:, :])  # (1, 1, 1): the unsteered state at the last position
     expected = 0.5 * raw + 0.7 * smol_engine.direction(text, "bos-neutral").view(-1) * rms.view(-1)
     assert torch.allclose(both - plain, expected.expand_as(plain), atol=1e-3)
+    assert smol_engine.is_clean()
+
+
+def test_prompt_positions_steer_the_prefill_only(smol, smol_engine, baseline):
+    """positions "prompt" (the default): the vector is added to the prompt's hidden states in the
+    prefill and to nothing after it. Recomputed independently: plain transformers `generate` with
+    a pre-hook that adds coeff * direction * RMS(last position) only to a multi-token forward."""
+    model, _ = smol
+    vec = VectorSpec(layer=15, coeff=1.0, text="the desert")
+    assert vec.positions == "prompt" and parse_vector(vec.to_dict(), 0, 30) == vec
+    direction = smol_engine.direction(vec, DEFAULT_CAPTURE_MODE)
+    ours = _ids(smol_engine, [[(vec, 1.0)]])[0]
+    assert _ids(smol_engine, [[(vec, 0.0)]])[0] == baseline  # zero steering == baseline
+
+    def add_in_prefill(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hidden.shape[1] > 1:
+            hidden += 1.0 * direction * Steer._rms(hidden[:, -1:, :])
+
+    ids = torch.tensor([G.prompt_ids(smol_engine.tokenizer, PROMPT)])
+    hook = model.model.layers[15].register_forward_pre_hook(add_in_prefill, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert out[0, ids.shape[1] :].tolist() == ours
+    every = _ids(smol_engine, [[(_vec("the desert", positions="all"), 1.0)]])[0]
+    assert len({tuple(ours), tuple(every), tuple(baseline)}) == 3  # another rule than "all", and it steers
+    # Rows of one batch (prompt-only, all-positions, unsteered) equal separate runs.
+    rows = [[(vec, 1.0)], [(_vec("the desert", positions="all"), 1.0)], []]
+    assert _ids(smol_engine, rows) == [ours, every, baseline]
     assert smol_engine.is_clean()
 
 

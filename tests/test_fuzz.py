@@ -43,6 +43,7 @@ vector = st.fixed_dictionaries(
         "layer": st.integers(min_value=-2, max_value=40) | junk,
         "enabled": st.booleans() | junk,
         "decay": junk,
+        "positions": st.sampled_from(["prompt", "all", "reply", ""]) | junk,
         "direction": st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4) | junk,
     },
 )

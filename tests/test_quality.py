@@ -91,7 +91,8 @@ def test_autotune_shape_and_choice(smol_engine):
         samples=0,  # the greedy rule (samples: the next test)
         progress=lambda f, m: progress.append(f),
     )
-    assert set(result) == {"layer", "coeff", "decay", "score", "rows", "reason"}
+    assert set(result) == {"layer", "coeff", "decay", "positions", "score", "rows", "reason"}
+    assert result["positions"] == "prompt"  # the default: candidates steer the prompt only
     default = Q.DECAYS[0]  # the default search's decay
     assert [(r["layer"], r["coeff"], r["decay"]) for r in result["rows"]] == [(15, 0.2, default), (15, 0.4, default)]
     for row in result["rows"]:
@@ -122,11 +123,12 @@ def test_autotune_searches_decays_and_samples(smol_engine):
         max_new_tokens=8,
         samples=1,
         progress=lambda f, m: runs.append(m),
+        positions="all",  # a decay multiplies the coefficient per generated token
     )
     rows = {r["decay"]: r for r in result["rows"]}
     assert sorted(rows) == [0.5, 1.0] and result["decay"] in rows
     assert "1 sampled output each" in result["reason"] and "decays [0.5, 1.0]" in result["reason"]
-    spec = Q.VectorSpec(layer=15, coeff=1.0, text="the ocean")
+    spec = Q.VectorSpec(layer=15, coeff=1.0, text="the ocean", positions="all")
     decayed = G.run_rows(
         smol_engine, PROMPT, [[(replace(spec, decay=DecaySchedule(rate=0.5)), 0.6)]], G.Sampling(max_new_tokens=8)
     )
@@ -169,6 +171,10 @@ def test_autotune_rejects_bad_requests(smol_engine):
     for bad in ([0.0], [1.5]):
         with pytest.raises(InputError, match=r"decays\[0\]"):
             Q.autotune(smol_engine, PROMPT, text="x", decays=bad)
+    with pytest.raises(InputError, match="^decays: .*positions \"all\""):  # the default positions "prompt"
+        Q.autotune(smol_engine, PROMPT, text="x", decays=[0.5])
+    with pytest.raises(InputError, match="^positions: "):
+        Q.autotune(smol_engine, PROMPT, text="x", positions="reply")
     for bad in (-1, 9, 1.5, True):
         with pytest.raises(InputError, match="samples"):
             Q.autotune(smol_engine, PROMPT, text="x", samples=bad)

@@ -64,7 +64,7 @@ def test_coefficients_text():
 
 def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
     ensure_embedded_loaded()
-    rows = [["dogs", "", "", 0.5, 15, True]]
+    rows = [["dogs", "", "", 0.5, 15, True, "all"]]
     path, saved = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True)
     assert saved.startswith("Saved 1 vector(s)")
     recipe = json.loads(open(path).read())
@@ -80,6 +80,11 @@ def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
     version_1 = {k: v for k, v in recipe.items() if k != "model"}
     version_1 |= {"version": 1, "settings": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}}
     assert views.parse_recipe(json.dumps(version_1))["settings"]["capture_mode"] == "bos-neutral"
+    # Versions 1 and 2 were made when every vector was added at all positions: they replay so.
+    version_2 = dict(recipe, version=2, vectors=[{"text": "dogs", "coeff": 0.5, "layer": 15}])
+    assert views.parse_recipe(json.dumps(version_2))["vectors"][0]["positions"] == "all"
+    assert views.parse_recipe(json.dumps(version_1))["vectors"][0]["positions"] == "all"
+    assert recipe["version"] == 3 and recipe["vectors"][0]["positions"] == "all"  # recorded, not defaulted
     for text, field in (
         ("{not json", "recipe"),
         ('{"format": "other"}', "recipe"),
@@ -108,7 +113,7 @@ def test_add_and_remove_rows(embedded_dir):
     ensure_embedded_loaded()
     rows, *cleared = ui.add_vector_row([], "dogs", "", "", 0.5, 15)
     rows, *_ = ui.add_vector_row(rows, "", "happy", "sad", 1.0, 10)
-    assert rows == [["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 1.0, 10, True]]
+    assert rows == [["dogs", "", "", 0.5, 15, True, "prompt"], ["", "happy", "sad", 1.0, 10, True, "prompt"]]
     assert cleared == ["", "", "", ""]  # the three texts and the message line
     for args, field in (
         ((" ", "", "", 0.5, 15), "text"),
@@ -137,17 +142,20 @@ def test_table_edits_are_checked_at_entry(embedded_dir):
         ["", "", "", 0, 0, False],  # a row the table's "+" added: made a working vector-to-be
         ["cats", "", "", "lots", 99, True],  # not a number; beyond the model's 30 layers
         ["", "happy", "", 0.5, 3, True],
+        ["owls", "", "", 0.5, 3, True, "reply"],  # not a positions value
     ]
     from steering import ui_steer
 
     fixed, message = ui_steer.check_table(rows, 15)
     assert fixed == [
-        ["dogs", "", "", 0.5, 3, True],
-        ["", "", "", 0.45, 15, True],
-        ["cats", "", "", 0.45, 29, True],
-        ["", "happy", "", 0.5, 3, True],
+        ["dogs", "", "", 0.5, 3, True, "prompt"],
+        ["", "", "", 1.0, 15, True, "prompt"],
+        ["cats", "", "", 1.0, 29, True, "prompt"],
+        ["", "happy", "", 0.5, 3, True, "prompt"],
+        ["owls", "", "", 0.5, 3, True, "prompt"],
     ]
-    assert "row 3, coeff: must be a number" in message and "(reset to 0.45)" in message
+    assert "row 3, coeff: must be a number" in message and "(reset to 1)" in message
+    assert "row 5, positions: must be one of prompt, all (reset to prompt)" in message
     assert "row 3, layer: must be an integer from 0 to 29; got 99 (set to 29)" in message
     assert "row 4: a contrastive pair needs both" in message
     assert all(_skipped(v) for v in ui_steer.check_table(fixed[:2], 15, "⚠️ coeff: other"))  # nothing to fix

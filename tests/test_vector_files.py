@@ -143,13 +143,13 @@ def test_the_table_exports_and_imports_editable_rows(api, tmp_path):
     foreign direction as a labelled row whose numbers live in the session's store."""
     from steering import ui
 
-    rows = [["dogs", "", "", 0.6, 15, True]]
+    rows = [["dogs", "", "", 0.6, 15, True, "prompt"]]
     path = ui.export_table(rows, 15, "gguf", "bos-neutral", {})
     assert {t.name for t in gguf.GGUFReader(path).tensors} == {"direction.14"}
     raw = np.linspace(-1, 1, HIDDEN).astype(np.float32)
     foreign = _foreign(tmp_path / "foreign.gguf", {"direction.5": raw})
     table, directions, note = ui.import_into_table(foreign, rows, {}, 15)
-    assert table[0] == rows[0] and table[1][1:] == ["", "", 1.0, 6, True]
+    assert table[0] == rows[0] and table[1][1:] == ["", "", 1.0, 6, True, "all"]  # llama.cpp's positions
     assert directions == {table[1][0]: pytest.approx(raw.tolist())} and "foreign control vector" in note
     ours, _, note = ui.import_into_table(path, [], {}, 15)
-    assert ours == [["dogs", "", "", 0.6, 15, True]] and "Steering Lab file" in note
+    assert ours == rows and "Steering Lab file" in note
