@@ -81,6 +81,12 @@ def spec_for(topic: dict, layer: int):
     return VectorSpec(layer=layer, coeff=1.0, text=topic["text"], positions=POSITIONS)
 
 
+def tuning() -> dict:
+    """autotune's arguments for this round: rounds 1-3 (positions "all") tuned on the user's prompt
+    alone; round 4 uses the app's default, the prompt and four probe prompts."""
+    return {"positions": POSITIONS, "probes": ()} if POSITIONS == "all" else {"positions": POSITIONS}
+
+
 def key(topic: str, prompt_index: int, layer: int | None = None, coeff: float | None = None) -> str:
     return f"{topic}|{prompt_index}|base" if layer is None else f"{topic}|{prompt_index}|{layer}|{coeff:g}"
 
@@ -476,7 +482,9 @@ def timed_autotune(engine, topics, tokens) -> list[dict]:
     for topic in topics:
         texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
         started = time.time()
-        result = Q.autotune(engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, **texts)
+        result = Q.autotune(
+            engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, **tuning(), **texts
+        )
         out.append(
             {
                 "topic": topic["name"],
@@ -824,11 +832,9 @@ def bounds(table) -> dict:
 
 FRESH_FILE = HERE / "quality_fresh.json"
 FRESH2_FILE = HERE / "quality_fresh2.json"  # round 4's second validation set
-# Round 4 (positions "prompt"): other autotune searches measured beside the default one.
-ROUND4_SEARCHES = {
-    "autotune_wide": {"coeffs": (0.75, 1.0, 1.25, 1.5)},
-    "autotune_15_17": {"layers": (15, 17)},
-}
+# Round 4 (positions "prompt"): the same search tuned on the user's prompt alone, beside the default
+# (the user's prompt and four neutral probes).
+ROUND4_SEARCHES = {"autotune_prompt_alone": {"probes": ()}}
 
 
 def fresh_check(engine, tokens: int, set_file: Path = FRESH_FILE, out: Path | None = None) -> dict:
@@ -848,9 +854,8 @@ def fresh_check(engine, tokens: int, set_file: Path = FRESH_FILE, out: Path | No
     for topic in topics:
         texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
         started = time.time()
-        tuned = Q.autotune(
-            engine, topic["prompts"][0], max_new_tokens=tokens, capture_mode=CAPTURE_MODE, positions=POSITIONS, **texts
-        )
+        first = topic["prompts"][0]
+        tuned = Q.autotune(engine, first, max_new_tokens=tokens, capture_mode=CAPTURE_MODE, **tuning(), **texts)
         seconds = time.time() - started
         others = {}
         for name, search in ROUND4_SEARCHES.items() if POSITIONS == "prompt" else ():

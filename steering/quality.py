@@ -238,16 +238,26 @@ def relevance_scores(
 # were measured with the older "bos-neutral" capture only (docs/quality.md).
 #
 # Round 4 made positions "prompt" (ActAdd-style: the prompt only) the default, and with it the
-# search: the default coefficient 1.0 and one step either side (docs/quality.md, round 4).
+# search: the default coefficient 1.0 and one step either side, each tried on the user's prompt
+# and on four neutral probe prompts; the setting fluent and relevant on the most of those five
+# outputs wins, ties going to the one nearest the default coefficient. One greedy output decides
+# by luck: tuned on the user's prompt alone, every rule tried stayed below the fixed default on
+# the labelled set (docs/quality.md, round 4).
 LAYER_FRACTIONS = (0.5,)
 COEFFS_BY_POSITIONS = {"prompt": (0.75, 1.0, 1.25), "all": (0.45, 0.5, 0.55)}
 COEFFS = COEFFS_BY_POSITIONS[DEFAULT_POSITIONS]
+# Ties between settings go to the coefficient nearest this (the measured default of each rule).
+ANCHOR_BY_POSITIONS = {"prompt": limits.DEFAULT_COEFF, "all": 0.45}
 DECAYS = (1.0,)
 BATCH_ROWS = limits.MAX_SWEEP_ROWS
-# Optional (autotune(probes=PROBE_PROMPTS)): also try each candidate on these neutral prompts, so
-# that one prompt's greedy output does not decide alone. Measured: no better on the labelled set
-# (docs/quality.md) at three times the cost, so off by default.
-PROBE_PROMPTS = ("Tell me about your day.", "Write a few sentences about anything you like.")
+# Every candidate also runs on these neutral prompts (autotune(probes=...), default), so that one
+# prompt's greedy output does not decide alone: each costs as much as the search on the prompt.
+PROBE_PROMPTS = (
+    "Tell me about your day.",
+    "Write a few sentences about anything you like.",
+    "What is a good way to spend an evening?",
+    "Give me some advice for the week ahead.",
+)
 # autotune(samples=N): also sample N outputs of every candidate on the user's prompt at this
 # temperature (seeds seed+1 .. seed+N) and choose as with probes: the setting fluent and relevant
 # on the most of the 1 + N outputs. One greedy output decides by luck (docs/quality.md).
@@ -398,11 +408,15 @@ def choose(rows: Sequence[dict], n_layers: int) -> tuple[dict | None, str]:
 
 
 def choose_across(
-    rows_per_prompt: Sequence[Sequence[dict]], n_layers: int, what: str = "neutral probes"
+    rows_per_prompt: Sequence[Sequence[dict]],
+    n_layers: int,
+    what: str = "neutral probes",
+    anchor: float | None = None,
 ) -> tuple[dict | None, float | None, str]:
     """The setting that is fluent and moved toward the text on the most outputs (the user's
-    prompt's and those of probes or samples; ties: the higher mean relevance on those). Returns
-    (the user's prompt's row of it, its score, reason)."""
+    prompt's and those of probes or samples). Ties: with `anchor`, the coefficient nearest it,
+    then the gentler; without, the higher mean relevance on those outputs. Returns (the user's
+    prompt's row of it, its mean relevance over the outputs where it was good, reason)."""
     if len(rows_per_prompt) == 1 or not any(rows_per_prompt[1:]):
         best, reason = choose(rows_per_prompt[0], n_layers)
         return best, None if best is None else best["relevance"], reason
@@ -415,17 +429,26 @@ def choose_across(
     for key, rows in table.items():
         ok = [r["relevance"] for r in rows if r["fluent"] and r["relevance"] > 0]
         if key in own and ok:
-            ranked.append((len(ok), sum(ok) / len(ok), [-v for v in _gentleness(own[key], n_layers)], key))
+            mean = sum(ok) / len(ok)
+            gentle = [-v for v in _gentleness(own[key], n_layers)]
+            tie = (-abs(own[key]["coeff"] - anchor), gentle) if anchor is not None else (mean, gentle)
+            ranked.append((len(ok), tie, mean, key))
     if not ranked:
         best, reason = choose(rows_per_prompt[0], n_layers)
         return best, None if best is None else best["relevance"], reason
-    n_ok, mean, _, key = max(ranked)
+    n_ok, _, mean, key = max(ranked)
+    ties = sum(r[0] == n_ok for r in ranked)
+    tie_note = ""
+    if ties > 1:
+        tie_note = f"; {ties} settings tied, " + (
+            f"the one nearest the default coefficient {anchor:g} won" if anchor is not None else "the most relevant won"
+        )
     return (
         own[key],
         mean,
         (
             f"fluent and moved toward the text on {n_ok} of {len(rows_per_prompt)} outputs (your prompt's "
-            f"and {len(rows_per_prompt) - 1} {what}), "
+            f"and {len(rows_per_prompt) - 1} {what}){tie_note}, "
             f"mean relevance {mean:+.3f} nats/token over the unsteered output"
         ),
     )
@@ -446,7 +469,7 @@ def autotune(
     capture_mode: str = DEFAULT_CAPTURE_MODE,
     stop: threading.Event | None = None,
     progress: Callable[[float, str], None] | None = None,
-    probes: Sequence[str] = (),
+    probes: Sequence[str] = PROBE_PROMPTS,
     samples: int = SAMPLES,
     positions: str = DEFAULT_POSITIONS,
 ) -> dict:
@@ -456,15 +479,17 @@ def autotune(
     Candidates run as rows of batches of <= 8 (the unsteered baseline among them). `positions`
     is where every candidate vector is added ("prompt", the default, or "all"); `coeffs` defaults
     to `COEFFS_BY_POSITIONS[positions]`. `decays` (default `DECAYS`, constant only; other rates
-    need positions "all") adds per-step decay rates to the search. With `probes`
-    (e.g. `PROBE_PROMPTS`) every candidate also runs on those prompts, and with `samples` N it is
-    also sampled N times on the user's prompt (temperature SAMPLE_TEMPERATURE, seeds seed+1 ..
-    seed+N); the chosen setting is then the one fluent and relevant on the most outputs, ties
-    broken by mean relevance (`choose_across`); `rows` are always the user's prompt's greedy rows.
+    need positions "all") adds per-step decay rates to the search. With `probes` (default
+    `PROBE_PROMPTS`, four neutral prompts; () for the user's prompt alone) every candidate also
+    runs on those prompts, and with `samples` N it is also sampled N times on the user's prompt
+    (temperature SAMPLE_TEMPERATURE, seeds seed+1 .. seed+N); the chosen setting is then the one
+    fluent and relevant on the most outputs, ties going to the coefficient nearest the default
+    (`choose_across`); `rows` are always the user's prompt's greedy rows.
 
-    Returns {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "decay", "text",
-    "relevance", "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the chosen
-    row's relevance; a row's `score` is its relevance when it is fluent, else None. When no row
+    Returns {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "decay",
+    "text", "relevance", "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the
+    chosen setting's mean relevance where it was good (the row's own relevance without probes or
+    samples); a row's `score` is its relevance when it is fluent, else None. When no row
     is fluent and relevant, the gentlest fluent (else gentlest) setting is returned and `reason`
     says so; layer, coeff, decay and score are None only when no row was generated (stopped at
     once). `stop` (set from another thread) ends the search between or within batches; the rows
@@ -500,7 +525,7 @@ def autotune(
     rows = rows_per_prompt[0] if rows_per_prompt else []
     what = "neutral probes" if not samples else ("samples" if not probes else "probes and samples")
     best, score, reason = (
-        choose_across(rows_per_prompt, engine.n_layers, what)
+        choose_across(rows_per_prompt, engine.n_layers, what, ANCHOR_BY_POSITIONS[positions])
         if rows
         else (None, None, "no candidate row was generated")
     )

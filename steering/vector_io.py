@@ -41,7 +41,7 @@ NOTE = (
     "of transformers layer N+1 (Steering Lab). Text and pair vectors were converted from units of "
     "the hidden state's RMS with the typical RMS per layer in steeringlab.layer_rms; a decay "
     "schedule is not represented in the tensors. llama.cpp adds a control vector at every position "
-    "(Steering Lab's positions \"all\"), also for vectors that were added to the prompt only here."
+    '(Steering Lab\'s positions "all"), also for vectors that were added to the prompt only here.'
 )
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
 

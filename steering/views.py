@@ -49,15 +49,16 @@ DEFAULT_SETTINGS = {
     "raw_prompt": False,
 }
 
-# Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy, capture "contexts"): at the
-# middle layer 0.45-0.5 steers while most outputs stay fluent, and from 0.55 fluency gives way
-# (docs/quality.md); each was read at 0.45 and 0.5 (0.6 for the pair) and keeps the one that read well.
+# Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy, capture "contexts", positions
+# "prompt"): at the middle layer 1.0 is the measured default (docs/quality.md, round 4); each was
+# read at 0.75, 1, 1.25 and 1.5 and keeps the one that read best (dogs loops from 1.0 on: "a mix
+# of breeds, including a mix of breeds", the pair from 1.5 on).
 # A layer of None means "the loaded model's default layer"
 # (n_layers // 2), so the recipes also apply to other models.
 EXAMPLES: dict[str, dict] = {
     "Dogs": {
         "prompt": "Tell me about your weekend.",
-        "vectors": [{"text": "dogs", "coeff": 0.5, "layer": None}],
+        "vectors": [{"text": "dogs", "coeff": 0.75, "layer": None}],
     },
     "Happy, not sad": {
         "prompt": "Tell me about your weekend.",
@@ -65,14 +66,14 @@ EXAMPLES: dict[str, dict] = {
             {
                 "positive": "I am so happy and joyful",
                 "negative": "I am so sad and miserable",
-                "coeff": 0.45,
+                "coeff": 1.0,
                 "layer": None,
             }
         ],
     },
     "Golden Gate Bridge": {
         "prompt": "What should I do on my holiday?",
-        "vectors": [{"text": "the Golden Gate Bridge", "coeff": 0.45, "layer": None}],
+        "vectors": [{"text": "the Golden Gate Bridge", "coeff": 1.0, "layer": None}],
     },
 }
 

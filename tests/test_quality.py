@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from steering import generate as G
+from steering import limits
 from steering import quality as Q
 
 PROMPT = "What should I do this weekend?"
@@ -88,7 +89,8 @@ def test_autotune_shape_and_choice(smol_engine):
         layers=[15],
         coeffs=[0.2, 0.4],
         max_new_tokens=10,
-        samples=0,  # the greedy rule (samples: the next test)
+        samples=0,  # the greedy rule on the prompt alone (probes and samples: the next tests)
+        probes=(),
         progress=lambda f, m: progress.append(f),
     )
     assert set(result) == {"layer", "coeff", "decay", "positions", "score", "rows", "reason"}
@@ -107,6 +109,28 @@ def test_autotune_shape_and_choice(smol_engine):
     assert smol_engine.is_clean()
 
 
+def test_autotune_counts_good_outputs_over_the_probes_and_ties_go_to_the_default(smol_engine):
+    """The default search: every candidate on the user's prompt and on the four probe prompts; the
+    setting fluent and relevant on the most of those five outputs wins, ties going to the
+    coefficient nearest the default. Recomputed here from per-prompt runs of the greedy rule."""
+    texts = {"text": "the desert"}
+    result = Q.autotune(smol_engine, PROMPT, max_new_tokens=12, **texts)
+    assert result["positions"] == "prompt" and len(result["rows"]) == len(Q.COEFFS)  # the prompt's own rows
+    assert "of 5 outputs (your prompt's and 4 neutral probes)" in result["reason"]
+    prompts = (PROMPT, *Q.PROBE_PROMPTS)
+    alone = [Q.autotune(smol_engine, p, max_new_tokens=12, probes=(), **texts)["rows"] for p in prompts]
+    assert [r["text"] for r in alone[0]] == [r["text"] for r in result["rows"]]
+    good = {
+        c: sum(r["fluent"] and r["relevance"] > 0 for rows in alone for r in rows if r["coeff"] == c) for c in Q.COEFFS
+    }
+    most = max(good.values())
+    assert most > 0, good  # "the desert" steers the embedded model on some output at these settings
+    winners = [c for c in Q.COEFFS if good[c] == most]
+    expected = min(winners, key=lambda c: (abs(c - limits.DEFAULT_COEFF), c))
+    assert result["coeff"] == expected, (good, result["reason"])
+    assert smol_engine.is_clean()
+
+
 def test_autotune_searches_decays_and_samples(smol_engine):
     from dataclasses import replace
 
@@ -122,6 +146,7 @@ def test_autotune_searches_decays_and_samples(smol_engine):
         decays=[1.0, 0.5],
         max_new_tokens=8,
         samples=1,
+        probes=(),
         progress=lambda f, m: runs.append(m),
         positions="all",  # a decay multiplies the coefficient per generated token
     )
@@ -171,7 +196,7 @@ def test_autotune_rejects_bad_requests(smol_engine):
     for bad in ([0.0], [1.5]):
         with pytest.raises(InputError, match=r"decays\[0\]"):
             Q.autotune(smol_engine, PROMPT, text="x", decays=bad)
-    with pytest.raises(InputError, match="^decays: .*positions \"all\""):  # the default positions "prompt"
+    with pytest.raises(InputError, match='^decays: .*positions "all"'):  # the default positions "prompt"
         Q.autotune(smol_engine, PROMPT, text="x", decays=[0.5])
     with pytest.raises(InputError, match="^positions: "):
         Q.autotune(smol_engine, PROMPT, text="x", positions="reply")

@@ -24,17 +24,22 @@ def test_table_rows_become_steer_vectors():
         ["", "happy", "sad", "1.5", "", "false"],  # contrastive; empty layer -> the slider's layer
         ["", "", "", "", "", True],  # an empty row is skipped
         ["cats", None, float("nan"), "", None, None],  # pandas-style empty cells; no coeff -> default
+        ["owls", "", "", 0.5, 12, True, " all "],
     ]
     assert views.rows_to_vectors(rows, default_layer=15) == [
         {"text": "dogs", "coeff": 0.5, "layer": 12, "enabled": True},
         {"positive": "happy", "negative": "sad", "coeff": 1.5, "layer": 15, "enabled": False},
         {"text": "cats", "layer": 15, "enabled": True},
+        {"text": "owls", "coeff": 0.5, "layer": 12, "enabled": True, "positions": "all"},
     ]
 
 
 def test_direction_vectors_live_in_the_store_and_round_trip():
     directions: dict = {}
-    vectors = [{"direction": [0.5, -1.0, 2.0], "coeff": 1.0, "layer": 4, "enabled": True}, {"text": "dogs", "layer": 3}]
+    vectors = [
+        {"direction": [0.5, -1.0, 2.0], "coeff": 1.0, "layer": 4, "enabled": True, "positions": "all"},
+        {"text": "dogs", "layer": 3},
+    ]
     rows = views.vectors_to_rows(vectors, 15, directions)
     assert rows[0][0] == "⟨direction 1: 3 numbers⟩" and directions == {rows[0][0]: [0.5, -1.0, 2.0]}
     back = views.rows_to_vectors(rows, 15, directions)
@@ -45,10 +50,11 @@ def test_direction_vectors_live_in_the_store_and_round_trip():
 
 def test_vectors_round_trip_through_the_table():
     vectors = [
-        {"text": "dogs", "coeff": 0.5, "layer": 3, "enabled": True},
-        {"positive": "a", "negative": "b", "coeff": -1.0, "layer": 7, "enabled": False},
+        {"text": "dogs", "coeff": 0.5, "layer": 3, "enabled": True, "positions": "prompt"},
+        {"positive": "a", "negative": "b", "coeff": -1.0, "layer": 7, "enabled": False, "positions": "all"},
     ]
     assert views.rows_to_vectors(views.vectors_to_rows(vectors, 15), 15) == vectors
+    assert views.vectors_to_rows([{"text": "x", "coeff": 1, "layer": 2}], 15)[0][6] == "prompt"  # the default
     assert views.vectors_to_rows([{"text": "x", "coeff": 1, "layer": None}], 15)[0][4] == 15
     assert views.similarity_items(vectors + [{"text": "dogs"}]) == ["dogs"]  # disabled pair left out, no repeats
     pair = {"positive": "a", "negative": "b", "coeff": 1.0, "layer": 7}
@@ -262,7 +268,7 @@ def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir
 
     ensure_embedded_loaded()
     prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
-    assert prompt and rows == [["the Golden Gate Bridge", "", "", 0.45, 15, True]]  # the middle of 30 layers
+    assert prompt and rows == [["the Golden Gate Bridge", "", "", 1.0, 15, True, "prompt"]]  # the middle of 30 layers
     assert settings == [64, 0.0, 1.0, 0, "contexts", False] and directions == {}
     with pytest.raises(gr.Error) as caught:
         ui.apply_example("nope")

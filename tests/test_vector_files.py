@@ -85,11 +85,14 @@ def test_a_foreign_control_vector_imports_and_steers(api, tmp_path):
     assert not result["metadata"]["ours"] and result["metadata"]["model_hint"] == "llama"
     (vector,) = result["vectors"]
     assert (vector["layer"], vector["coeff"]) == (11, 1.0)  # direction.10 = after block 10 = input of layer 11
+    assert vector["positions"] == "all"  # llama.cpp adds a control vector at every position
     assert np.allclose(vector["direction"], raw)
     steered = steer(api, result["vectors"])
     assert steered["layers"] == [11] and steered["steered"] != steered["baseline"]
-    direct = steer(api, [{"direction": raw.tolist(), "coeff": 1.0, "layer": 11}])
+    direct = steer(api, [{"direction": raw.tolist(), "coeff": 1.0, "layer": 11, "positions": "all"}])
     assert direct["steered"] == steered["steered"]
+    prompt_only = steer(api, [{"direction": raw.tolist(), "coeff": 1.0, "layer": 11}])  # the default, "prompt"
+    assert prompt_only["steered"] != steered["steered"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,15 @@
+import json, sys, time
+sys.path.insert(0, "."); sys.path.insert(0, "bench")
+import quality as B
+from steering import quality as Q
+engine = B.load_engine()
+out = {}
+for setname, path in (("labelled", B.SET_FILE), ("fresh", B.FRESH_FILE)):
+    for topic in json.loads(path.read_text())["topics"]:
+        texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
+        for tune in range(6):
+            r = Q.autotune(engine, topic["prompts"][tune], max_new_tokens=40, layers=[15], coeffs=(0.75, 1.0, 1.25, 1.5),
+                           positions="prompt", **texts)
+            out[f"{setname}|{topic['name']}|{tune}"] = [{k: row[k] for k in ("coeff", "relevance", "fluent")} for row in r["rows"]]
+            json.dump(out, open("bench/results/round4/sim2.json", "w"))
+            print(setname, topic["name"], tune, r["coeff"], flush=True)
