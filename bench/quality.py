@@ -934,7 +934,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--check-set", choices=("labelled", "fresh", "fresh2"), default=None,
-        help="round 4 (positions prompt): --stage fresh on this set (default: fresh)",
+        help="round 4: --stage fresh on this set (default: fresh; with --positions all, round 3's rule on it)",
     )  # fmt: skip
     args = parser.parse_args()
     global CAPTURE_MODE, POSITIONS, DEFAULT_SETTING
@@ -953,10 +953,11 @@ def main() -> None:
         parser.error(f"--stage {args.stage} is round 2's, measured with --capture-mode bos-neutral")
     RESULTS.mkdir(exist_ok=True)
     engine = load_engine()
-    if args.stage == "fresh" and POSITIONS == "prompt":  # round 4: the real autotune on any set
+    if args.stage == "fresh" and (POSITIONS == "prompt" or args.check_set):  # round 4: any set
         name = args.check_set or "fresh"
         set_file = {"labelled": SET_FILE, "fresh": FRESH_FILE, "fresh2": FRESH2_FILE}[name]
-        fresh_check(engine, tokens, set_file, RESULTS / f"quality_round4_{name}.json")
+        suffix = "" if POSITIONS == "prompt" else f"_{POSITIONS}"  # "all": round 3's rule, for comparison
+        fresh_check(engine, tokens, set_file, RESULTS / f"quality_round4_{name}{suffix}.json")
         return
     if args.stage == "fresh":  # round 3's validation set: nothing of the labelled set's grid is needed
         fresh_check(engine, tokens)

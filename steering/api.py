@@ -428,11 +428,12 @@ def autotune(
     it stays fluent (candidates as rows of batches of up to 8).
 
     Candidates: the middle layer x coefficients 0.75, 1.0, 1.25 with positions "prompt" (0.45,
-    0.5, 0.55 with "all"), each a row of one greedy batch with the unsteered baseline; the chosen
-    setting is the most relevant fluent one (measured on our labelled set: docs/quality.md).
-    In-process callers (the UI's Stop) may pass
-    the keyword `stop` (a threading.Event): the search ends within a decoding step and chooses
-    among the rows it finished.
+    0.5, 0.55 with "all"), each a row of one greedy batch with the unsteered baseline, on the
+    prompt and on four neutral probe prompts; the chosen setting is the one fluent and moved
+    toward the text on the most of those five outputs, ties going to the coefficient nearest the
+    default (measured on our labelled set and two validation sets: docs/quality.md, round 4).
+    In-process callers (the UI's Stop) may pass the keyword `stop` (a threading.Event): the
+    search ends within a decoding step and chooses among the rows it finished.
 
     Args:
         prompt: the user message the setting is tuned on.
@@ -447,14 +448,15 @@ def autotune(
             llm-steer does). Give the chosen setting's vector the same positions.
 
     Returns:
-        {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "text", "relevance",
-        "perplexity", "repetition", "fluent", "score"}], "reason", "model", "fallback"}. decay: the
+        {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "text",
+        "relevance", "perplexity", "repetition", "fluent", "score"}], "reason", "model",
+        "fallback"}. score: the chosen setting's mean relevance where it was good. decay: the
         per-token multiplier of the coefficient the candidates ran with (1.0: constant). rows:
         the greedy output of each candidate on the prompt. relevance: how much more likely the
         unsteered model finds the steering text after this output than after the baseline's
         (nats per token). fluent: repetition (1 - distinct-2) <= 0.2, perplexity <= 30 and at
-        least 8 tokens. "reason" says why the chosen setting won. On the embedded model at the
-        defaults it took 3-23 s on 2 CPU cores shared with other jobs.
+        least 8 tokens. "reason" says why the chosen setting won (on how many of the five outputs).
+        On the embedded model at the defaults it took 17-22 s on 2 idle CPU cores.
     """
     prompt = generate.check_prompt(prompt)
     tokens = limits.check("max_new_tokens", max_new_tokens)
