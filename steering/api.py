@@ -289,6 +289,7 @@ def sweep_stream(
     coeffs: list[float],
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
+    positions: str = eng.DEFAULT_POSITIONS,
     *,
     stop: Event | None = None,
 ) -> Iterator[dict]:
@@ -298,13 +299,16 @@ def sweep_stream(
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
     layer = limits.check_layer(layer, "layer", _known_layers())
-    generate.sweep_rows(text, layer, coeffs)  # validate text and coefficients before waiting for the model
+    generate.sweep_rows(text, layer, coeffs, positions)  # validate text, coefficients and positions first
     stop = stop or Event()
 
     def work(attempt: Attempt) -> Iterator[dict]:
-        rows = generate.sweep_rows(text, attempt.layer(layer), coeffs)
+        rows = generate.sweep_rows(text, attempt.layer(layer), coeffs, positions)
         engine = eng.engine_for(attempt.loaded)
-        base = {"model": attempt.loaded.model_id, "layer": attempt.layer(layer), "recommended": None}
+        base = {
+            "model": attempt.loaded.model_id, "layer": attempt.layer(layer), "positions": positions,
+            "recommended": None,
+        }  # fmt: skip
         stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
         final = None
         for final in stream(engine, prompt, rows, sampling, stop=stop):
@@ -332,6 +336,7 @@ def sweep(
     coeffs: list[float],
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
+    positions: str = eng.DEFAULT_POSITIONS,
 ) -> dict:
     """Generate once per coefficient of one steering text, all as rows of one batch, with scores.
 
@@ -342,17 +347,20 @@ def sweep(
         coeffs: 1 to 8 coefficients, each |coeff| <= 20.
         max_new_tokens: tokens per row, 1 to 512.
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
+        positions: where the vector is added: "prompt" (the default; the prompt's positions only,
+            ActAdd-style) or "all" (the prompt and every generated token, as llm-steer does).
 
     Returns:
         {"rows": [{"coeff", "text", "relevance", "perplexity", "repetition", "fluent", "effect"}],
         "recommended" (the coefficient of the most relevant fluent row, or None), "model", "layer",
-        "fallback"}. relevance: how much more likely the unsteered model finds the steering text
+        "positions", "fallback"}. relevance: how much more likely the unsteered model finds the steering text
         after this output than after the baseline's (nats per token): the score to pick by.
         fluent: repetition (1 - distinct-2) <= 0.2, perplexity (under the unsteered model) <= 30
         and at least 8 tokens. effect: the steering text's log-prob after a neutral prompt, steered
         minus unsteered; it keeps rising where the output has degenerated, so do not pick by it.
     """
-    result = collections.deque(sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed), maxlen=1)[0]
+    stream = sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed, positions)
+    result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
 

@@ -39,7 +39,8 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from steering import lifecycle, limits
-from steering.engine import DEFAULT_CAPTURE_MODE, SteeringEngine, VectorSpec
+from steering.engine import DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS, SteeringEngine, VectorSpec
+from steering.errors import InputError
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 from steering.loaded import decoder_layers
 from steering.prefill import shared_prefill
@@ -312,12 +313,16 @@ def compare_rows(vectors: Sequence[VectorSpec], compare: bool) -> list[list[tupl
     return [steered, []] if compare else [steered]
 
 
-def sweep_rows(text: str, layer: int, coeffs: Sequence[float]) -> list[list[tuple[VectorSpec, float]]]:
-    """One row per coefficient of one vector."""
+def sweep_rows(
+    text: str, layer: int, coeffs: Sequence[float], positions: str = DEFAULT_POSITIONS
+) -> list[list[tuple[VectorSpec, float]]]:
+    """One row per coefficient of one vector (added at `positions`: "prompt" or "all")."""
     limits.check_text(text, "text")
     limits.check_count("sweep_coeffs", coeffs, "coeffs")
     values = [limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
-    spec = VectorSpec(layer=layer, coeff=1.0, text=text)
+    if positions not in POSITIONS:
+        raise InputError("positions", f"must be one of {', '.join(POSITIONS)}; got {limits.shorten(positions)}")
+    spec = VectorSpec(layer=layer, coeff=1.0, text=text, positions=positions)
     return [[(spec, c)] for c in values]
 
 

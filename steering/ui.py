@@ -541,6 +541,12 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
                 "0, 0.5, 1, 1.5", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})", elem_id="sweep-coeffs"
             )
             tokens = _slider("sweep_max_new_tokens", "Max new tokens", elem_id="sweep-tokens")
+            positions = gr.Radio(
+                list(views.POSITIONS),
+                value=views.POSITIONS[0],
+                label="Positions (see the Vectors table)",
+                elem_id="sweep-positions",
+            )
         with gr.Row():
             run_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
             stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-sweep")
@@ -559,6 +565,7 @@ def _sweep_tab(n_layers: int) -> SimpleNamespace:
         layer=layer,
         coeffs=coeffs,
         tokens=tokens,
+        positions=positions,
         run_btn=run_btn,
         stop_btn=stop_btn,
         info=info,
@@ -699,7 +706,7 @@ def _wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
     )
     begun.then(
         ui_sweep.sweep_run,
-        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, run_id],
+        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
         [sweep.table, sweep.plot, sweep.info, *buttons],
         show_progress="minimal",
         trigger_mode="multiple",  # see _wire_steer

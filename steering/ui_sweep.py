@@ -34,7 +34,9 @@ def begin_sweep(request: gr.Request = None) -> tuple:
 
 
 @notices(3, at=2)
-def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, run_id=None, request: gr.Request = None):
+def run_sweep(
+    prompt, text, layer, coeffs_text, max_new_tokens, seed, positions="prompt", run_id=None, request: gr.Request = None
+):
     """One row per coefficient, streamed as the tokens arrive, then scored: outputs (table, plot,
     info). The table keeps the previous sweep until this one has its first text."""
     session = session_of(request)
@@ -46,13 +48,13 @@ def run_sweep(prompt, text, layer, coeffs_text, max_new_tokens, seed, run_id=Non
         return
     arguments = dict(
         prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
-        max_new_tokens=max_new_tokens, seed=seed,
+        max_new_tokens=max_new_tokens, seed=seed, positions=positions,
     )  # fmt: skip
     result = None
     stream = api.sweep_stream(stop=stop, **arguments)
     try:
         for result in stream:
-            info = f"{result['model']} · layer {result['layer']}"
+            info = f"{result['model']} · layer {result['layer']} · positions {result['positions']}"
             if not result["done"]:
                 tokens = max((len(r["text"]) for r in result["rows"]), default=0)
                 yield views.sweep_rows(result), gr.skip(), f"{info} · generating… ({tokens} characters so far)"

@@ -134,6 +134,19 @@ def test_sweep_rows_scores_and_zero_row(api, baseline):
     assert rows[1]["text"] != rows[0]["text"]
     assert rows[1]["effect"] > 0  # steering towards "dogs" makes the text "dogs" more likely
     assert all(r["perplexity"] > 1.0 for r in rows)
+    assert result["positions"] == "prompt"  # the default
+
+
+def test_sweep_positions_match_steer(api):
+    """A sweep row with positions "all" is the /steer output of that vector at every position, and
+    differs from the default "prompt" rule."""
+    every = api.predict(PROMPT, "dogs", LAYER, [0.5], TOKENS, 0, "all", api_name="/sweep")
+    prompt_only = api.predict(PROMPT, "dogs", LAYER, [0.5], TOKENS, api_name="/sweep")
+    assert every["positions"] == "all" and every["rows"][0]["text"] != prompt_only["rows"][0]["text"]
+    for result, positions in ((every, "all"), (prompt_only, "prompt")):
+        vector = {"text": "dogs", "coeff": 0.5, "layer": LAYER, "positions": positions}
+        steered = api.predict(PROMPT, [vector], TOKENS, api_name="/steer")["steered"]
+        assert result["rows"][0]["text"] == steered, positions
 
 
 def test_similarity_matrix(api):
@@ -200,6 +213,8 @@ def test_load_model_reloads_and_reports_status(api):
         ("/steer", (PROMPT, [], 8, 5.0), r"^temperature: .*from 0 to 2"),
         ("/sweep", (PROMPT, "dogs", LAYER, [0.0] * 9), r"^coeffs: .*1 to 8"),
         ("/sweep", (PROMPT, "dogs", -1, [0.0]), r"^layer: .*0 to 29"),
+        ("/sweep", (PROMPT, "dogs", LAYER, [0.0], 8, 0, "reply"), r"^positions: must be one of prompt, all"),
+        ("/steer", (PROMPT, [{"text": "dogs", "layer": 3, "positions": "reply"}]), r"^vectors\[0\]\.positions: "),
         ("/similarity", (["dogs"], LAYER), r"^texts: .*2 to 8"),
         ("/load_model", ("no-such/model-anywhere",), r"no-such/model-anywhere is not in the catalog"),
         ("/load_model", (catalog.EMBEDDED_ID, "3bit"), r"^quant: .*auto, 4bit"),
@@ -245,6 +260,8 @@ def test_load_model_reloads_and_reports_status(api):
         "temperature",
         "sweep-coeffs",
         "sweep-layer",
+        "sweep-positions",
+        "steer-positions",
         "similarity-texts",
         "unknown-model",
         "quant",
