@@ -577,13 +577,19 @@ def run(mode: str, threads: int = DEFAULT_THREADS) -> dict:
     with manager.session() as loaded:
         assert loaded.device == "cpu" and loaded.quant == "fp32", (loaded.device, loaded.quant)
         engine = engine_for(loaded)
-        spec = VectorSpec(layer=loaded.default_layer, coeff=COEFF, text=STEER_TEXT)
+        # positions "all": the vector is added at every decoding step, as in stock llm-steer (the
+        # default "prompt" adds it in the prefill only, so its decoding steps cost no more).
+        spec = VectorSpec(layer=loaded.default_layer, coeff=COEFF, text=STEER_TEXT, positions="all")
         logger.info("model %s, %d layers, steering layer %d", loaded.model_id, loaded.n_layers, spec.layer)
 
         overhead = bench_overhead(engine, spec, s)
         compare = _batched_vs_separate(engine, [[(spec, COEFF)], []], s.compare_tokens, s.compare_repeats, "compare")
         sweep = _batched_vs_separate(
-            engine, sweep_rows(STEER_TEXT, spec.layer, list(SWEEP_COEFFS)), s.sweep_tokens, s.sweep_repeats, "sweep"
+            engine,
+            sweep_rows(STEER_TEXT, spec.layer, list(SWEEP_COEFFS), "all"),
+            s.sweep_tokens,
+            s.sweep_repeats,
+            "sweep",
         )
         capture = bench_capture(engine, spec, s)
         linear_path = bench_linear_path(engine, s)
