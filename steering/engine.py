@@ -75,6 +75,14 @@ CACHE_ENTRIES = 256
 # often, and over a wider range of coefficients, because nothing pushes every generated token.
 POSITIONS = ("prompt", "all")
 DEFAULT_POSITIONS = "prompt"
+DECAY_NEEDS_ALL = 'a decay multiplies the coefficient per generated token: it needs positions "all"'
+
+
+def check_positions(value, field: str = "positions") -> str:
+    """`value` when it is one of POSITIONS, else InputError naming `field`."""
+    if value not in POSITIONS:
+        raise InputError(field, f"must be one of {', '.join(POSITIONS)}; got {limits.shorten(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -152,13 +160,9 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
         floor = limits.check("decay_min", raw.get("decay_min", 0.0) or 0.0, f"{name}.decay_min")
         decay = DecaySchedule(rate=rate, min_multiplier=floor)
     enabled = limits.check_bool(raw.get("enabled", True), f"{name}.enabled")
-    positions = raw.get("positions", DEFAULT_POSITIONS)
-    if positions not in POSITIONS:
-        raise InputError(f"{name}.positions", f"must be one of {', '.join(POSITIONS)}; got {str(positions)[:40]!r}")
+    positions = check_positions(raw.get("positions", DEFAULT_POSITIONS), f"{name}.positions")
     if decay is not None and positions == "prompt":
-        raise InputError(
-            f"{name}.decay", 'a decay multiplies the coefficient per generated token: it needs positions "all"'
-        )
+        raise InputError(f"{name}.decay", DECAY_NEEDS_ALL)
     return VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, positions=positions, **texts)
 
 

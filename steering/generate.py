@@ -39,8 +39,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from steering import lifecycle, limits
-from steering.engine import DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS, SteeringEngine, VectorSpec
-from steering.errors import InputError
+from steering.engine import DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, SteeringEngine, VectorSpec, check_positions
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 from steering.loaded import decoder_layers
 from steering.prefill import shared_prefill
@@ -320,9 +319,7 @@ def sweep_rows(
     limits.check_text(text, "text")
     limits.check_count("sweep_coeffs", coeffs, "coeffs")
     values = [limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
-    if positions not in POSITIONS:
-        raise InputError("positions", f"must be one of {', '.join(POSITIONS)}; got {limits.shorten(positions)}")
-    spec = VectorSpec(layer=layer, coeff=1.0, text=text, positions=positions)
+    spec = VectorSpec(layer=layer, coeff=1.0, text=text, positions=check_positions(positions))
     return [[(spec, c)] for c in values]
 
 

@@ -35,12 +35,13 @@ from llm_steer import DecaySchedule
 
 from steering import generate, limits
 from steering.engine import (
+    DECAY_NEEDS_ALL,
     DEFAULT_CAPTURE_MODE,
     DEFAULT_POSITIONS,
     NEUTRAL_TEXTS,
-    POSITIONS,
     SteeringEngine,
     VectorSpec,
+    check_positions,
 )
 from steering.errors import InputError
 
@@ -280,8 +281,7 @@ def _check_request(engine, prompt, text, positive, negative, layers, coeffs, dec
         text = limits.check_text(text, "text")
     layers = default_layers(engine.n_layers) if not layers else layers
     layers = list(dict.fromkeys(limits.check_layer(v, f"layers[{i}]", engine.n_layers) for i, v in enumerate(layers)))
-    if positions not in POSITIONS:
-        raise InputError("positions", f"must be one of {', '.join(POSITIONS)}; got {limits.shorten(positions)}")
+    check_positions(positions)
     coeffs = COEFFS_BY_POSITIONS[positions] if not coeffs else coeffs
     coeffs = list(dict.fromkeys(limits.check("coeff", c, f"coeffs[{i}]") for i, c in enumerate(coeffs)))
     if 0.0 in coeffs:
@@ -289,7 +289,7 @@ def _check_request(engine, prompt, text, positive, negative, layers, coeffs, dec
     decays = DECAYS if not decays else decays
     decays = list(dict.fromkeys(float(limits.check("decay", d, f"decays[{i}]")) for i, d in enumerate(decays)))
     if positions == "prompt" and decays != [1.0]:
-        raise InputError("decays", 'a decay multiplies the coefficient per generated token: it needs positions "all"')
+        raise InputError("decays", DECAY_NEEDS_ALL)
     tokens = limits.check("max_new_tokens", max_new_tokens)
     specs = {
         layer: VectorSpec(layer=layer, coeff=1.0, text=text, positive=positive, negative=negative, positions=positions)
