@@ -27,7 +27,7 @@ medians taken minutes apart would measure the neighbours, not the code.
 
 Usage: `python bench/run.py [--quick | --smoke] [--json] [--threads N] [--out PATH]`. Logs go to stderr; with
 `--json` stdout carries exactly one JSON object. The JSON is also written to
-`bench/results/latest.json` (quick and full runs) or to `--out`.
+`bench/results/latest.json (gitignored)` (quick and full runs) or to `--out`.
 """
 
 from __future__ import annotations
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     level.add_argument("--smoke", action="store_true", help="tiny counts, no cold start: checks the JSON contract")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (default 2)")
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/latest.json)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/latest.json (gitignored))")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -5,13 +5,12 @@ which setting (layer, coefficient) gets the most of the second while keeping the
   repeats a token pair, near 1 for "dogs(dogs(dogs(..."). Perplexity alone calls such loops
   fluent (a loop is very predictable), so fluency needs both.
 * `is_fluent(perplexity, repetition, n_tokens)`: the documented per-row rule (thresholds chosen
-  against outputs labelled by eye, `bench/quality.py`, `docs/quality.md`).
+  against outputs labelled by eye, `research/quality.py`, `docs/quality.md`).
 * relevance: how far the output itself moved toward the steering text, measured by the unsteered
   model, steered row minus the unsteered baseline row of the same prompt. Candidates:
   `relevance_logprob` (log-prob per token of the steering text read right after prompt +
-  output), `relevance_hidden` (cosine of the output's mean hidden state with the steering
-  direction) and `relevance_embed` (cosine of the output's mean token embedding with the text's).
-  `bench/quality.py` ranks them against word-list labels; `RELEVANCE` names the winner.
+  output). `research/quality.py` ranked it against other measures (research/metrics.py) on
+  word-list labels; it won.
 * `autotune(...)`: generates a grid of layers x coefficients x decays as rows of a few batches,
   greedy and at a few sampling seeds, scores every row and returns the setting that is fluent and
   relevant on the most of those outputs (with one output: the most relevant fluent row).
@@ -48,7 +47,7 @@ from steering.errors import InputError
 logger = logging.getLogger(__name__)
 
 # -- fluency ---------------------------------------------------------------------------------------
-# The rule of `is_fluent`; the numbers come from `python bench/quality.py` (docs/quality.md).
+# The rule of `is_fluent`; the numbers come from `python research/quality.py` (docs/quality.md).
 MAX_REPETITION = 0.2  # 1 - distinct-2 above this: the output loops
 MAX_PERPLEXITY = 30.0  # above this (the unsteered model's view of the output): word salad
 MIN_TOKENS = 8  # an answer that stops before this many tokens is a fragment ('"stay-water"')
@@ -144,92 +143,14 @@ def relevance_logprob(engine, context, generations, baseline, **texts) -> list[f
     return logprob_scores(engine, context, generations, baseline, **texts)[0]
 
 
-def relevance_hidden(
-    engine: SteeringEngine,
-    context: Sequence[int],
-    generations: Sequence[Sequence[int]],
-    baseline: Sequence[int],
-    spec: VectorSpec,
-    *,
-    capture_mode: str = DEFAULT_CAPTURE_MODE,
-) -> list[float]:
-    """Per output: cosine of its mean hidden state (entering `spec.layer`, unsteered, the neutral
-    texts' mean subtracted) with the steering direction, minus the same for the baseline."""
-    direction = engine.direction(spec, capture_mode).view(-1)
-    neutral = torch.stack(engine.text_means(spec.layer, NEUTRAL_TEXTS, "bos")).mean(dim=0)
-    rows = [list(baseline)] + [list(g) for g in generations]
-    values = []
-    for first in range(0, len(rows), ROW_CHUNK):
-        chunk = [list(context) + g for g in rows[first : first + ROW_CHUNK]]
-        hidden = engine._capture(spec.layer, chunk)  # (B, T, H) fp32, right-padded
-        for b, g in enumerate(rows[first : first + ROW_CHUNK]):
-            if not g:
-                values.append(0.0)
-                continue
-            mean = hidden[b, len(context) : len(context) + len(g)].mean(dim=0) - neutral
-            values.append(float(torch.nn.functional.cosine_similarity(mean, direction, dim=0)))
-    return [v - values[0] for v in values[1:]]
-
-
-def relevance_embed(
-    engine: SteeringEngine,
-    generations: Sequence[Sequence[int]],
-    baseline: Sequence[int],
-    *,
-    text: str = "",
-    positive: str = "",
-    negative: str = "",
-) -> list[float]:
-    """Per output: cosine of its mean input embedding with the steering text's (positive minus
-    negative for a pair), minus the baseline's. No forward pass."""
-    table = engine.model.get_input_embeddings().weight
-
-    def mean_of(ids):
-        return (
-            table[torch.tensor(list(ids), dtype=torch.long, device=table.device)].float().mean(dim=0) if ids else None
-        )
-
-    with torch.inference_mode():
-        if positive or negative:
-            target = mean_of(_target_ids(engine, positive)) - mean_of(_target_ids(engine, negative))
-        else:
-            target = mean_of(_target_ids(engine, text))
-        values = []
-        for g in [list(baseline)] + [list(g) for g in generations]:
-            mean = mean_of(g)
-            values.append(0.0 if mean is None else float(torch.nn.functional.cosine_similarity(mean, target, dim=0)))
-    return [v - values[0] for v in values[1:]]
-
-
 # -- the score autotune uses -----------------------------------------------------------------------
-RELEVANCE = "logprob"  # chosen by bench/quality.py (docs/quality.md)
-
-
-def relevance_scores(
-    engine: SteeringEngine,
-    context: Sequence[int],
-    generations: Sequence[Sequence[int]],
-    baseline: Sequence[int],
-    spec: VectorSpec,
-    *,
-    method: str = RELEVANCE,
-    capture_mode: str = DEFAULT_CAPTURE_MODE,
-) -> list[float]:
-    """Relevance of each output by `method` ("logprob", "logprob-plain", "hidden", "embed")."""
-    texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
-    if method == "logprob":
-        return relevance_logprob(engine, context, generations, baseline, **texts)
-    if method == "logprob-plain":
-        return relevance_logprob(engine, context, generations, baseline, connector="", **texts)
-    if method == "hidden":
-        return relevance_hidden(engine, context, generations, baseline, spec, capture_mode=capture_mode)
-    if method == "embed":
-        return relevance_embed(engine, generations, baseline, **texts)
-    raise ValueError(f"unknown relevance method {method!r}")
+# Relevance is `relevance_logprob`: of the measures tried against word-list labels (the others,
+# hidden-state and embedding cosines, live in research/metrics.py), it agreed best (docs/quality.md).
+RELEVANCE = "logprob"
 
 
 # -- autotune --------------------------------------------------------------------------------------
-# The default search (bench/quality.py, docs/quality.md): the middle layer (15 of SmolLM2's 30) x
+# The default search (research/quality.py, docs/quality.md): the middle layer (15 of SmolLM2's 30) x
 # the default coefficient and the next two steps up, 0.45, 0.5, 0.55, constant, greedy: 1 batch of
 # 1 baseline + 3 candidates. With the "contexts" capture 0.4 is mostly off topic (0.47 on topic at
 # layer 15) and fluency gives way from 0.55 (0.58 fluent), so the search starts at the default
@@ -340,20 +261,8 @@ def score_rows(
     context = prompt_ids(engine.tokenizer, prompt)
     gens = [c[-1] for c in candidates]
     spec = next(iter(specs.values()))
-    if RELEVANCE == "logprob":  # relevance and perplexity from the same forward pass
-        texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
-        relevance, ppl = logprob_scores(engine, context, gens, baseline, **texts)
-    else:
-        ppl = output_perplexities(engine, context, gens)
-        relevance = [0.0] * len(candidates)
-        # "hidden" depends on the layer (its direction); the others score every row at once.
-        groups = {layer: [i for i, c in enumerate(candidates) if c[0] == layer] for layer in specs}
-        for layer, picked in groups.items() if RELEVANCE == "hidden" else [(spec.layer, list(range(len(gens))))]:
-            values = relevance_scores(
-                engine, context, [gens[i] for i in picked], baseline, specs[layer], capture_mode=capture_mode
-            )
-            for i, v in zip(picked, values):
-                relevance[i] = v
+    texts = dict(text=spec.text, positive=spec.positive, negative=spec.negative)
+    relevance, ppl = logprob_scores(engine, context, gens, baseline, **texts)  # one forward pass for both
     rows = []
     for (layer, coeff, decay, text, ids), rel, p in zip(candidates, relevance, ppl):
         rep = repetition(ids)

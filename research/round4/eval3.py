@@ -1,6 +1,6 @@
 import json
-exec(open("bench/round4/eval2.py").read().split("RULES = {")[0])
-probes = json.load(open("bench/results/round4/sim3.json"))
+exec(open("research/round4/eval2.py").read().split("RULES = {")[0])
+probes = json.load(open("research/results/round4/sim3.json"))
 def r_count(rows_list, S, d=1.0, tie="anchor"):
     score = {}
     for c in S:

@@ -11,5 +11,5 @@ for setname, path in (("labelled", B.SET_FILE), ("fresh", B.FRESH_FILE)):
             r = Q.autotune(engine, topic["prompts"][tune], max_new_tokens=40, layers=[15], coeffs=(0.75, 1.0, 1.25, 1.5),
                            positions="prompt", **texts)
             out[f"{setname}|{topic['name']}|{tune}"] = [{k: row[k] for k in ("coeff", "relevance", "fluent")} for row in r["rows"]]
-            json.dump(out, open("bench/results/round4/sim2.json", "w"))
+            json.dump(out, open("research/results/round4/sim2.json", "w"))
             print(setname, topic["name"], tune, r["coeff"], flush=True)

@@ -1,6 +1,6 @@
 """Do the vectors mean their text, and which coefficients steer without wrecking fluency?
 
-    python bench/vectors.py            # about 2 minutes on 2 CPU cores
+    python research/vectors.py            # about 2 minutes on 2 CPU cores
 
 On the embedded SmolLM2-135M (CPU, fp32, greedy) it prints
 1. the mean pairwise cosine of four unrelated texts' vectors at layers n/4, n/2, 3n/4 for each

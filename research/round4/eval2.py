@@ -1,6 +1,6 @@
 import json
-pilot = json.load(open("bench/results/round4/pilot.json")); pilot2 = json.load(open("bench/results/round4/pilot2.json"))
-sim = json.load(open("bench/results/round4/sim2.json"))
+pilot = json.load(open("research/results/round4/pilot.json")); pilot2 = json.load(open("research/results/round4/pilot2.json"))
+sim = json.load(open("research/results/round4/sim2.json"))
 def good(s, t, p, c):
     for d in (pilot, pilot2):
         r = d[f"{s}|{t}|{p}"].get(f"prefill|15|{c:g}")

@@ -65,7 +65,7 @@ engine = B.load_engine()
 data = json.loads(OUT.read_text()) if OUT.exists() else {}
 t0 = time.time()
 for setname in SETS:
-    path = {"labelled": B.SET_FILE, "fresh": B.FRESH_FILE, "fresh2": B.HERE / "quality_fresh2.json"}[setname]
+    path = {"labelled": B.SET_FILE, "fresh": B.FRESH_FILE, "fresh2": B.FRESH2_FILE}[setname]
     topics = json.loads(path.read_text())["topics"]
     for topic in topics:
         DIRS = {L: engine.direction(B.spec_for(topic, L), "contexts") for L in range(9, 19)}

@@ -11,5 +11,5 @@ for setname, path in (("labelled", B.SET_FILE), ("fresh", B.FRESH_FILE)):
         for i, probe in enumerate(PROBES):
             r = Q.autotune(engine, probe, max_new_tokens=40, layers=[15], coeffs=(0.75, 1.0, 1.25, 1.5), positions="prompt", **texts)
             out[f"{setname}|{topic['name']}|probe{i}"] = [{k: row[k] for k in ("coeff", "relevance", "fluent", "text")} for row in r["rows"]]
-            json.dump(out, open("bench/results/round4/sim3.json", "w"))
+            json.dump(out, open("research/results/round4/sim3.json", "w"))
             print(setname, topic["name"], i, r["coeff"], flush=True)

@@ -1,23 +1,23 @@
 """Issue 9's measurement: which score picks a steering setting that is on topic AND fluent?
 
-    python bench/quality.py            # full run: generations cached in bench/results/
-    python bench/quality.py --quick    # smoke test: 2 topics x 2 prompts, 1 layer, 16 tokens
-    python bench/quality.py --stage fresh  # round 3: the validation set (bench/quality_fresh.json)
+    python research/quality.py            # full run: generations cached in research/out/
+    python research/quality.py --quick    # smoke test: 2 topics x 2 prompts, 1 layer, 16 tokens
+    python research/quality.py --stage fresh  # round 3: the validation set (research/data/quality_fresh.json)
 
-Stage 1 (generate): for every topic of `bench/quality_set.json` (6 topics x 6 neutral prompts),
+Stage 1 (generate): for every topic of `research/data/quality_set.json` (6 topics x 6 neutral prompts),
 greedy 40-token outputs of the embedded SmolLM2-135M at every (layer, coefficient) of the grid,
 one `run_rows` batch per (prompt, layer) with all coefficients as rows, plus the unsteered
-baseline of each prompt. Cached in bench/results/quality_generations.json (resumable).
+baseline of each prompt. Cached in research/out/quality_generations.json (resumable).
 
 Stage 2 (score): per output, perplexity (unsteered model), repetition, fluency by the rule of
 `steering.quality.is_fluent`, on-topic by the topic's word list, and every candidate relevance
 score; `effect` (generate.effect_scores) per (topic, layer, coeff). Cached in
-bench/results/quality_scores.json.
+research/out/quality_scores.json.
 
 Stage 3 (evaluate): for each candidate score, how well it ranks settings against the label
 "on topic and fluent" (Spearman, picked = best), and the on-topic-and-fluent rate of
 (a) the fixed default, (b) autotune tuned on one prompt per topic and applied to the other five,
-(c) the largest-effect setting. Written to bench/results/quality.json.
+(c) the largest-effect setting. Written to research/out/quality.json.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from steering import limits  # noqa: E402  (plain Python: no torch)
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-SET_FILE = HERE / "quality_set.json"
+DATA = HERE / "data"  # the labelled set, both validation sets, the by-eye labels
+# Where a run writes (and caches, resumably) its outputs: research/out/ (gitignored) unless --results names
+# another folder; `--results research/results` reuses the committed caches that docs/quality.md cites.
+RESULTS = HERE / "out"
+SET_FILE = DATA / "quality_set.json"
 
 LAYERS = (9, 12, 15, 18)
 COEFFS = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75)  # rounds 1-2 ("bos-neutral" capture)
@@ -144,6 +147,8 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
     from steering import generate as G
     from steering import quality as Q
 
+    import metrics  # research/metrics.py: this folder is on sys.path when run as a script
+
     data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "effect": {}}
     rows, effects = data["rows"], data["effect"]
     started = time.time()
@@ -182,7 +187,7 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
                     picked = [
                         i for i, k in enumerate(keys[1:], 1) if method != "hidden" or k.split("|")[2] == str(layer)
                     ]
-                    values = Q.relevance_scores(
+                    values = metrics.relevance_scores(
                         engine, context, [ids[i] for i in picked], ids[0], spec_for(topic, layer), method=method,
                         capture_mode=CAPTURE_MODE,
                     )  # fmt: skip
@@ -403,7 +408,7 @@ def headline(table, probes, samples, layers, coeffs, n_layers) -> dict:
     return out
 
 
-EYE_FILE = RESULTS / "quality_eye_labels.json"
+EYE_FILE = DATA / "quality_eye_labels.json"
 
 
 def print_sample(topics, gens, scores, n: int, seed: int) -> None:
@@ -830,8 +835,8 @@ def bounds(table) -> dict:
     return out
 
 
-FRESH_FILE = HERE / "quality_fresh.json"
-FRESH2_FILE = HERE / "quality_fresh2.json"  # round 4's second validation set
+FRESH_FILE = DATA / "quality_fresh.json"
+FRESH2_FILE = DATA / "quality_fresh2.json"  # round 4's second validation set
 # Round 4 (positions "prompt"): the same search tuned on the user's prompt alone, beside the default
 # (the user's prompt and four neutral probes).
 ROUND4_SEARCHES = {"autotune_prompt_alone": {"probes": ()}}
@@ -842,7 +847,7 @@ def fresh_check(engine, tokens: int, set_file: Path = FRESH_FILE, out: Path | No
     (default search) on prompt 0 of each topic, then on prompts 1-5 the unsteered baseline,
     (a) the fixed default, (b) autotune's pick and (c) the largest-effect setting of the bench
     grid, as rows of one batch; labelled by the same word-list and fluency rules. Written to
-    bench/results/quality_fresh_results.json (_bos-neutral.json for that mode), or `out`."""
+    research/out/quality_fresh_results.json (_bos-neutral.json for that mode), or `out`."""
     from steering import generate as G
     from steering import quality as Q
 
@@ -936,8 +941,13 @@ def main() -> None:
         "--check-set", choices=("labelled", "fresh", "fresh2"), default=None,
         help="round 4: --stage fresh on this set (default: fresh; with --positions all, round 3's rule on it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--results", type=Path, default=None,
+        help="folder for outputs and caches (default research/out/, gitignored; research/results/ holds the cited ones)",
+    )  # fmt: skip
     args = parser.parse_args()
-    global CAPTURE_MODE, POSITIONS, DEFAULT_SETTING
+    global CAPTURE_MODE, POSITIONS, DEFAULT_SETTING, RESULTS
+    RESULTS = args.results or RESULTS
     CAPTURE_MODE, POSITIONS = args.capture_mode, args.positions
     if POSITIONS == "all":
         DEFAULT_SETTING = DEFAULT_SETTING_ALL
@@ -951,7 +961,7 @@ def main() -> None:
     suffix += "_fresh" if args.set == "fresh" else ""
     if CAPTURE_MODE != "bos-neutral" and args.stage in ("probes", "decay", "seeds"):
         parser.error(f"--stage {args.stage} is round 2's, measured with --capture-mode bos-neutral")
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     engine = load_engine()
     if args.stage == "fresh" and (POSITIONS == "prompt" or args.check_set):  # round 4: any set
         name = args.check_set or "fresh"
