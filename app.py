@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", warning)
 
     _load_initial_model(args)
-    from steering import serving
-    from steering.ui import UIConfig, build_demo  # imports gradio (and torch): after the flags are checked
+    from steering.ui import UIConfig, build_demo, serving  # imports gradio (and torch): after the flags are checked
 
     serving.quiet_tracebacks()
 

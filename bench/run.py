@@ -692,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     level.add_argument("--smoke", action="store_true", help="tiny counts, no cold start: checks the JSON contract")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (default 2)")
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/latest.json (gitignored))")
+    parser.add_argument(
+        "--out", type=Path, help="where to write the JSON (default bench/results/latest.json (gitignored))"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -144,10 +144,10 @@ def on_topic(text: str, words: list[str]) -> bool:
 
 def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
     """Per output: perplexity, repetition, on-topic, every candidate relevance; effect per setting."""
+    import metrics  # research/metrics.py: this folder is on sys.path when run as a script
+
     from steering import generate as G
     from steering import quality as Q
-
-    import metrics  # research/metrics.py: this folder is on sys.path when run as a script
 
     data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "effect": {}}
     rows, effects = data["rows"], data["effect"]
@@ -943,7 +943,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--results", type=Path, default=None,
-        help="folder for outputs and caches (default research/out/, gitignored; research/results/ holds the cited ones)",
+        help="outputs and caches (default research/out/, gitignored; research/results/ holds the cited ones)",
     )  # fmt: skip
     args = parser.parse_args()
     global CAPTURE_MODE, POSITIONS, DEFAULT_SETTING, RESULTS

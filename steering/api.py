@@ -5,7 +5,7 @@ work through one path (`_run` / `_stream`): the model manager's lock is taken on
 checked against the model that will answer, the work runs, and the answer carries the fallback
 event of this request's own attempt (None unless it ran out of memory and was retried on the
 fallback). Values are plain JSON. Errors are the core's `SteeringError`s, whose message names the
-field and the allowed range; `steering/ui.py` translates them for Gradio. No gradio here.
+field and the allowed range; `steering/ui/endpoints.py` translates them for Gradio. No gradio here.
 """
 
 from __future__ import annotations

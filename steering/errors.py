@@ -1,6 +1,6 @@
 """Domain errors of the steering core.
 
-The core raises these; only `steering/api.py` and `steering/ui.py` translate them into `gr.Error`
+The core raises these; only `steering/api.py` and `steering/ui/` translate them into `gr.Error`
 so that a browser user and a `gradio_client` caller read the same sentence.
 """
 

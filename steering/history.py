@@ -18,13 +18,14 @@ import threading
 import time
 from importlib import metadata
 
+from steering.vocab import DEFAULT_CAPTURE_MODE
+
 MAX_ENTRIES = 50  # per session: a morning's work; the oldest go first
 MAX_SESSIONS = 64  # sessions kept in this process; the least recently used go first
 MAX_TEXT_CHARS = 20_000  # any longer text in an entry is cut (a 512-token output is ~3,000)
 MAX_LIST_ITEMS = 1024  # a longer list (a raw direction) is replaced by a note: re-running it is refused
 KINDS = ("steer", "sweep", "autotune", "chat")
 PACKAGES = ("steering-lab", "llm-steer", "torch", "transformers", "gradio")
-DEFAULT_CAPTURE_MODE = "contexts"  # steering/engine.py's default, without importing torch here
 HISTORY_COLUMNS = ("#", "time", "kind", "model", "quant", "capture", "seed", "vectors", "summary")
 
 _lock = threading.Lock()

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import torch
 from llm_steer import DecaySchedule
 
 from steering import generate, limits
@@ -37,20 +36,17 @@ from steering.engine import (
     DECAY_NEEDS_ALL,
     DEFAULT_CAPTURE_MODE,
     DEFAULT_POSITIONS,
-    NEUTRAL_TEXTS,
     SteeringEngine,
     VectorSpec,
     check_positions,
 )
 from steering.errors import InputError
+from steering.vocab import MAX_PERPLEXITY, MAX_REPETITION, MIN_TOKENS
 
 logger = logging.getLogger(__name__)
 
 # -- fluency ---------------------------------------------------------------------------------------
-# The rule of `is_fluent`; the numbers come from `python research/quality.py` (docs/quality.md).
-MAX_REPETITION = 0.2  # 1 - distinct-2 above this: the output loops
-MAX_PERPLEXITY = 30.0  # above this (the unsteered model's view of the output): word salad
-MIN_TOKENS = 8  # an answer that stops before this many tokens is a fragment ('"stay-water"')
+# The rule of `is_fluent`: its thresholds are steering/vocab.py's (MAX_PERPLEXITY, ...).
 
 ROW_CHUNK = generate.SCORE_ROW_CHUNK  # rows per scoring forward pass
 # The text read after an output by `relevance_logprob` (the steering text follows it).

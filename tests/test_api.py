@@ -18,11 +18,13 @@ from _server import ROOT, TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
 from steering import api as steering_api
-from steering import catalog, engine, limits, ui, views
+from steering import catalog, engine, limits
+from steering.ui import endpoints as ui_endpoints
+from steering.ui import views
 
 PROMPT = "Tell me about your weekend."
 LAYER = 15  # the embedded model's middle layer (30 layers)
-ENDPOINTS = {f"/{name}" for _, name, _ in ui.ENDPOINTS}
+ENDPOINTS = {f"/{name}" for _, name, _ in ui_endpoints.ENDPOINTS}
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +320,7 @@ def test_readme_client_examples_run(url):
 def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
     """What the Stop button does: Gradio closes the UI's streaming generator; its `finally` sets
     the stop flag, so generation ends at once instead of running to 200 tokens."""
-    from steering.ui import generate_outputs
+    from steering.ui.steer import generate_outputs
 
     rows = [["dogs", "", "", 0.5, LAYER, True]]
     stream = generate_outputs(PROMPT, rows, LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
@@ -334,7 +336,7 @@ def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
 def test_stop_before_the_first_token_ends_the_prefill_too(api):
     """The Stop button before any token: the stream yields while the prompt is still being read,
     so it can be closed, and the layers' stop check ends the prefill itself within a layer."""
-    from steering.ui import generate_outputs
+    from steering.ui.steer import generate_outputs
 
     long_prompt = "Tell me everything about the history of the world. " * 200  # ~2,000 tokens of prefill
     stream = generate_outputs(long_prompt[:3990], [], LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)

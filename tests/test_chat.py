@@ -16,7 +16,8 @@ import pytest
 from _server import TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
-from steering import engine, ui_chat
+from steering import engine
+from steering.ui import chat as ui_chat
 
 LAYER = 15  # the embedded model's middle layer (30 layers)
 ZERO = [{"text": "dogs", "coeff": 0.0, "layer": LAYER}]

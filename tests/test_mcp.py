@@ -16,7 +16,8 @@ import importlib.util
 import pytest
 from _server import TOKENS, AppProcess, app_env
 
-from steering import catalog, ui
+from steering import catalog
+from steering.ui import endpoints as ui_endpoints
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mcp") is None, reason="needs gradio[mcp] (requirements.txt)")
 
@@ -71,7 +72,7 @@ def test_mcp_lists_the_endpoints_as_tools_and_steers(mcp_app):
 
     tools, steered, refused, chatted = _session(mcp_app.url, work)
     by_name = {tool.name: tool for tool in tools}
-    assert set(by_name) == {name for _, name, _ in ui.ENDPOINTS}  # UI-only handlers are not tools
+    assert set(by_name) == {name for _, name, _ in ui_endpoints.ENDPOINTS}  # UI-only handlers are not tools
     steer = by_name["steer"]
     assert "steering vectors" in steer.description  # the docstring
     properties = steer.inputSchema["properties"]

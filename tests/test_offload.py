@@ -112,7 +112,7 @@ def test_an_offload_model_loads_only_when_asked(fresh_manager, tiny_qwen_dir, ti
 
 def test_the_memory_tab_shows_the_split(monkeypatch):
     """The Memory tab's table and picture (steering/views.py) on two simulated 8 GiB cards."""
-    from steering import views
+    from steering.ui import views
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with gpu.use_nvml(gpu.simulate_gpu([8 * gpu.GiB, 8 * gpu.GiB], int(0.7 * gpu.GiB))):

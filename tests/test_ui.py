@@ -1,5 +1,5 @@
 """The UI's conversions and handlers without a server: `steering/views.py` (pure) and the
-`steering/ui.py` handlers that need no generation. The Memory tab is read on a simulated 8 GB
+`steering/ui/` handlers that need no generation. The Memory tab is read on a simulated 8 GB
 card with a desktop on it, through the real probe, plan and manager."""
 
 from __future__ import annotations
@@ -13,9 +13,20 @@ import gradio as gr
 import pytest
 from _server import ensure_embedded_loaded
 
-from steering import catalog, gpu, limits, ui, views
+from steering import catalog, gpu, limits, ui
 from steering.errors import InputError
 from steering.loader import get_manager
+from steering.ui import autotune as ui_autotune
+from steering.ui import common as ui_common
+from steering.ui import endpoints as ui_endpoints
+from steering.ui import history as ui_history
+from steering.ui import memory as ui_memory
+from steering.ui import model as ui_model
+from steering.ui import recipes as ui_recipes
+from steering.ui import steer as ui_steer
+from steering.ui import sweep as ui_sweep
+from steering.ui import vectors as ui_vectors
+from steering.ui import views
 
 
 def test_table_rows_become_steer_vectors():
@@ -71,17 +82,17 @@ def test_coefficients_text():
 def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
     ensure_embedded_loaded()
     rows = [["dogs", "", "", 0.5, 15, True, "all"]]
-    path, saved = ui.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True)
+    path, saved = ui_recipes.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True)
     assert saved.startswith("Saved 1 vector(s)")
     recipe = json.loads(open(path).read())
     assert recipe["format"] == views.RECIPE_FORMAT and recipe["vectors"][0]["text"] == "dogs"
     assert recipe["model"] == {"id": "SmolLM2-135M-Instruct", "quant": "fp32"}
-    *fields, directions, message = ui.load_recipe(path, 15)
+    *fields, directions, message = ui_recipes.load_recipe(path, 15)
     assert fields == ["Hi there", rows, 32, 0.7, 0.9, 3, "stock", True]
     assert directions == {} and "capture mode stock, raw prompt on" in message and "⚠️" not in message
     other = dict(recipe, model={"id": "Qwen/Qwen2.5-7B-Instruct", "quant": "4bit"})
     (tmp_path / "other.json").write_text(json.dumps(other))
-    *_, message = ui.load_recipe(str(tmp_path / "other.json"), 15)
+    *_, message = ui_recipes.load_recipe(str(tmp_path / "other.json"), 15)
     assert "⚠️ It was made with Qwen/Qwen2.5-7B-Instruct (4bit); SmolLM2-135M-Instruct (fp32) is loaded" in message
     version_1 = {k: v for k, v in recipe.items() if k != "model"}
     version_1 |= {"version": 1, "settings": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}}
@@ -100,7 +111,7 @@ def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
             views.parse_recipe(text)
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
-    *unchanged, message = ui.load_recipe(str(bad), 15)  # a refusal: a message, nothing else touched
+    *unchanged, message = ui_recipes.load_recipe(str(bad), 15)  # a refusal: a message, nothing else touched
     assert message.startswith("⚠️ recipe: ") and all(_skipped(v) for v in unchanged)
 
 
@@ -117,8 +128,8 @@ def _refusal(outputs) -> str:
 
 def test_add_and_remove_rows(embedded_dir):
     ensure_embedded_loaded()
-    rows, *cleared = ui.add_vector_row([], "dogs", "", "", 0.5, 15)
-    rows, *_ = ui.add_vector_row(rows, "", "happy", "sad", 1.0, 10)
+    rows, *cleared = ui_steer.add_vector_row([], "dogs", "", "", 0.5, 15)
+    rows, *_ = ui_steer.add_vector_row(rows, "", "happy", "sad", 1.0, 10)
     assert rows == [["dogs", "", "", 0.5, 15, True, "prompt"], ["", "happy", "sad", 1.0, 10, True, "prompt"]]
     assert cleared == ["", "", "", ""]  # the three texts and the message line
     for args, field in (
@@ -130,13 +141,13 @@ def test_add_and_remove_rows(embedded_dir):
         (("cats", "", "", 0.5, 40), "layer"),  # the embedded model has 30 layers
         (("x", "", "", 0.5, "fifteen"), "layer"),
     ):
-        assert _refusal(ui.add_vector_row(rows, *args)).startswith(f"{field}: "), args
-    assert ui.remove_vector_row(rows, 0) == (rows[:1], "")  # 0: the last row
-    assert ui.remove_vector_row(rows, 1) == (rows[1:], "")
-    assert _refusal(ui.remove_vector_row(rows, 5)).startswith("row: give a row number from 1 to 2")
+        assert _refusal(ui_steer.add_vector_row(rows, *args)).startswith(f"{field}: "), args
+    assert ui_steer.remove_vector_row(rows, 0) == (rows[:1], "")  # 0: the last row
+    assert ui_steer.remove_vector_row(rows, 1) == (rows[1:], "")
+    assert _refusal(ui_steer.remove_vector_row(rows, 5)).startswith("row: give a row number from 1 to 2")
     for outputs in (
-        ui.add_vector_row([[]] * 349_000, "x", "", "", 0.5, 15),
-        ui.remove_vector_row([[]] * 349_000, 1),
+        ui_steer.add_vector_row([[]] * 349_000, "x", "", "", 0.5, 15),
+        ui_steer.remove_vector_row([[]] * 349_000, 1),
     ):  # called by name with a huge table: refused at once
         assert _refusal(outputs).startswith("vectors: the table holds too many rows")
 
@@ -150,7 +161,6 @@ def test_table_edits_are_checked_at_entry(embedded_dir):
         ["", "happy", "", 0.5, 3, True],
         ["owls", "", "", 0.5, 3, True, "reply"],  # not a positions value
     ]
-    from steering import ui_steer
 
     fixed, message = ui_steer.check_table(rows, 15)
     assert fixed == [
@@ -239,7 +249,7 @@ def test_heatmap_and_sweep_views():
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
     ensure_embedded_loaded()
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
-        card, bars, processes, plan, events = ui.refresh_memory(2048)
+        card, bars, processes, plan, events = ui_memory.refresh_memory(2048)
     assert "mode `simulated`" in card and "desktop overhead 716.80 MiB" in card
     assert [p[1].rsplit("/", 1)[-1] for p in processes] == ["Xorg", "gnome-shell", "firefox"]
     assert all(p[4] == "desktop" for p in processes)
@@ -264,14 +274,13 @@ def test_memory_bars_scale_to_the_larger_of_need_and_headroom():
 
 
 def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir):
-    from steering import ui_recipes
 
     ensure_embedded_loaded()
-    prompt, rows, *settings, directions = ui.apply_example("Golden Gate Bridge")
+    prompt, rows, *settings, directions = ui_recipes.apply_example("Golden Gate Bridge")
     assert prompt and rows == [["the Golden Gate Bridge", "", "", 1.0, 15, True, "prompt"]]  # the middle of 30 layers
     assert settings == [64, 0.0, 1.0, 0, "contexts", False] and directions == {}
     with pytest.raises(gr.Error) as caught:
-        ui.apply_example("nope")
+        ui_recipes.apply_example("nope")
     assert caught.value.message.startswith("example: ")
     *fields, confirm, message = ui_recipes.use_example("Dogs", [])  # an empty table: opens at once
     assert fields[1][0][0] == "dogs" and message.startswith("Opened")
@@ -285,12 +294,12 @@ def test_model_handlers_share_one_queue_slot_and_lock_disables_switching(embedde
     ensure_embedded_loaded()
     demo = ui.build_demo(ui.UIConfig(lock_model=True))
     fns = {f.name: f for f in demo.fns.values() if f.name}
-    endpoint_groups = {name: group for _, name, group in ui.ENDPOINTS}
-    runs_model = [name for name, group in endpoint_groups.items() if group is ui.MODEL]
+    endpoint_groups = {name: group for _, name, group in ui_endpoints.ENDPOINTS}
+    runs_model = [name for name, group in endpoint_groups.items() if group is ui_common.MODEL]
     assert {"steer", "sweep", "similarity", "load_model"} <= set(runs_model)
     runs_model += ["load_selected_model", "generate_outputs", "run_sweep", "show_similarity"]
     assert all((fns[n].concurrency_id, fns[n].concurrency_limit) == ("model", 1) for n in runs_model)
-    assert all(fns[n].concurrency_id == "info" for n, g in endpoint_groups.items() if g is ui.INFO)
+    assert all(fns[n].concurrency_id == "info" for n, g in endpoint_groups.items() if g is ui_common.INFO)
     public = {n for n, f in fns.items() if f.api_visibility == "public"}
     assert public == set(endpoint_groups)
     assert demo._queue.max_size == 32 and demo.api_open is False
@@ -358,15 +367,15 @@ def test_recipes_are_bounded_and_standard_json(tmp_path):
     """Recipe handlers can be called by name: they check what /steer checks, read and write
     bounded files in one folder of the app's, and never write NaN."""
     rows = [["dogs", "", "", 0.5, 15, True]]
-    first, _ = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
-    second, _ = ui.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    first, _ = ui_recipes.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
+    second, _ = ui_recipes.save_recipe("Hi", rows, 15, 32, 0.0, 1.0, 0)
     assert os.path.dirname(first) == os.path.dirname(second) and first != second  # one folder, two files
     for bad_args, field in (
         (("x" * 5_000_000, rows, 15, 32, 0.0, 1.0, 0), "recipe.prompt"),
         (("Hi", rows, 15, 10**6, 0.0, 1.0, 0), "max_new_tokens"),
         (("Hi", rows, 15, 32, float("nan"), 1.0, 0), "temperature"),  # (a NaN table cell reads as empty)
     ):
-        assert _refusal(ui.save_recipe(*bad_args)).startswith(f"{field}: ")
+        assert _refusal(ui_recipes.save_recipe(*bad_args)).startswith(f"{field}: ")
     for name, text, field in (
         ("many.json", json.dumps({"format": views.RECIPE_FORMAT, "vectors": [{}] * 349_000}), "recipe"),
         ("deep.json", "[" * 100_000 + "]" * 100_000, "recipe"),
@@ -378,11 +387,11 @@ def test_recipes_are_bounded_and_standard_json(tmp_path):
     ):
         path = tmp_path / name
         path.write_text(text)
-        assert _refusal(ui.load_recipe(str(path), 15)).startswith(f"{field}: ")
+        assert _refusal(ui_recipes.load_recipe(str(path), 15)).startswith(f"{field}: ")
 
 
 def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
-    from steering import plots
+    from steering.ui import plots
 
     assert plots.nice_ticks(0, 0.75) == [0, 0.2, 0.4, 0.6]
     assert plots.nice_ticks(-20, 20) == [-20, -10, 0, 10, 20]
@@ -399,7 +408,7 @@ def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
 
 
 def test_autotune_picture_and_cosine_scale():
-    from steering import plots
+    from steering.ui import plots
 
     result = {
         "layer": 15,
@@ -442,7 +451,7 @@ def test_history_is_bounded_per_session_and_downloads_as_jsonl(monkeypatch):
 
 
 def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
-    from steering import history, ui_history, ui_sweep
+    from steering import history
 
     ensure_embedded_loaded()
     history.clear(None)
@@ -463,13 +472,15 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
 
 
 def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir):
-    from steering import history, ui_sweep
+    from steering import history
 
     ensure_embedded_loaded()
     history.clear(None)
-    assert _refusal(ui_sweep.autotune_form("Hi", " ", "", "", 0)).startswith("text: type the steering text")
+    assert _refusal(ui_autotune.autotune_form("Hi", " ", "", "", 0)).startswith("text: type the steering text")
     search = {"layers": [12, 15], "max_new_tokens": 12}  # a small search: the test's time, not the default's
-    layer, coeff, picture, message = ui_sweep.autotune_form("Tell me about your weekend.", "dogs", "", "", 0, **search)
+    layer, coeff, picture, message = ui_autotune.autotune_form(
+        "Tell me about your weekend.", "dogs", "", "", 0, **search
+    )
     (entry,) = history.entries(None)
     result = entry["result"]
     assert entry["kind"] == "autotune" and result["rows"]
@@ -482,7 +493,6 @@ def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir
 
 
 def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_buttons_alone(embedded_dir):
-    from steering import ui_steer
 
     ensure_embedded_loaded()
     session = "stop-test"
@@ -503,27 +513,29 @@ def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_button
 
 def test_similarity_and_vector_files_refuse_beside_the_field(embedded_dir, tmp_path):
     ensure_embedded_loaded()
-    assert _refusal(ui.show_similarity([["dogs", "", "", 0.5, 15, True]], 15)).startswith("texts: ")
-    heatmap, message = ui.show_similarity([["dogs", "", "", 0.5, 15, True], ["cats", "", "", 0.5, 15, True]], 15)
+    assert _refusal(ui_vectors.show_similarity([["dogs", "", "", 0.5, 15, True]], 15)).startswith("texts: ")
+    heatmap, message = ui_vectors.show_similarity(
+        [["dogs", "", "", 0.5, 15, True], ["cats", "", "", 0.5, 15, True]], 15
+    )
     assert "colour-scale" in heatmap and "dogs" in heatmap and message == ""
-    heatmap, _ = ui.show_similarity([["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 0.5, 15, True]], 15)
+    heatmap, _ = ui_vectors.show_similarity([["dogs", "", "", 0.5, 15, True], ["", "happy", "sad", 0.5, 15, True]], 15)
     assert "happy − sad" in heatmap  # a pair is one row: its difference vector
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a control vector")
-    assert _refusal(ui.import_into_table(str(junk), [["dogs", "", "", 0.5, 15, True]], {}, 15))
-    assert _refusal(ui.export_table_shown([["dogs", "", "", 0.5, 1, True]], 15, "gguf", "bos-neutral", {}))
+    assert _refusal(ui_steer.import_into_table(str(junk), [["dogs", "", "", 0.5, 15, True]], {}, 15))
+    assert _refusal(ui_steer.export_table_shown([["dogs", "", "", 0.5, 1, True]], 15, "gguf", "bos-neutral", {}))
 
 
 def test_model_advice_gives_an_offload_models_speed_and_load_takes_allow_offload(embedded_dir):
     ensure_embedded_loaded()
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
-        offload = ui.model_advice("mistralai/Mistral-7B-Instruct-v0.3", "fp16")
-        fits = ui.model_advice("Qwen/Qwen2.5-1.5B-Instruct", "auto")
+        offload = ui_model.model_advice("mistralai/Mistral-7B-Instruct-v0.3", "fp16")
+        fits = ui_model.model_advice("Qwen/Qwen2.5-1.5B-Instruct", "auto")
     assert "tokens/s" in offload and "Allow offload" in offload and "CPU RAM" in offload
     assert fits == ""  # "auto" takes a quantization that fits: nothing to say
     demo = ui.build_demo()
     load = next(fn for fn in demo.fns.values() if fn.fn is not None and fn.name == "load_selected_model")
     labels = [getattr(block, "label", None) for block in load.inputs]
     assert labels[-1] == "Allow offload (layers in CPU RAM: much slower)"
-    view = ui.load_selected_model(catalog.EMBEDDED_ID, "auto", False, True)  # a model that fits: loads as usual
+    view = ui_model.load_selected_model(catalog.EMBEDDED_ID, "auto", False, True)  # a model that fits: loads as usual
     assert view[-1] == "" and get_manager().status()["model"] == catalog.EMBEDDED_ID

@@ -134,25 +134,25 @@ def test_corrupt_files_and_bad_exports_are_refused(api, tmp_path):
 def test_only_uploaded_files_are_read():
     """Gradio itself refuses a FileData path that was not uploaded; the endpoint checks again,
     so a path on the server is never opened for a client."""
-    from steering import ui
     from steering.errors import InputError
+    from steering.ui import endpoints as ui_endpoints
 
     with pytest.raises(InputError, match=r"^file: must be a file uploaded with the request"):
-        ui.import_vectors({"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}})
+        ui_endpoints.import_vectors({"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}})
 
 
 def test_the_table_exports_and_imports_editable_rows(api, tmp_path):
     """The vectors panel: Export writes the table's vectors; Import appends editable rows, a
     foreign direction as a labelled row whose numbers live in the session's store."""
-    from steering import ui
+    from steering.ui import steer as ui_steer
 
     rows = [["dogs", "", "", 0.6, 15, True, "prompt"]]
-    path = ui.export_table(rows, 15, "gguf", "bos-neutral", {})
+    path = ui_steer.export_table(rows, 15, "gguf", "bos-neutral", {})
     assert {t.name for t in gguf.GGUFReader(path).tensors} == {"direction.14"}
     raw = np.linspace(-1, 1, HIDDEN).astype(np.float32)
     foreign = _foreign(tmp_path / "foreign.gguf", {"direction.5": raw})
-    table, directions, note = ui.import_into_table(foreign, rows, {}, 15)
+    table, directions, note = ui_steer.import_into_table(foreign, rows, {}, 15)
     assert table[0] == rows[0] and table[1][1:] == ["", "", 1.0, 6, True, "all"]  # llama.cpp's positions
     assert directions == {table[1][0]: pytest.approx(raw.tolist())} and "foreign control vector" in note
-    ours, _, note = ui.import_into_table(path, [], {}, 15)
+    ours, _, note = ui_steer.import_into_table(path, [], {}, 15)
     assert ours == rows and "Steering Lab file" in note

@@ -6,9 +6,9 @@ decoding settings and the capture mode, so a chat steers exactly as Generate doe
 conversation's history is a `gr.State` of plain {"role", "content"} messages that its
 `gr.Chatbot` shows; the model work is `steering/chat.py`.
 
-Send (or Enter) is a chain like Generate's (steering/ui_steer.py, `Runs`): `begin_turn` (no
-queue: the turn is registered, Send disabled, Stop enabled) -> `send_turn` (the model queue; both
-replies stream; Send and Stop are restored at its end). Stop sets the turn's flag wherever it is,
+Send (or Enter) is a chain like Generate's (steering/ui/steer.py; `Runs` in steering/ui/common.py):
+`begin_turn` (no queue: the turn is registered, Send disabled, Stop enabled) -> `send_turn` (the
+model queue; both replies stream; Send and Stop are restored at its end). Stop sets the turn's flag wherever it is,
 without Gradio's `cancels` (which could leave the model's queue slot taken, measured on Generate):
 a turn still queued starts and ends at once without touching the model, a running one ends within
 a decoding step (or a layer of its prefill) and keeps the replies it had. A refusal is a notice
@@ -22,25 +22,24 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from steering import chat, history, limits, views
-from steering.ui_steer import (
-    Runs,
+from steering import chat, history, limits
+from steering.ui import views
+from steering.ui.common import (
+    MODEL,
+    PRIVATE,
+    UI_ONLY,
     bounded_rows,
     end_run,
     gate,
     notices,
     people_errors,
     refused,
+    registry,
     session_of,
     with_buttons,
 )
 
-# As in steering/ui.py: every handler that runs the model shares one concurrency id, limit 1.
-MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
-UI_ONLY = {"concurrency_limit": None, "api_visibility": "private"}  # no model, no waiting
-PRIVATE = {"api_visibility": "private"}
-
-turns = Runs()  # each session's turns, from the Send click on: what Stop reaches
+turns = registry()  # each session's turns, from the Send click on: what Stop reaches
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -75,9 +74,8 @@ def send_message(
     history, baseline history, message box, run line, message line); the message box empties
     once the turn runs. Each finished or stopped turn is kept in the session's history."""
     session = session_of(request)
-    run = turns.get(run_id, session)
-    if run.stop.is_set():  # stopped while it waited in the queue: nothing to do
-        turns.end(run)
+    run = turns.start(run_id, session)
+    if run is None:  # stopped while it waited in the queue: nothing to do
         yield (gr.skip(),) * 7
         return
     stop = run.stop

@@ -1,12 +1,14 @@
-"""The History tab's handlers: the session's results as a table, a JSONL download, and re-running
-one entry with the same arguments (steering/history.py keeps them)."""
+"""The History tab: the session's results as a table, a JSONL download, and re-running one entry
+with the same arguments (steering/history.py keeps them)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import gradio as gr
 
 from steering import api, chat, files, history
-from steering.ui_steer import notices, session_of
+from steering.ui.common import MODEL, PRIVATE, UI_ONLY, notices, session_of
 
 # What re-runs each kind of entry: the api function its `request` holds the arguments of.
 RERUN = {"steer": api.steer, "sweep": api.sweep, "autotune": api.autotune, "chat": chat.chat}
@@ -52,3 +54,37 @@ def rerun_entry(number, request: gr.Request = None) -> tuple:
 def _same_output(old: dict, new: dict) -> bool:
     keys = ("steered", "baseline", "rows", "layer", "coeff")
     return all(old["result"].get(k) == new["result"].get(k) for k in keys)
+
+
+# -- layout and wiring ------------------------------------------------------------------------------
+def history_tab() -> SimpleNamespace:
+    with gr.Tab("History", elem_id="history-tab") as tab:
+        gr.Markdown(
+            "Every Generate, sweep and auto-tune of this browser session (the newest "
+            f"{history.MAX_ENTRIES}), with model, quantization, capture mode, seed, vectors and versions."
+        )
+        table = gr.Dataframe(
+            headers=list(history.HISTORY_COLUMNS),
+            type="array",
+            interactive=False,
+            wrap=True,
+            elem_id="history-table",
+            elem_classes=["scroll-table"],
+        )
+        with gr.Row():
+            number = gr.Number(None, precision=0, label="Entry # to re-run", elem_id="history-number")
+            rerun_btn = gr.Button("Re-run", elem_id="history-rerun")
+            download_btn = gr.Button("Download JSONL", elem_id="history-download")
+        message = gr.Markdown("", elem_id="history-message", elem_classes=["field-message"])
+        file = gr.File(label="History (JSON Lines)", interactive=False)
+        result = gr.JSON(label="Re-run result")
+    return SimpleNamespace(
+        tab=tab, table=table, number=number, rerun_btn=rerun_btn, download_btn=download_btn, message=message,
+        file=file, result=result,
+    )  # fmt: skip
+
+
+def wire_history(past) -> None:
+    past.tab.select(show_history, None, past.table, **UI_ONLY)
+    past.download_btn.click(download_history, None, [past.file, past.message], **UI_ONLY)
+    past.rerun_btn.click(rerun_entry, past.number, [past.table, past.result, past.message], **PRIVATE, **MODEL)

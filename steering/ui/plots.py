@@ -14,7 +14,8 @@ import html
 import math
 from collections.abc import Sequence
 
-FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule: above this a row is not fluent
+from steering.vocab import MAX_PERPLEXITY
+
 SERIES = {"relevance": "#1f77b4", "ln(perplexity)": "#d62728"}
 WIDTH, HEIGHT = 640, 320
 LEFT, RIGHT, TOP, BOTTOM = 56, 64, 28, 44  # margins, px
@@ -52,7 +53,7 @@ def sweep_svg(result: dict) -> str:
         "relevance": [(r["coeff"], r.get("relevance")) for r in rows],
         "ln(perplexity)": [(r["coeff"], math.log(r["perplexity"])) for r in rows if r["perplexity"] > 0],
     }
-    boundary = math.log(FLUENT_MAX_PERPLEXITY)
+    boundary = math.log(MAX_PERPLEXITY)
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points if y is not None] + [boundary, 0.0]
     x_ticks = nice_ticks(min(xs), max(xs))
@@ -73,7 +74,7 @@ def sweep_svg(result: dict) -> str:
         f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py(boundary):.1f}" y2="{py(boundary):.1f}" '
         'stroke="#555" stroke-dasharray="6 4"/>'
         f'<text x="{WIDTH - RIGHT - 4}" y="{py(boundary) - 5:.1f}" text-anchor="end" font-size="11" fill="#555">'
-        f"fluency boundary (perplexity {FLUENT_MAX_PERPLEXITY:g}): above it, not fluent</text>"
+        f"fluency boundary (perplexity {MAX_PERPLEXITY:g}): above it, not fluent</text>"
     )
     for name, points in series.items():
         drawn = [(x, y) for x, y in sorted(points) if y is not None]

@@ -1,4 +1,4 @@
-"""The Recipes tab's handlers: save the form as a recipe, load one back, use a built-in example.
+"""The Recipes tab: save the form as a recipe, load one back, use a built-in example.
 
 A recipe holds everything that shapes a result (prompt, vectors, decoding, capture mode, raw
 prompt, and the model and quantization it was made with). Loading one says what it set, and
@@ -13,12 +13,14 @@ raw prompt, direction store.
 from __future__ import annotations
 
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import gradio as gr
 
-from steering import api, files, generate, limits, views
+from steering import api, files, generate, limits
 from steering.loader import get_manager
-from steering.ui_steer import bounded_rows, inline, notices
+from steering.ui import views
+from steering.ui.common import INFO, PRIVATE, UI_ONLY, bounded_rows, inline, notices
 
 N_FIELDS = 9  # the recipe fields above
 
@@ -126,3 +128,50 @@ def cancel_example() -> tuple:
 def apply_example(name: str) -> tuple:
     """The recipe fields of a built-in example, without asking (for tests and callers by name)."""
     return _example(name)
+
+
+# -- layout and wiring ------------------------------------------------------------------------------
+def recipes_tab() -> SimpleNamespace:
+    with gr.Tab("Recipes"):
+        with gr.Row():
+            example = gr.Dropdown(list(views.EXAMPLES), value=next(iter(views.EXAMPLES)), label="Built-in example")
+            use_example_btn = gr.Button("Use example", elem_id="use-example")
+        with gr.Row(visible=False, elem_id="example-confirm") as confirm_row:
+            confirm_btn = gr.Button("Replace", variant="stop", elem_id="example-replace")
+            cancel_btn = gr.Button("Cancel", elem_id="example-cancel")
+        with gr.Row():
+            save_btn = gr.Button("Save recipe (JSON)", elem_id="save-recipe")
+            upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath", elem_id="load-recipe")
+        message = gr.Markdown("", elem_id="recipe-message", elem_classes=["field-message"])
+        file = gr.File(label="Recipe download", interactive=False, elem_id="recipe-file")
+    return SimpleNamespace(
+        example=example,
+        use_example_btn=use_example_btn,
+        confirm_row=confirm_row,
+        confirm_btn=confirm_btn,
+        cancel_btn=cancel_btn,
+        save_btn=save_btn,
+        upload_btn=upload_btn,
+        message=message,
+        file=file,
+    )
+
+
+def wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
+    form, decoding = steer.form, steer.decoding
+    form_fields = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    form_fields += [decoding.capture, decoding.raw_prompt]
+    recipe_fields = [prompt, form.table, *form_fields, form.directions]
+    recipes.save_btn.click(
+        save_recipe,
+        [prompt, form.table, form.layer, *form_fields, form.directions],
+        [recipes.file, recipes.message],
+        **UI_ONLY,
+    )
+    recipes.upload_btn.upload(
+        load_recipe, [recipes.upload_btn, form.layer], [*recipe_fields, recipes.message], **UI_ONLY
+    )
+    example_outputs = [*recipe_fields, recipes.confirm_row, recipes.message]
+    recipes.use_example_btn.click(use_example, [recipes.example, form.table], example_outputs, **PRIVATE, **INFO)
+    recipes.confirm_btn.click(confirm_example, recipes.example, example_outputs, **PRIVATE, **INFO)
+    recipes.cancel_btn.click(cancel_example, None, [recipes.confirm_row, recipes.message], **UI_ONLY)

@@ -26,9 +26,11 @@ from typing import Any
 
 from gradio import queueing, route_utils
 
+from steering.ui.common import INFO
+
 logger = logging.getLogger("steering.serving")
 
-READINGS_ID = "info"  # the concurrency id of /status, /plan and the Memory tab (ui.INFO)
+READINGS_ID = INFO["concurrency_id"]  # /status, /plan and the Memory tab
 DEBUG_ENV = "STEERING_DEBUG"  # set to 1 for Gradio's full tracebacks in the log
 
 

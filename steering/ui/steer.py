@@ -1,112 +1,49 @@
-"""The Steer tab's handlers (the vector form, the table, Generate and Stop) and how every UI
-handler shows a refusal.
-
-A refused request never raises out of a UI handler: Gradio would cover the handler's outputs
-(the table, the model dropdown, a slider) with "Error" badges and blank them. Instead the
-handler shows a notice (a toast) and writes the sentence into the message line beside the
-field; every other output is left as it was (`gr.skip()`), so previous results stay.
+"""The Steer tab: the vector form, the vectors table (with its files), the decoding settings,
+and Generate -> Stop with steered and baseline output side by side.
 
 Generate is a chain: `begin_run` (instant, no queue: adds a typed-but-unadded vector, disables
-Generate, enables Stop) -> `gate` -> `generate_outputs` (the model queue) -> `end_run`. Stop sets
-this run's stop flag (a run in its prefill ends within one layer, a run still queued ends as
-soon as it starts, without the model) and writes "stopped after N tokens".
+Generate, enables Stop) -> `gate` -> `generate_run` (the model queue) -> its buttons back. Stop
+sets this run's stop flag (a run in its prefill ends within one layer, a run still queued ends
+as soon as it starts, without the model) and writes "stopped after N tokens". Refusals follow
+steering/ui/common.py: a notice and the message line, previous results kept.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import gradio as gr
 
-from steering import api, history, limits, views
+from steering import api, history, limits, vector_io, vocab
 from steering.errors import SteeringError
-from steering.loader import get_manager
+from steering.ui import views
+from steering.ui.common import (
+    MODEL,
+    PRIVATE,
+    UI_ONLY,
+    bounded_rows,
+    end_run,
+    gate,
+    inline,
+    layer_slider,
+    message_of,
+    n_layers_now,
+    notices,
+    number_box,
+    people_errors,
+    refused,
+    registry,
+    session_of,
+    slider,
+    user_errors,
+    with_buttons,
+)
 
-logger = logging.getLogger(__name__)
-
-
-# -- refusals: a notice and an inline message, nothing blanked ----------------------------------
-def inline(message: str) -> str:
-    """The message line's text for a refusal ("" clears it)."""
-    return f"⚠️ {message}" if message else ""
-
-
-def _message(exc: Exception) -> str:
-    return exc.message if isinstance(exc, gr.Error) else str(exc)
-
-
-def refused(message: str, n_outputs: int, at: int) -> tuple:
-    """A toast with `message`, the inline message at output `at`, every other output unchanged."""
-    gr.Warning(message)
-    outputs = [gr.skip()] * n_outputs
-    outputs[at] = inline(message)
-    return tuple(outputs)
-
-
-def notices(n_outputs: int, at: int):
-    """Decorate a UI handler with `n_outputs` outputs: a refusal (a `SteeringError` or a
-    `gr.Error` it raises) becomes `refused(...)` with the message at output `at`."""
-
-    def decorate(fn):
-        def refuse(exc: Exception) -> tuple:
-            logger.info("%s refused: %s", fn.__name__, _message(exc))
-            return refused(_message(exc), n_outputs, at)
-
-        if inspect.isgeneratorfunction(fn):
-
-            @functools.wraps(fn)
-            def stream(*args, **kwargs):
-                try:
-                    yield from fn(*args, **kwargs)
-                except (SteeringError, gr.Error) as exc:
-                    yield refuse(exc)
-
-            return stream
-
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (SteeringError, gr.Error) as exc:
-                return refuse(exc)
-
-        return call
-
-    return decorate
-
-
-def session_of(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None) if request is not None else None
-
-
-def n_layers_now() -> int | None:
-    """The loaded model's depth (no lock: a snapshot; the API checks again under the lock)."""
-    loaded = get_manager().current
-    return loaded.n_layers if loaded is not None else None
-
-
-def loaded_quant() -> str | None:
-    """The loaded model's quantization (for results that do not carry it)."""
-    loaded = get_manager().current
-    return loaded.quant if loaded is not None else None
+runs = registry()  # each session's Generate runs, from the click on: what Stop reaches
 
 
 # -- the vectors table ---------------------------------------------------------------------------
-def bounded_rows(rows) -> list[list]:
-    """Every row of the table (blank ones too); a table longer than any request is refused at
-    once (these handlers can be called by name with any payload)."""
-    rows = rows or []
-    if not isinstance(rows, list) or len(rows) > 2 * limits.MAX_VECTORS:
-        raise gr.Error(f"vectors: the table holds too many rows; at most {limits.MAX_VECTORS} vectors")
-    return [list(r) for r in rows if isinstance(r, (list, tuple))]
-
-
 def _kept(rows) -> list[list]:
     """The rows that hold a vector."""
     return [r for r in bounded_rows(rows) if views.rows_to_vectors([r], 0)]
@@ -168,85 +105,6 @@ def check_table(rows: list, layer: int, message: str = "") -> tuple:
 
 
 # -- Generate and Stop ---------------------------------------------------------------------------
-@dataclass
-class Run:
-    """A run from its button click on: the flag Stop sets, and its newest update."""
-
-    session: str | None
-    stop: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None
-
-
-class Runs:
-    """The runs begun in each session, by id. A run is registered when its button is clicked,
-    before it waits in the queue, so Stop reaches it wherever it is: a queued run whose flag is
-    set starts and ends at once without touching the model, a running one ends within a layer.
-    (Stop does not use Gradio's `cancels`: cancelling a generator as it finishes by itself could
-    leave the model's queue slot taken, and every later run waiting; measured in a browser.)"""
-
-    MAX = 256  # runs whose handler never came (a page closed while queued) are dropped oldest first
-
-    def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
-        self._latest: dict[str | None, str] = {}
-        self._lock = threading.Lock()
-
-    def begin(self, session: str | None) -> str:
-        run_id = uuid.uuid4().hex
-        with self._lock:
-            self._runs[run_id] = Run(session)
-            self._latest[session] = run_id
-            while len(self._runs) > self.MAX:
-                self._runs.pop(next(iter(self._runs)))
-        return run_id
-
-    def get(self, run_id: str | None, session: str | None) -> Run:
-        """The run `run_id` (a new one, for callers by name that did not begin one)."""
-        with self._lock:
-            run = self._runs.get(run_id) if run_id else None
-        return run if run is not None else self._runs[self.begin(session)]
-
-    def latest(self, session: str | None) -> Run | None:
-        with self._lock:
-            return self._runs.get(self._latest.get(session, ""))
-
-    def is_latest(self, run_id: str | None, session: str | None) -> bool:
-        """Whether no newer run was begun in the session (a stopped run that ends after the next
-        one was begun must not re-enable its button or overwrite its line)."""
-        with self._lock:
-            return not run_id or self._latest.get(session) == run_id
-
-    def end(self, run: Run) -> None:
-        with self._lock:
-            for run_id, known in list(self._runs.items()):
-                if known is run:
-                    del self._runs[run_id]
-
-
-runs = Runs()
-
-
-def with_buttons(stream_fn, registry: Runs, n_outputs: int):
-    """`stream_fn`'s outputs plus (run button, stop button): when the run ends the run button is
-    enabled and Stop disabled again, unless a newer run was begun meanwhile (its chain owns them).
-    Gradio cannot end a chain with `.then()` here: a stopped run's `.then` would fire after the
-    next run began."""
-
-    signature = inspect.signature(stream_fn)
-
-    @functools.wraps(stream_fn)
-    def stream(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        for outputs in stream_fn(*bound.args, **bound.kwargs):
-            yield (*outputs, gr.skip(), gr.skip())
-        run_id, request = bound.arguments.get("run_id"), bound.arguments.get("request")
-        latest = registry.is_latest(run_id, session_of(request))
-        yield (*([gr.skip()] * n_outputs), *(end_run() if latest else (gr.skip(), gr.skip())))
-
-    stream.__signature__ = signature  # Gradio reads the inputs and gr.Request from it
-    return stream
-
-
 def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request = None) -> tuple:
     """Before a run: a vector typed into the form but not added is added now (and said so), then
     Generate is disabled and Stop enabled. Outputs (table, text, positive, negative, message,
@@ -255,7 +113,7 @@ def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request 
     try:
         table = _form_row(rows, text, positive, negative, coeff, layer)
     except (SteeringError, gr.Error) as exc:
-        return refused(_message(exc), 9, at=4)[:8] + ("",)
+        return refused(message_of(exc), 9, at=4)[:8] + ("",)
     run_id = runs.begin(session_of(request))
     busy = (gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…")
     if table is None:
@@ -264,31 +122,6 @@ def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request 
     note = f"Added the typed vector to the table (row {len(table)}, coefficient {added[3]:g}, layer {added[4]})."
     gr.Info(note)
     return (table, "", "", "", note, *busy, run_id)
-
-
-def begin_search(request: gr.Request = None) -> tuple:
-    """Before an auto-tune: its button disabled, its Stop shown, the message cleared; outputs
-    (buttons, message, run id)."""
-    from steering.ui_sweep import tunes  # (ui_sweep imports this module)
-
-    run_id = tunes.begin(session_of(request))
-    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), "", run_id
-
-
-def end_search() -> tuple:
-    """After it: its button enabled again, its Stop hidden."""
-    return gr.Button(interactive=True), gr.Button(visible=False)
-
-
-def gate(run_id: str) -> None:
-    """Ends the Generate chain quietly when `begin_run` refused (no toast: it showed one)."""
-    if not run_id:
-        raise gr.Error("not started", visible=False, print_exception=False)
-
-
-def end_run() -> tuple:
-    """Generate enabled again, Stop disabled."""
-    return gr.Button(interactive=True), gr.Button(interactive=False)
 
 
 @notices(3, at=2)
@@ -310,9 +143,8 @@ def generate_outputs(
     (steered, baseline, run line). Stop (or a closed page) sets the stop flag: generation ends
     within one decoding step, or one layer of the prefill, and the model lock is released."""
     session = session_of(request)
-    run = runs.get(run_id, session)
-    if run.stop.is_set():  # stopped while it waited in the queue: Stop has said so already
-        runs.end(run)
+    run = runs.start(run_id, session)
+    if run is None:  # stopped while it waited in the queue: Stop has said so already
         yield gr.skip(), gr.skip(), gr.skip()
         return
     rows = bounded_rows(rows)
@@ -343,14 +175,6 @@ def generate_outputs(
             history.record(session, "steer", arguments, run.result, context=context)
 
 
-def people_errors(stream, row_numbers):
-    """`stream` with its refusals counted the way the table counts rows (from 1)."""
-    try:
-        yield from stream
-    except SteeringError as exc:
-        raise gr.Error(views.for_people(str(exc), row_numbers)) from None
-
-
 def stop_run(request: gr.Request = None) -> tuple:
     """Stop this session's run, wherever it is; outputs (run line, generate button, stop button)."""
     run = runs.latest(session_of(request))
@@ -363,3 +187,219 @@ def stop_run(request: gr.Request = None) -> tuple:
 
 
 generate_run = with_buttons(generate_outputs, runs, 3)  # the Generate chain's step: outputs + the two buttons
+
+
+# -- handlers: vector files --------------------------------------------------------------------
+@user_errors
+def export_table(rows, layer, fmt, capture_mode, directions) -> str:
+    """The table's vectors as a GGUF / safetensors file for download."""
+    return api.export_vectors(views.rows_to_vectors(rows, int(layer), directions), fmt, capture_mode)["path"]
+
+
+@notices(2, at=1)
+def export_table_shown(rows, layer, fmt, capture_mode, directions) -> tuple:
+    """`export_table` for the button: outputs (file, the files' message line); a refusal is a
+    notice and that message, the previous file stays."""
+    return export_table(rows, layer, fmt, capture_mode, directions), ""
+
+
+@notices(3, at=2)  # a refused file: a notice and the import line; the table stays
+def import_into_table(file_path, rows, directions, layer) -> tuple:
+    """Append the vectors of an uploaded control vector file to the table (editable rows)."""
+    result = api.import_vectors(file_path)
+    directions = dict(directions or {})
+    kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0, directions)]
+    added = views.vectors_to_rows(result["vectors"], int(layer), directions)
+    limits.check_count("vectors", kept + added, "vectors")
+    meta = result["metadata"]
+    source = "a Steering Lab file" if meta["ours"] else f"a foreign control vector (model hint {meta['model_hint']})"
+    note = f"Imported {len(added)} vector(s) from {source}." + (f" ⚠️ {meta['warning']}" if meta.get("warning") else "")
+    return kept + added, directions, note
+
+
+# -- layout ---------------------------------------------------------------------------------------
+def vector_form(n_layers: int) -> SimpleNamespace:
+    """Layer slider, the new-vector form and its Auto-tune."""
+    layer = layer_slider(n_layers, "Layer (for new vectors and the heatmap)")
+    with gr.Row():
+        text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
+        positive = gr.Textbox(label="…or positive", placeholder="happy", elem_id="new-positive")
+        negative = gr.Textbox(label="…minus negative", placeholder="sad", elem_id="new-negative")
+    with gr.Row():
+        coeff = number_box("coeff", "Coefficient (× the hidden state's RMS)", elem_id="new-coeff")
+        add_btn = gr.Button("Add vector", elem_id="add-vector")
+        autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
+        autotune_stop = gr.Button("Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune")
+    message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
+    with gr.Accordion("Auto-tune: score per layer × coefficient", open=False, elem_id="autotune-result"):
+        autotune_picture = gr.HTML(
+            "<p>Auto-tune searches layers × coefficients for the typed vector on the prompt "
+            "and fills the layer and coefficient above.</p>",
+            elem_id="autotune-picture",
+        )
+    return SimpleNamespace(
+        layer=layer,
+        text=text,
+        positive=positive,
+        negative=negative,
+        coeff=coeff,
+        add_btn=add_btn,
+        autotune_btn=autotune_btn,
+        autotune_stop=autotune_stop,
+        autotune_picture=autotune_picture,
+        message=message,
+    )
+
+
+def vector_table() -> SimpleNamespace:
+    """The vectors table (it scrolls within itself on a phone), its row buttons and vector files."""
+    table = gr.Dataframe(
+        value=[],
+        headers=list(views.VECTOR_COLUMNS),
+        datatype=["str", "str", "str", "number", "number", "bool", "str"],
+        type="array",
+        column_count=len(views.VECTOR_COLUMNS),
+        column_limits=(len(views.VECTOR_COLUMNS), len(views.VECTOR_COLUMNS)),  # rows may be added, columns not
+        interactive=True,
+        label="Vectors",
+        elem_id="vectors-table",
+        elem_classes=["scroll-table"],
+    )
+    gr.Markdown(
+        "`positions`: **prompt** (the default) adds a vector to the prompt's positions only, as ActAdd "
+        "does, and the reply is written by unsteered layers reading the steered prompt; **all** also adds "
+        "it at every generated token, as llm-steer does, and needs about half the coefficient (0.45 "
+        "where prompt takes 1).",
+        elem_id="positions-help",
+    )
+    with gr.Row():
+        remove_number = gr.Number(
+            0, precision=0, label="Row to remove (1 = first row, 0 = the last)", elem_id="remove-number"
+        )
+        remove_btn = gr.Button("Remove row", elem_id="remove-row")
+        clear_btn = gr.Button("Clear", elem_id="clear-rows")
+    with gr.Accordion("Export / import (llama.cpp control vectors)", open=False, elem_id="vector-files"):
+        with gr.Row():
+            export_format = gr.Radio(list(vector_io.FORMATS), value="gguf", label="Format", scale=2)
+            export_btn = gr.Button("Export table", elem_id="export-vectors", scale=1)
+            import_btn = gr.UploadButton(
+                "Import file", file_types=[".gguf", ".safetensors"], type="filepath", elem_id="import-vectors", scale=1
+            )
+        export_file = gr.File(label="Exported vectors", interactive=False)
+        import_info = gr.Markdown("", elem_id="import-info")
+    directions = gr.State({})  # imported raw directions, keyed by the label their row shows
+    return SimpleNamespace(
+        export_format=export_format,
+        export_btn=export_btn,
+        import_btn=import_btn,
+        export_file=export_file,
+        import_info=import_info,
+        directions=directions,
+        table=table,
+        remove_number=remove_number,
+        remove_btn=remove_btn,
+        clear_btn=clear_btn,
+    )
+
+
+def decoding_panel() -> SimpleNamespace:
+    with gr.Accordion("Decoding", open=False, elem_id="decoding"):
+        max_tokens = slider("max_new_tokens", "Max new tokens", elem_id="max-tokens")
+        temperature = slider("temperature", "Temperature (0 = greedy)")
+        top_p = slider("top_p", "Top-p")
+        seed = number_box("seed", "Seed", elem_id="seed")
+        capture = gr.Radio(
+            list(vocab.CAPTURE_MODES),
+            value=vocab.DEFAULT_CAPTURE_MODE,
+            label="Capture mode (stock: comparison only — llm-steer's own capture, "
+            "which does not carry the text's meaning)",
+            elem_id="capture-mode",
+        )
+        raw_prompt = gr.Checkbox(False, label="Raw prompt (skip the chat template)", elem_id="raw-prompt")
+    return SimpleNamespace(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, capture=capture, raw_prompt=raw_prompt
+    )
+
+
+def steer_tab(n_layers: int) -> SimpleNamespace:
+    """Three columns: the form and Generate, the outputs, the table and settings. A wide screen
+    shows them as form | outputs over table | outputs (CSS grid, see `LAYOUT_CSS`); a phone stacks
+    them in that order, so the outputs come right after the controls that produce them."""
+    with gr.Tab("Steer"), gr.Row(elem_id="steer-layout"):
+        with gr.Column(scale=1, elem_id="steer-form"):
+            new_vector = vector_form(n_layers)
+            with gr.Row():
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
+        with gr.Column(scale=1, elem_id="steer-outputs"):
+            with gr.Row():
+                steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
+                baseline = gr.Textbox(
+                    label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
+                )
+            run_info = gr.Markdown("", elem_id="run-info")
+        with gr.Column(scale=1, elem_id="steer-table"):
+            rows = vector_table()
+            decoding = decoding_panel()
+    form = SimpleNamespace(**vars(new_vector), **vars(rows))
+    return SimpleNamespace(
+        form=form,
+        decoding=decoding,
+        generate_btn=generate_btn,
+        stop_btn=stop_btn,
+        steered=steered,
+        baseline=baseline,
+        run_info=run_info,
+    )
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+def wire_steer(prompt: gr.Textbox, steer) -> None:
+    """The vector form, the table's own edits and files, and the Generate -> Stop chain."""
+    form, decoding = steer.form, steer.decoding
+    typed = [form.text, form.positive, form.negative]
+    form.add_btn.click(
+        add_vector_row,
+        [form.table, *typed, form.coeff, form.layer],
+        [form.table, *typed, form.message],
+        **UI_ONLY,
+    )
+    form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
+    form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
+    form.table.change(check_table, [form.table, form.layer, form.message], [form.table, form.message], **UI_ONLY)
+    form.export_btn.click(
+        export_table_shown,
+        [form.table, form.layer, form.export_format, decoding.capture, form.directions],
+        [form.export_file, form.import_info],
+        **PRIVATE,
+        **MODEL,
+    )
+    form.import_btn.upload(
+        import_into_table,
+        [form.import_btn, form.table, form.directions, form.layer],
+        [form.table, form.directions, form.import_info],
+        **PRIVATE,
+        **MODEL,
+    )
+    run_id = gr.State("")
+    buttons = [steer.generate_btn, steer.stop_btn]
+    settings = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
+    begun = steer.generate_btn.click(
+        begin_run,
+        [form.table, *typed, form.coeff, form.layer],
+        [form.table, *typed, form.message, *buttons, steer.run_info, run_id],
+        show_progress="hidden",
+        **UI_ONLY,
+    )
+    # trigger_mode "multiple": a run begun while a stopped one is still ending waits its turn
+    # instead of being dropped (Gradio drops a second trigger of a pending event by default).
+    begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
+        generate_run,
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions, run_id],
+        [steer.steered, steer.baseline, steer.run_info, *buttons],
+        show_progress="minimal",
+        trigger_mode="multiple",
+        **PRIVATE,
+        **MODEL,
+    )
+    steer.stop_btn.click(stop_run, None, [steer.run_info, *buttons], **UI_ONLY)  # no cancels: see Runs

@@ -1,30 +1,32 @@
-"""The Sweep tab's handlers (rows stream in, Stop ends them) and the vector form's Auto-tune.
-
-Both follow the Steer tab's rules (steering/ui_steer.py): a refusal is a notice and a message
-line, and the previous results stay; the run button is disabled while a run goes and Stop
-enabled only then. Every finished (or stopped) result goes into the session's history.
+"""The Sweep tab: one steering text at several coefficients, all rows of one batch; rows stream
+in, then are scored, and Stop ends them. Refusals follow steering/ui/common.py (a notice and a
+message line; the previous results stay); every finished (or stopped) sweep goes into the
+session's history.
 """
 
 from __future__ import annotations
 
-import inspect
+from types import SimpleNamespace
 
 import gradio as gr
 
-from steering import api, history, limits, plots, views
-from steering.ui_steer import (
-    Runs,
+from steering import api, history, limits, vocab
+from steering.ui import plots, views
+from steering.ui.common import (
+    MODEL,
+    PRIVATE,
+    UI_ONLY,
     end_run,
-    end_search,
-    inline,
+    layer_slider,
     loaded_quant,
-    n_layers_now,
     notices,
+    registry,
     session_of,
+    slider,
     with_buttons,
 )
 
-sweeps, tunes = Runs(), Runs()  # what Stop reaches (see ui_steer.Runs: no Gradio `cancels`)
+sweeps = registry()  # each session's sweeps, from the click on: what Stop reaches
 
 
 def begin_sweep(request: gr.Request = None) -> tuple:
@@ -40,12 +42,11 @@ def run_sweep(
     """One row per coefficient, streamed as the tokens arrive, then scored: outputs (table, plot,
     info). The table keeps the previous sweep until this one has its first text."""
     session = session_of(request)
-    run = sweeps.get(run_id, session)
-    stop = run.stop
-    if stop.is_set():  # stopped while it waited in the queue
-        sweeps.end(run)
+    run = sweeps.start(run_id, session)
+    if run is None:  # stopped while it waited in the queue
         yield gr.skip(), gr.skip(), gr.skip()
         return
+    stop = run.stop
     arguments = dict(
         prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
         max_new_tokens=max_new_tokens, seed=seed, positions=positions,
@@ -84,68 +85,71 @@ def stop_sweep(request: gr.Request = None) -> tuple:
     return "Stopped.", *end_run()
 
 
-# -- Auto-tune in the vector form ------------------------------------------------------------------
-def _accepts(name: str) -> bool:
-    return name in inspect.signature(api.autotune).parameters
-
-
-@notices(4, at=3)
-def autotune_form(
-    prompt, text, positive, negative, seed, run_id=None, progress=gr.Progress(), request: gr.Request = None, **search
-):
-    """Search layers x coefficients for the form's vector on the prompt; fill the form's layer and
-    coefficient with the chosen setting. Outputs (layer slider, coefficient, picture, message).
-    `search` passes api.autotune's own `layers` / `max_new_tokens` (the UI uses its defaults)."""
-    given = {k: v for k, v in (("text", text), ("positive", positive), ("negative", negative)) if v and v.strip()}
-    if not given:
-        raise gr.Error("text: type the steering text (or a positive and a negative text) to tune first")
-    arguments = dict(prompt=prompt, **given, seed=limits.check("seed", seed), **search)
-    session = session_of(request)
-    run = tunes.get(run_id, session)
-    stop = run.stop
-    if stop.is_set():  # stopped while it waited in the queue
-        tunes.end(run)
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    extra = {"stop": stop} if _accepts("stop") else {}  # api.autotune may not take a stop flag yet
-    progress(0, desc="Auto-tune: searching layers × coefficients")
-    try:
-        result = api.autotune(**arguments, **extra)
-    finally:
-        tunes.end(run)
-    context = {"quant": loaded_quant(), **({"stopped": True} if stop.is_set() else {})}
-    history.record(session, "autotune", arguments, result, context=context)
-    picture = plots.autotune_html(result)
-    if result.get("layer") is None or result.get("coeff") is None:
-        return gr.skip(), gr.skip(), picture, inline(str(result.get("reason") or "auto-tune found no setting"))
-    n_layers = n_layers_now()
-    layer = result["layer"] if n_layers is None else min(result["layer"], n_layers - 1)
-    score = result.get("score")
-    message = (
-        f"Auto-tune set layer {layer} and coefficient {result['coeff']:g}"
-        + (f" (score {score:.3f} nats/token)" if score is not None else "")
-        + f". {result.get('reason') or ''} Click **Add vector** to add it."
-    )
-    decay = result.get("decay")
-    if isinstance(decay, (int, float)) and decay != 1:  # the table has no decay column yet
-        message += f" ⚠️ It was found with a decay of {decay:g} per token, which the table cannot hold; /steer can."
-    gr.Info(f"Auto-tune: layer {layer}, coefficient {result['coeff']:g}")
-    return gr.Slider(value=layer), result["coeff"], picture, message
-
-
-def stop_autotune(request: gr.Request = None) -> tuple:
-    """Stop this session's auto-tune (a queued one never starts); outputs (message, buttons)."""
-    run = tunes.latest(session_of(request))
-    if run is not None:
-        run.stop.set()
-    finished = "" if _accepts("stop") else " (a search already running finishes its current batch first)"
-    return f"Auto-tune stopped{finished}.", *end_search()
-
-
 sweep_run = with_buttons(run_sweep, sweeps, 3)  # the Sweep chain's step: outputs + run and stop buttons
 
 
-def autotune_run(prompt, text, positive, negative, seed, run_id=None, progress=gr.Progress(), request=None):
-    """`autotune_form` plus (Auto-tune button, its Stop) back to rest, unless a newer auto-tune began."""
-    outputs = autotune_form(prompt, text, positive, negative, seed, run_id=run_id, progress=progress, request=request)
-    latest = tunes.is_latest(run_id, session_of(request))
-    return (*outputs, *(end_search() if latest else (gr.skip(), gr.skip())))
+# -- layout and wiring ------------------------------------------------------------------------------
+def sweep_tab(n_layers: int) -> SimpleNamespace:
+    with gr.Tab("Sweep"):
+        gr.Markdown(
+            "One steering text at several coefficients, all rows of one batch. Pick by **relevance** among "
+            "**fluent** rows (★): relevance is how much more likely the unsteered model finds the steering "
+            "text after the output than after the baseline's (nats/token); fluent means perplexity ≤ "
+            f"{vocab.MAX_PERPLEXITY:g}, repetition (1 − distinct-2) ≤ {vocab.MAX_REPETITION:g} and at least "
+            f"{vocab.MIN_TOKENS} tokens. `effect` keeps rising where the text "
+            "has degenerated: do not pick by it."
+        )
+        with gr.Row():
+            text = gr.Textbox("dogs", label="Steering text", elem_id="sweep-text")
+            layer = layer_slider(n_layers, "Layer")
+            coeffs = gr.Textbox(
+                "0, 0.5, 1, 1.5", label=f"Coefficients (up to {limits.MAX_SWEEP_ROWS})", elem_id="sweep-coeffs"
+            )
+            tokens = slider("sweep_max_new_tokens", "Max new tokens", elem_id="sweep-tokens")
+            positions = gr.Radio(
+                list(vocab.POSITIONS),
+                value=vocab.DEFAULT_POSITIONS,
+                label="Positions (see the Vectors table)",
+                elem_id="sweep-positions",
+            )
+        with gr.Row():
+            run_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
+            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-sweep")
+        info = gr.Markdown("", elem_id="sweep-info", elem_classes=["field-message"])
+        table = gr.Dataframe(
+            headers=list(views.SWEEP_COLUMNS),
+            type="array",
+            interactive=False,
+            wrap=True,
+            elem_id="sweep-table",
+            elem_classes=["scroll-table"],
+        )
+        plot = gr.HTML("", elem_id="sweep-plot")
+    return SimpleNamespace(
+        text=text,
+        layer=layer,
+        coeffs=coeffs,
+        tokens=tokens,
+        positions=positions,
+        run_btn=run_btn,
+        stop_btn=stop_btn,
+        info=info,
+        table=table,
+        plot=plot,
+    )
+
+
+def wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
+    buttons = [sweep.run_btn, sweep.stop_btn]
+    run_id = gr.State("")
+    begun = sweep.run_btn.click(begin_sweep, None, [*buttons, sweep.info, run_id], show_progress="hidden", **UI_ONLY)
+    begun.then(
+        sweep_run,
+        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
+        [sweep.table, sweep.plot, sweep.info, *buttons],
+        show_progress="minimal",
+        trigger_mode="multiple",  # see steer.wire_steer
+        **PRIVATE,
+        **MODEL,
+    )
+    sweep.stop_btn.click(stop_sweep, None, [sweep.info, *buttons], **UI_ONLY)

@@ -1,6 +1,6 @@
 """Pure conversions between the API's JSON values and what the UI's components show.
 
-`steering/ui.py` wires components to handlers; everything here is plain Python (no gradio, no
+`steering/ui/` wires components to handlers; everything here is plain Python (no gradio, no
 torch) so it can be tested without a server: the vectors table <-> the `/steer` vector dicts,
 recipe files, the status line, the fallback notice, the sweep table and plot data, the memory
 tab's tables and the cosine heatmap.
@@ -26,26 +26,22 @@ from steering.limits import (
     check_layer,
     check_text,
 )
-from steering.plots import colour_scale
+from steering.ui.plots import colour_scale
+from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, MAX_PERPLEXITY, POSITIONS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
 VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled", "positions")
-# steering/engine.py's POSITIONS, without importing torch here: where a vector is added (the
-# prompt only, ActAdd-style, or the prompt and every generated token, as llm-steer does).
-POSITIONS = ("prompt", "all")
 SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetition", "effect", "text")
-FLUENT_MAX_PERPLEXITY = 30.0  # steering/quality.py's rule; the plot draws it as the fluency boundary
 RECIPE_FORMAT = "steering-lab-recipe"
 # 2 added capture_mode, raw_prompt and the model; 3 made vector positions "prompt" the default
 # (older files replay with "all", llm-steer's rule, which they were made with); 1 and 2 still load
 RECIPE_VERSION = 3
-CAPTURE_MODES = ("contexts", "bos-neutral", "bos", "stock")  # steering/engine.py's, without importing torch here
 VERSION_1_CAPTURE_MODE = "bos-neutral"  # the default when version 1 recipes were written
 # A recipe's settings are `/steer`'s keyword arguments, so `**recipe["settings"]` replays it.
 DEFAULT_SETTINGS = {
     **{name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
-    "capture_mode": CAPTURE_MODES[0],
+    "capture_mode": DEFAULT_CAPTURE_MODE,
     "raw_prompt": False,
 }
 
@@ -171,7 +167,7 @@ def vectors_to_rows(
                 vector.get("coeff", ""),
                 default_layer if layer is None else layer,
                 bool(vector.get("enabled", True)),
-                vector.get("positions", POSITIONS[0]),
+                vector.get("positions", DEFAULT_POSITIONS),
             ]
         )
     return rows
@@ -209,7 +205,7 @@ def vector_row(vector: dict) -> list:
         vector["coeff"],
         vector["layer"],
         bool(vector.get("enabled", True)),
-        vector.get("positions", POSITIONS[0]),
+        vector.get("positions", DEFAULT_POSITIONS),
     ]
 
 
@@ -227,13 +223,15 @@ def normalize_rows(rows, layer: int, n_layers: int | None) -> tuple[list[list], 
         if not any(_filled(v) for v in (text, positive, negative)):
             fixed.append(
                 ["" if _blank(v) else v for v in (text, positive, negative)]
-                + [DEFAULT_COEFF, layer, True, POSITIONS[0]]
+                + [DEFAULT_COEFF, layer, True, DEFAULT_POSITIONS]
             )
             continue
-        positions = POSITIONS[0] if _blank(positions) else str(positions).strip()
+        positions = DEFAULT_POSITIONS if _blank(positions) else str(positions).strip()
         if positions not in POSITIONS:
-            problems.append(f"row {number}, positions: must be one of {', '.join(POSITIONS)} (reset to {POSITIONS[0]})")
-            positions = POSITIONS[0]
+            problems.append(
+                f"row {number}, positions: must be one of {', '.join(POSITIONS)} (reset to {DEFAULT_POSITIONS})"
+            )
+            positions = DEFAULT_POSITIONS
         coeff = DEFAULT_COEFF if _blank(coeff) else _number(coeff)
         try:
             coeff = check("coeff", coeff)
@@ -694,7 +692,7 @@ def sweep_points(result: dict) -> list[dict]:
         points.append({"coeff": r["coeff"], "value": r.get("relevance", 0.0), "metric": "relevance"})
         if r["perplexity"]:
             points.append({"coeff": r["coeff"], "value": math.log(r["perplexity"]), "metric": "ln(perplexity)"})
-        points.append({"coeff": r["coeff"], "value": math.log(FLUENT_MAX_PERPLEXITY), "metric": "fluency boundary"})
+        points.append({"coeff": r["coeff"], "value": math.log(MAX_PERPLEXITY), "metric": "fluency boundary"})
     return points
 
 
