@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from steering import catalog, estimate, gpu
+from steering import catalog, estimate, gpu, planning
 from steering.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def run_plan(args: argparse.Namespace) -> int:
         reading = gpu.probe(args.cuda_index, vram_limit_bytes=args.vram_limit)
     ram = gpu.system_ram(args.simulate_ram) if args.simulate_ram is not None else None
     try:
-        result = estimate.plan(
+        result = planning.plan(
             reading,
             gpus=gpus,
             ram=ram,

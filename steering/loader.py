@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from steering import catalog, embedded, estimate, gpu, lifecycle, weights
+from steering import catalog, embedded, estimate, gpu, lifecycle, planning, weights
 from steering.errors import InputError, ModelLockedError, ModelUnavailableError
 from steering.events import EventLog
 from steering.loaded import LoadedModel, decoder_layers, describe, is_oom, map_layer
@@ -143,7 +143,7 @@ class ModelManager:
     def plan(self, context_tokens: int | None = None) -> dict:
         """The memory plan of this machine under this manager's policy (margin, fallback)."""
         reading = self.probe()
-        return estimate.plan(
+        return planning.plan(
             reading,
             gpus=self.probe_gpus(reading),
             context_tokens=context_tokens or self.context_tokens,
@@ -264,9 +264,9 @@ class ModelManager:
         spec = catalog.get_spec(model)  # unknown ids raise here, before anything changes
         quant = _resolve_quant(spec, quant, reading, self.context_tokens, self.margin_bytes)
         # Plan first: a model that will not fit is replaced without needing its weights at all.
-        est = estimate.estimate_for(spec, quant, reading, self.context_tokens)
+        est = planning.estimate_for(spec, quant, reading, self.context_tokens)
         gpus = self.probe_gpus(reading)
-        placed = estimate.placement(spec, quant, est, gpus, gpu.system_ram, self.margin_bytes)
+        placed = planning.placement(spec, quant, est, gpus, gpu.system_ram, self.margin_bytes)
         verdict, need_bytes = placed.verdict, est.need_bytes
         split = placed if len(placed.bytes) > 1 and (verdict == "stable" or allow_offload) and not force else None
         if verdict != "stable" and split is None and not force and not spec.embedded:
@@ -433,7 +433,7 @@ def _resolve_quant(
         if not _cuda_available():
             return "fp32"
         return "bf16" if reading.supports_bf16 else "fp16"
-    return estimate.resolve_quant(spec, quant, reading, context_tokens=context_tokens, margin_bytes=margin_bytes)
+    return planning.resolve_quant(spec, quant, reading, context_tokens=context_tokens, margin_bytes=margin_bytes)
 
 
 def _record_downgrade(

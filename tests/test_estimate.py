@@ -8,6 +8,7 @@ import math
 import pytest
 
 from steering import estimate as est
+from steering import planning
 from steering.catalog import CATALOG, EMBEDDED_ID, FALLBACK_ID, get_spec, spec_from_config
 from steering.gpu import GiB, MiB, parse_size, probe, simulate_gpu, use_nvml
 
@@ -128,7 +129,7 @@ def _verdicts(result: dict) -> dict[tuple[str, str], str]:
 
 
 def test_reference_card_verdicts(reference_reading, no_token):
-    result = est.plan(reference_reading, context_tokens=2048)
+    result = planning.plan(reference_reading, context_tokens=2048)
     verdicts = _verdicts(result)
     assert verdicts[(FALLBACK_ID, "4bit")] == "stable"
     assert verdicts[(FALLBACK_ID, "bf16")] == "stable"
@@ -144,13 +145,13 @@ def test_reference_card_verdicts(reference_reading, no_token):
 
 
 def test_reference_card_lists_fp16_because_turing_lacks_native_bf16(reference_reading):
-    assert est.sensible_quants(QWEN7, reference_reading) == ["fp16", "bf16", "8bit", "4bit"]
-    assert est.sensible_quants(get_spec(EMBEDDED_ID), reference_reading)[0] == "fp32"
+    assert planning.sensible_quants(QWEN7, reference_reading) == ["fp16", "bf16", "8bit", "4bit"]
+    assert planning.sensible_quants(get_spec(EMBEDDED_ID), reference_reading)[0] == "fp32"
 
 
 def test_24gb_card_chooses_the_largest_model_in_bf16():
     reading = read(simulate_gpu(24 * GiB, 1 * GiB, compute_capability=(8, 6)))
-    result = est.plan(reading)
+    result = planning.plan(reading)
     assert result["choice"]["id"] == QWEN7.id  # 7.62B > Mistral's 7.25B
     assert result["choice"]["quant"] == "bf16"
     assert "largest stable" in result["choice"]["reason"]
@@ -158,36 +159,36 @@ def test_24gb_card_chooses_the_largest_model_in_bf16():
 
 def test_4gb_card_ends_on_the_fallback_in_4bit():
     reading = read(simulate_gpu(4 * GiB, 512 * MiB))
-    result = est.plan(reading)
+    result = planning.plan(reading)
     verdicts = _verdicts(result)
     assert verdicts[(MISTRAL.id, "4bit")] == "wont_fit" and verdicts[(QWEN7.id, "4bit")] == "wont_fit"
     assert result["choice"] == {"id": FALLBACK_ID, "quant": "4bit", "reason": result["choice"]["reason"]}
 
 
 def test_requested_model_gets_its_best_stable_quant(reference_reading):
-    choice = est.plan(reference_reading, model="qwen/qwen2.5-1.5b-instruct")["choice"]
+    choice = planning.plan(reference_reading, model="qwen/qwen2.5-1.5b-instruct")["choice"]
     assert (choice["id"], choice["quant"]) == (FALLBACK_ID, "fp16")  # highest precision, native on Turing
-    assert est.choose_quant(QWEN15, reference_reading) == "fp16"
-    assert est.resolve_quant(QWEN15, "8bit", reference_reading) == "8bit"
+    assert planning.choose_quant(QWEN15, reference_reading) == "fp16"
+    assert planning.resolve_quant(QWEN15, "8bit", reference_reading) == "8bit"
 
 
 def test_requested_model_that_is_not_stable_falls_back(reference_reading):
-    choice = est.plan(reference_reading, model=QWEN7.id)["choice"]
+    choice = planning.plan(reference_reading, model=QWEN7.id)["choice"]
     assert (choice["id"], choice["quant"]) == (FALLBACK_ID, "4bit")
     assert "Qwen/Qwen2.5-7B-Instruct is not stable" in choice["reason"]
-    assert est.choose_quant(QWEN7, reference_reading) is None
-    assert est.resolve_quant(QWEN7, "auto", reference_reading) == "4bit"
+    assert planning.choose_quant(QWEN7, reference_reading) is None
+    assert planning.resolve_quant(QWEN7, "auto", reference_reading) == "4bit"
 
 
 def test_nothing_fits_ends_on_the_embedded_model(reference_reading):
     reference_reading.vram_limit_bytes = 2 * GiB
-    choice = est.plan(reference_reading, model=QWEN7.id)["choice"]
+    choice = planning.plan(reference_reading, model=QWEN7.id)["choice"]
     assert (choice["id"], choice["quant"]) == (EMBEDDED_ID, "fp32")
     assert "embedded model runs on the CPU" in choice["reason"]
 
 
 def test_gated_model_without_token_is_not_chosen(reference_reading, no_token):
-    choice = est.plan(reference_reading, model=LLAMA1.id)["choice"]
+    choice = planning.plan(reference_reading, model=LLAMA1.id)["choice"]
     assert choice["id"] == FALLBACK_ID
     assert "is gated: set HF_TOKEN" in choice["reason"]
 
@@ -197,7 +198,7 @@ def test_cpu_mode_plans_the_embedded_model_against_ram(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "pynvml", None)
     reading = probe(0)
-    result = est.plan(reading)
+    result = planning.plan(reading)
     assert result["device"]["mode"] == "cpu"
     assert result["choice"]["id"] == EMBEDDED_ID and result["choice"]["quant"] == "fp32"
     assert all(row["breakdown"]["cuda_context"] == 0 for row in result["models"])
@@ -256,7 +257,7 @@ def test_weights_bytes_match_a_loaded_tiny_model(tiny_saved, quant):
 def test_stable_means_the_standard_workload_fits(reference_reading):
     """Every stable (or offloaded) row has room for a 2-row compare at the planned context and an
     8-row sweep of 256 tokens per row (with the margin); every other row lacks room for one of them."""
-    result = est.plan(reference_reading, context_tokens=2048)
+    result = planning.plan(reference_reading, context_tokens=2048)
     for row in result["models"]:
         fit = row["fit"]
         workload_fits = fit["compare_max_tokens"] >= 2048 and fit["sweep_max_tokens"] >= est.SWEEP_PLAN_TOKENS
@@ -266,9 +267,9 @@ def test_stable_means_the_standard_workload_fits(reference_reading):
 
 def test_a_sweep_can_be_what_does_not_fit(reference_reading):
     # At a 256-token context the compare is small; 8 rows of 256 tokens are what the plan prices.
-    est_row, workload = est.workload_estimate(QWEN15, "bf16", reference_reading, context_tokens=256)
+    est_row, workload = planning.workload_estimate(QWEN15, "bf16", reference_reading, context_tokens=256)
     assert workload == "sweep" and "scoring" in est_row.breakdown
-    compare = est.estimate_for(QWEN15, "bf16", reference_reading, 256, 2)
+    compare = planning.estimate_for(QWEN15, "bf16", reference_reading, 256, 2)
     assert est_row.need_bytes > compare.need_bytes
 
 
@@ -303,6 +304,6 @@ def test_the_meta_model_accelerate_places_is_the_catalog_model(spec):
 def test_a_card_too_small_even_for_the_embeddings_is_wont_fit_not_offload():
     tiny_card = read(simulate_gpu(1 * GiB))  # 788 MiB headroom: the 1 GiB margin alone is more
     ram = read(simulate_gpu(80 * GiB))  # stands in for plenty of RAM
-    estimate_, _ = est.workload_estimate(QWEN7, "fp16", tiny_card)
-    placed = est.placement(QWEN7, "fp16", estimate_, [tiny_card], ram)
+    estimate_, _ = planning.workload_estimate(QWEN7, "fp16", tiny_card)
+    placed = planning.placement(QWEN7, "fp16", estimate_, [tiny_card], ram)
     assert placed.verdict == "wont_fit" and placed.devices() == [] and placed.offload() is None

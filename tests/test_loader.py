@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from steering import api, catalog, embedded, gpu, weights
+from steering import api, catalog, embedded, gpu, planning, weights
 from steering.engine import engine_for
 from steering.errors import InputError, ModelLockedError, ModelUnavailableError
 from steering.loaded import is_oom, map_layer
@@ -548,7 +548,7 @@ def test_a_model_too_big_for_one_simulated_card_loads_split_across_two(fresh_man
     fresh_manager.configure(margin_bytes=0, models_dirs=[str(tmp_path)])
     spec = catalog.get_spec(str(tmp_path / "layered"))
     with gpu.use_nvml(gpu.simulate_gpu(80 * gpu.GiB)):
-        need = estimate.estimate_for(spec, "fp32", gpu.probe(0), 2048).need_bytes
+        need = planning.estimate_for(spec, "fp32", gpu.probe(0), 2048).need_bytes
     layer = devices.module_bytes(spec, "fp32")["model.layers.0"] + estimate.kv_cache_bytes(spec, "fp32", 2048, 2) // 8
     headroom = need - layer  # one decoder layer short of the whole model
     with gpu.use_nvml(gpu.simulate_gpu([headroom + gpu.SIMULATED_DRIVER_RESERVED_BYTES] * 2)):

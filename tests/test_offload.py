@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steering import api, catalog, devices, estimate, generate, gpu
+from steering import api, catalog, devices, generate, gpu, planning
 from steering.engine import SteeringEngine, VectorSpec
 from steering.errors import InputError
 
@@ -75,7 +75,7 @@ def _offload_card(spec: catalog.ModelSpec, quant: str) -> gpu.SimulatedNvml:
     room there for the largest offloaded module: here the tied embedding, so the layers go to RAM.)"""
     with gpu.use_nvml(gpu.simulate_gpu(80 * gpu.GiB)):
         big = gpu.probe(0)
-    need = estimate.estimate_for(spec, quant, big, 2048).need_bytes
+    need = planning.estimate_for(spec, quant, big, 2048).need_bytes
     layer = devices.module_bytes(spec, quant)["model.layers.0"]
     return gpu.simulate_gpu(need - 3 * layer // 2 + gpu.SIMULATED_DRIVER_RESERVED_BYTES)
 
@@ -87,8 +87,8 @@ def test_an_offload_model_loads_only_when_asked(fresh_manager, tiny_qwen_dir, ti
     spec = catalog.get_spec(str(tiny_qwen_dir))
     with gpu.use_nvml(_offload_card(spec, "fp32")):
         gpus = fresh_manager.probe_gpus()  # the loader's own estimate: a 2-row compare at 2048 tokens
-        placed = estimate.placement(
-            spec, "fp32", estimate.estimate_for(spec, "fp32", gpus[0]), gpus, gpu.system_ram(), 0
+        placed = planning.placement(
+            spec, "fp32", planning.estimate_for(spec, "fp32", gpus[0]), gpus, gpu.system_ram(), 0
         )
         assert placed.verdict == "offload", placed
         split, row = placed.offload(), {"devices": placed.devices()}
@@ -117,7 +117,7 @@ def test_the_memory_tab_shows_the_split(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with gpu.use_nvml(gpu.simulate_gpu([8 * gpu.GiB, 8 * gpu.GiB], int(0.7 * gpu.GiB))):
         gpus = gpu.probe_all()
-    plan = estimate.plan(gpus[0], gpus=gpus, ram=gpu.system_ram(32 * gpu.GiB))
+    plan = planning.plan(gpus[0], gpus=gpus, ram=gpu.system_ram(32 * gpu.GiB))
     table = {(r[0], r[1]): dict(zip(views.PLAN_COLUMNS, r)) for r in views.plan_rows(plan, plan["margin_bytes"])}
     split = table[("Qwen/Qwen2.5-7B-Instruct", "8bit")]
     assert split["verdict"] == "stable" and split["runs on"].startswith("cuda:0 ") and " + cuda:1 " in split["runs on"]
