@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test bench gpu-check lint format clean
+.PHONY: run test screenshots bench gpu-check lint format clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+# The browser tests with their screenshots written into assets/ (a plain `make test` keeps them in a temp folder).
+screenshots: $(STAMP)
+	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STEERING_SCREENSHOTS=1 STEERING_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:randomly tests/test_browser.py $(ARGS)
 
 bench: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(ARGS)

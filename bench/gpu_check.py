@@ -377,7 +377,7 @@ def measure(
     load_alloc, load_res = meter.peaks()
     failure = None
     try:
-        with manager.session() as loaded:
+        with manager.exclusive() as loaded:
             weights = meter.allocated() - base_alloc if meter.cuda else model_bytes(loaded.model)
             row["model_bytes"] = model_bytes(loaded.model)
             engine = engine_for(loaded)
@@ -530,7 +530,7 @@ def decode_speed(manager, meter: Meter, folder: Path, quant: str, tokens: int, b
     import torch
 
     manager.load(str(folder), quant, force=True)
-    with manager.session() as loaded:
+    with manager.exclusive() as loaded:
         model, tok = loaded.model, loaded.tokenizer
         ids = torch.tensor([tok.encode("The keeper reads the message. " * 2)], device=next(model.parameters()).device)
         rates = []

@@ -574,7 +574,7 @@ def run(mode: str, threads: int = DEFAULT_THREADS) -> dict:
     manager = get_manager()
     manager.load(catalog.EMBEDDED_ID, "fp32", user=False)
     out: dict = {"mode": mode}
-    with manager.session() as loaded:
+    with manager.exclusive() as loaded:
         assert loaded.device == "cpu" and loaded.quant == "fp32", (loaded.device, loaded.quant)
         engine = engine_for(loaded)
         # positions "all": the vector is added at every decoding step, as in stock llm-steer (the

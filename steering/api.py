@@ -210,12 +210,12 @@ def steer_stream(
 
     def work(attempt: Attempt) -> Iterator[dict]:
         mapped, base = _on_model(attempt, specs)
-        stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
-        for update in stream(
+        for update in generate.generate_rows(
             eng.engine_for(attempt.loaded),
             prompt,
             generate.compare_rows(mapped, compare),
             sampling,
+            one_row=attempt.one_row,
             stop=stop,
             raw_prompt=raw_prompt,
             capture_mode=capture_mode,
@@ -309,9 +309,8 @@ def sweep_stream(
             "model": attempt.loaded.model_id, "layer": attempt.layer(layer), "positions": positions,
             "recommended": None,
         }  # fmt: skip
-        stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
         final = None
-        for final in stream(engine, prompt, rows, sampling, stop=stop):
+        for final in generate.generate_rows(engine, prompt, rows, sampling, one_row=attempt.one_row, stop=stop):
             texts = [{"coeff": float(row[0][1]), "text": out} for row, out in zip(rows, final.texts)]
             if not final.done:
                 yield {**base, "rows": texts, "done": False}
@@ -569,15 +568,12 @@ def load_model(model: str, quant: str = "auto", force: bool = False, allow_offlo
 
 
 def status() -> dict:
-    """What is loaded and how memory stands.
+    """What is loaded and how memory stands (a reading: it never loads or waits for the model).
 
     Returns:
         {"model", "quant", "device", "n_layers", "default_layer", "memory", "events", ...}.
     """
-    manager = get_manager()
-    if manager.current is None:
-        manager.load_default()
-    return manager.status()
+    return get_manager().status()
 
 
 def plan(context: int = _D["context"]) -> dict:

@@ -140,11 +140,11 @@ def chat_stream(
         loaded = attempt.loaded
         mapped, base = api._on_model(attempt, specs)
         row_ids = [generate.conversation_ids(loaded.tokenizer, c) for c in conversations]
-        stream = generate.stream_rows_apart if attempt.one_row else generate.stream_rows
         rows = generate.compare_rows(mapped, True)
-        for update in stream(
-            eng.engine_for(loaded), "", rows, sampling, stop=stop, capture_mode=capture_mode, row_ids=row_ids
-        ):
+        for update in generate.generate_rows(
+            eng.engine_for(loaded), "", rows, sampling, one_row=attempt.one_row, stop=stop,
+            capture_mode=capture_mode, row_ids=row_ids,
+        ):  # fmt: skip
             replies = [{"role": "assistant", "content": text} for text in update.texts]
             yield {
                 **base,

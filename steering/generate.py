@@ -280,10 +280,15 @@ def _stoppable(model, stop: threading.Event) -> Iterator[None]:
             hook.remove()
 
 
+def generate_rows(engine, prompt, rows, sampling, *, one_row: bool = False, **kwargs) -> Iterator[RowsUpdate]:
+    """The one entry for generating rows: `stream_rows` (all rows in one batch) or, with
+    `one_row` (the manager's retry after an out-of-memory error), `stream_rows_apart`."""
+    return (stream_rows_apart if one_row else stream_rows)(engine, prompt, rows, sampling, **kwargs)
+
+
 def run_rows(engine, prompt, rows, sampling, *, one_row: bool = False, **kwargs) -> RowsUpdate:
-    """`stream_rows` (or, with `one_row`, `stream_rows_apart`) to the end; the final update."""
-    stream = stream_rows_apart if one_row else stream_rows
-    return collections.deque(stream(engine, prompt, rows, sampling, **kwargs), maxlen=1)[0]
+    """`generate_rows` to the end; the final update."""
+    return collections.deque(generate_rows(engine, prompt, rows, sampling, one_row=one_row, **kwargs), maxlen=1)[0]
 
 
 def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[RowsUpdate]:

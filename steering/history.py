@@ -120,6 +120,12 @@ def clear(session: str | None) -> None:
         _sessions.pop(session or "-", None)
 
 
+def clear_all() -> None:
+    """Forget every session's entries (tests start each case from an empty store)."""
+    with _lock:
+        _sessions.clear()
+
+
 def to_jsonl(session: str | None) -> str:
     """The session's history as JSON Lines: one entry per line, oldest first."""
     return "".join(json.dumps(entry, allow_nan=False, ensure_ascii=False) + "\n" for entry in entries(session))

@@ -94,7 +94,7 @@ class ModelManager:
         self.vram_limit_bytes: int | None = None
         self.margin_bytes = estimate.MARGIN_DEFAULT_BYTES
         self.context_tokens = 2048
-        self.locked = False
+        self.lock_model = False
         self.cuda_index = 0
         self.models_dirs: list[str] = []  # folders whose models users may load (--models-dir)
 
@@ -126,7 +126,7 @@ class ModelManager:
         if context_tokens is not None:
             self.context_tokens = context_tokens
         if lock_model is not None:
-            self.locked = lock_model
+            self.lock_model = lock_model
 
     # -- reading state -------------------------------------------------------------------------
     @property
@@ -157,7 +157,7 @@ class ModelManager:
         # model, so a concurrent release cannot pull it away half-way.
         return {
             **_status(self._current, self.probe(), self.cuda_index),
-            "locked": self.locked,
+            "locked": self.lock_model,
             "fallback_model": self.fallback_model,
             "events": self.events.all(),
             "event_count": self.events.count,
@@ -165,7 +165,7 @@ class ModelManager:
 
     # -- the lock ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def session(self) -> Iterator[LoadedModel]:
+    def exclusive(self) -> Iterator[LoadedModel]:
         """Hold the model lock and yield the loaded model (loading the default one if none is)."""
         lifecycle.check_running()
         with self._lock:
@@ -175,24 +175,19 @@ class ModelManager:
             yield self._current
 
     def run(self, fn: Callable[[Attempt], T], *, what: str = "request") -> T:
-        """Call `fn(attempt)` under the lock. On out-of-memory: free the caches and call it again
-        on the same model with rows one at a time; if that runs out too, downgrade and retry once."""
-        with self.session() as loaded:
-            attempt = Attempt(loaded, loaded.n_layers)
-            for path in RECOVERY_PATHS:
-                try:
-                    return fn(attempt)
-                except Exception as exc:
-                    if not is_oom(exc) or path == RECOVERY_PATHS[-1]:
-                        raise
-                    failure = describe(exc)
-                # Outside the except block: the traceback (and the tensors its frames hold) is gone.
-                attempt = self._next_attempt_locked(attempt, failure, what, path)
-        raise AssertionError("unreachable")
+        """`stream` for a call that returns once: `fn(attempt)` under the lock, with the same
+        recovery (rows one at a time, then the fallback model)."""
+        stream = self.stream(lambda attempt: iter((fn(attempt),)), what=what)
+        try:
+            return next(stream)
+        finally:
+            stream.close()  # releases the lock
 
     def stream(self, fn: Callable[[Attempt], Iterator[T]], *, what: str = "request") -> Iterator[T]:
-        """Like `run` for generators: a stream that runs out of memory starts again on the next path."""
-        with self.session() as loaded:
+        """Yield from `fn(attempt)` under the model lock. On out-of-memory: free the caches and
+        start again on the same model with rows one at a time; if that runs out too, downgrade
+        to the fallback model and retry once (the one recovery path of every request)."""
+        with self.exclusive() as loaded:
             attempt = Attempt(loaded, loaded.n_layers)
             for path in RECOVERY_PATHS:
                 try:
@@ -227,7 +222,7 @@ class ModelManager:
             allow_offload: a model the plan gives `offload` is loaded with part of its layers in
                 CPU RAM (slower); without it such a model is replaced by the fallback.
         """
-        if user and self.locked:
+        if user and self.lock_model:
             raise ModelLockedError("Model switching is disabled on this server (--lock-model).")
         model = (model or "").strip()
         if not model:

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_CACHE = Path(os.environ.get("STEERING_TEST_MODELS", ROOT / ".pytest-models"))  # as in conftest.py
+# The converted embedded model and the tiny test models, shared by every test and test server.
+MODEL_CACHE = Path(os.environ.get("STEERING_TEST_MODELS", ROOT / ".pytest-models"))
 TOKENS = 8  # new tokens per generation in these tests: enough to tell outputs apart, cheap on CPU
 
 

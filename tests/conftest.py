@@ -15,13 +15,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_CACHE = Path(os.environ.get("STEERING_TEST_MODELS", ROOT / ".pytest-models"))
+from _server import MODEL_CACHE  # the one definition of the converted-model cache folder
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -40,6 +39,18 @@ def _user_state_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("STEERING_CACHE_DIR", str(MODEL_CACHE))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_records():
+    """Each test starts with an empty history store and no runs registered by an earlier one."""
+    from steering import history
+
+    history.clear_all()
+    common = sys.modules.get("steering.ui.common")  # only when a test imported the UI
+    if common is not None:
+        common.reset_runs()
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

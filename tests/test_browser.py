@@ -3,9 +3,11 @@
 One browser and one page for the module (a test reloads the page when it needs a clean form):
 a typed-but-unadded text steers, Stop before the first token ends the run and frees the model,
 an invalid Add keeps the table and says why beside the field, a recipe round trip restores the
-capture mode, the Memory tab fills itself when opened. They also save the README's screenshots
-(`assets/`). Skips with the reason when Chromium or Playwright is missing, unless
-STEERING_REQUIRE_BROWSER=1 (CI sets it): then a missing browser is a failure.
+capture mode, the Memory tab fills itself when opened. They also take the README's screenshots:
+into a temporary folder, or into `assets/` with STEERING_SCREENSHOTS=1 (`make screenshots`), so a
+plain `make test` leaves the work tree as it found it. Skips with the reason when Chromium or
+Playwright is missing, unless STEERING_REQUIRE_BROWSER=1 (CI sets it): then a missing browser is
+a failure.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +34,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-quic",
 ]
-ASSETS = ROOT / "assets"
+# Where the screenshots go: assets/ only when asked to refresh them (make screenshots).
+ASSETS = ROOT / "assets" if os.environ.get("STEERING_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="shots-"))
 TIMEOUT_MS = 120_000  # generation on a loaded 2-core CI machine
 
 

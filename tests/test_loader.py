@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import re
+import sys
 import threading
 import time
 import weakref
@@ -336,14 +337,17 @@ def test_absurd_configs_are_refused_in_a_sentence(manager, tmp_path, tiny_llama_
     assert (manager.current.identity, manager.events.count) == before
 
 
-def _oom_in_embeddings(model, gate: threading.Event | None = None, times: int = 2):
+def _oom_in_embeddings(model, gate: threading.Event | None = None, times: int = 2, entered=None):
     """The next `times` passes through `model`'s token embeddings (every forward: generation,
-    capture, scoring) raise OOM, the first after waiting for `gate` when one is given."""
+    capture, scoring) raise OOM, the first after waiting for `gate` when one is given (setting
+    `entered`, when given, as it starts waiting)."""
     embed = model.model.embed_tokens
     left = [times]
 
     def forward(*args, **kwargs):
         if gate is not None and left[0] == times:
+            if entered is not None:
+                entered.set()
             gate.wait(30)
         left[0] -= 1
         if left[0] == 0:
@@ -374,10 +378,23 @@ def test_every_model_endpoint_reports_its_own_fallback(manager, tiny_llama_dir, 
     assert call(3)["fallback"] is None  # the next request (on the 4-layer fallback) caused no downgrade
 
 
+def _waits_for_the_model_lock(thread: threading.Thread, timeout_s: float = 60) -> bool:
+    """Whether `thread` reaches the manager's lock (its stack shows `ModelManager.exclusive`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None:
+            if frame.f_code.co_name == "exclusive":
+                return True
+            frame = frame.f_back
+        time.sleep(0.01)
+    return False
+
+
 def test_a_waiting_request_is_not_told_about_anothers_downgrade(manager, tiny_llama_dir):
     manager.load(str(tiny_llama_dir), "fp32")
-    gate = threading.Event()
-    _oom_in_embeddings(manager.current.model, gate, times=1)  # the retry with rows apart succeeds
+    gate, entered = threading.Event(), threading.Event()
+    _oom_in_embeddings(manager.current.model, gate, times=1, entered=entered)  # the retry with rows apart succeeds
     results: dict[str, dict] = {}
 
     def request(name: str) -> None:
@@ -385,10 +402,10 @@ def test_a_waiting_request_is_not_told_about_anothers_downgrade(manager, tiny_ll
 
     first = threading.Thread(target=request, args=("first",))
     first.start()
-    time.sleep(0.5)  # the first request holds the model lock, blocked inside its forward pass
+    assert entered.wait(60)  # the first request holds the model lock, blocked inside its forward pass
     second = threading.Thread(target=request, args=("second",))
     second.start()
-    time.sleep(0.5)  # the second one now waits for the lock
+    assert _waits_for_the_model_lock(second)
     gate.set()
     first.join(60)
     second.join(60)

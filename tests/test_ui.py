@@ -243,7 +243,7 @@ def test_heatmap_and_sweep_views():
         {"coeff": 0.5, "value": pytest.approx(1.0), "metric": "ln(perplexity)"},
         {"coeff": 0.5, "value": pytest.approx(math.log(30)), "metric": "fluency boundary"},
     ]
-    assert views.sweep_rows(result) == [[0.5, "★", 0.25, "yes", 2.72, 0.1, 0.3, "a"]]
+    assert views.sweep_table(result) == [[0.5, "★", 0.25, "yes", 2.72, 0.1, 0.3, "a"]]
 
 
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):

@@ -51,7 +51,7 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
     """The whole app, queued and ready for `launch()`."""
     config = config or UIConfig()
     manager = get_manager()
-    locked = config.lock_model or manager.locked
+    locked = config.lock_model or manager.lock_model
     loaded = manager.current
     n_layers = loaded.n_layers if loaded else catalog.get_spec(catalog.EMBEDDED_ID).n_layers
 

@@ -58,7 +58,7 @@ def run_sweep(
             info = f"{result['model']} · layer {result['layer']} · positions {result['positions']}"
             if not result["done"]:
                 tokens = max((len(r["text"]) for r in result["rows"]), default=0)
-                yield views.sweep_rows(result), gr.skip(), f"{info} · generating… ({tokens} characters so far)"
+                yield views.sweep_table(result), gr.skip(), f"{info} · generating… ({tokens} characters so far)"
                 continue
             if result.get("stopped"):
                 info += " · stopped: the texts so far, unscored"
@@ -66,7 +66,7 @@ def run_sweep(
                 best = result.get("recommended")
                 info += f" · recommended coefficient {best:g} (★)" if best is not None else " · no fluent row"
             notice = views.fallback_notice(result.get("fallback"))
-            yield views.sweep_rows(result), plots.sweep_svg(result), info + (f"  \n{notice}" if notice else "")
+            yield views.sweep_table(result), plots.sweep_svg(result), info + (f"  \n{notice}" if notice else "")
     finally:
         stop.set()
         stream.close()

@@ -666,7 +666,7 @@ def _rounded(value, digits: int):
     return None if value is None else round(value, digits)
 
 
-def sweep_rows(result: dict) -> list[list]:
+def sweep_table(result: dict) -> list[list]:
     """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row."""
     return [
         [
