@@ -181,7 +181,7 @@ def score_all(engine, topics, gens, layers, coeffs, path: Path) -> dict:
                 values, ppl = Q.logprob_scores(engine, context, ids[1:], ids[0], connector=connector, **texts)
                 for k, v, pp in zip(keys[1:], values, ppl):
                     out[k].update({method: v, "perplexity": pp})
-            out[keys[0]]["perplexity"] = Q.output_perplexities(engine, context, ids[:1])[0]
+            out[keys[0]]["perplexity"] = G.context_perplexities(engine, context, ids[:1])[0]
             for method in ("hidden", "embed"):  # only "hidden" depends on the layer (its direction)
                 for layer in layers if method == "hidden" else layers[:1]:
                     picked = [
@@ -228,7 +228,7 @@ def score_probes(engine, topics, gens, layers, coeffs, scores: dict, path: Path)
                 "repetition": Q.repetition(ids[0]),
                 "logprob": 0.0,
                 "on_topic": False,
-                "perplexity": Q.output_perplexities(engine, context, ids[:1])[0],
+                "perplexity": G.context_perplexities(engine, context, ids[:1])[0],
             }
             _save(path, scores)
 
@@ -888,7 +888,7 @@ def fresh_check(engine, tokens: int, set_file: Path = FRESH_FILE, out: Path | No
         outputs = []
         for p, prompt in enumerate(topic["prompts"][1:], 1):
             final = G.run_rows(engine, prompt, rows, G.Sampling(max_new_tokens=tokens), capture_mode=CAPTURE_MODE)
-            ppl = Q.output_perplexities(engine, G.prompt_ids(engine.tokenizer, prompt), final.token_ids)
+            ppl = G.context_perplexities(engine, G.prompt_ids(engine.tokenizer, prompt), final.token_ids)
             for name, text, ids, pp in zip(settings, final.texts, final.token_ids, ppl):
                 rep = Q.repetition(ids)
                 fluent, on = Q.is_fluent(pp, rep, len(ids)), on_topic(text, topic["words"])

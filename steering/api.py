@@ -438,7 +438,7 @@ def autotune(
     0.5, 0.55 with "all"), each a row of one greedy batch with the unsteered baseline, on the
     prompt and on four neutral probe prompts; the chosen setting is the one fluent and moved
     toward the text on the most of those five outputs, ties going to the coefficient nearest the
-    default (measured on our labelled set and two validation sets: docs/quality.md, round 4).
+    default (measured on our labelled set and two validation sets: docs/quality.md).
     In-process callers (the UI's Stop) may pass the keyword `stop` (a threading.Event): the
     search ends within a decoding step and chooses among the rows it finished.
 

@@ -27,7 +27,7 @@ hidden state. We keep that patching and fix what a shared server cannot live wit
   token ("all"). The default, "prompt", adds it in the first forward pass of a generation only
   (llm-steer's step 0: the prefill, all prompt positions), as ActAdd does; the reply is then
   written by unsteered layers that read the steered prompt through attention. On the labelled
-  set and two validation sets of docs/quality.md (round 4) it is on topic and fluent more often.
+  set and two validation sets of docs/quality.md it is on topic and fluent more often.
 """
 
 from __future__ import annotations

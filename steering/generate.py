@@ -415,15 +415,6 @@ def context_perplexities(
     return [math.exp(-float(lp.mean())) if len(lp) else None for lp in logps]
 
 
-def perplexities(
-    engine: SteeringEngine, prompt: str, generations: Sequence[Sequence[int]], *, one_row: bool = False
-) -> list[float | None]:
-    """Perplexity of each generated continuation under the unsteered model (fluency), batched
-    (with `one_row`, a forward pass per row)."""
-    context = prompt_ids(engine.tokenizer, prompt)
-    return context_perplexities(engine, context, generations, row_chunk=1 if one_row else SCORE_ROW_CHUNK)
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id if model.generation_config else None
     if eos is None:

@@ -48,7 +48,7 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("top_p", 1.0, 0.0, 1.0, "", "nucleus sampling threshold", min_exclusive=True),
     Limit("seed", 0, 0, 2**31 - 1, "", "random seed; each batch row samples with its own generator", integer=True),
     # 1.0 with positions "prompt" (the default): the best on-topic-and-fluent rate at the middle
-    # layer on the labelled set, round 4 (docs/quality.md); with positions "all" about 0.45 is.
+    # layer on the labelled set (docs/quality.md); with positions "all" about 0.45 is.
     Limit("coeff", 1.0, -20.0, 20.0, "× hidden-state RMS", "steering strength; negative steers away"),
     Limit("layer", None, 0, None, "", "decoder layer whose input is steered", integer=True),
     Limit("decay", 1.0, 0.0, 1.0, "", "coefficient multiplier per decoding step", min_exclusive=True),

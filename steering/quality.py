@@ -1,4 +1,4 @@
-"""Quality of a steered output (issue 9): is it fluent, did it move toward the steering text, and
+"""Quality of a steered output: is it fluent, did it move toward the steering text, and
 which setting (layer, coefficient) gets the most of the second while keeping the first.
 
 * `repetition(token_ids)`: 1 - distinct-2 of the generated tokens (0 for a sentence that never
@@ -81,13 +81,6 @@ def is_fluent(perplexity: float | None, repetition: float, n_tokens: int, max_ne
 
 
 # -- lean log-probs: generate.token_logprobs ------------------------------------------------------
-def output_perplexities(
-    engine: SteeringEngine, context: Sequence[int], generations: Sequence[Sequence[int]]
-) -> list[float | None]:
-    """Perplexity of each generated continuation under the model (`generate.context_perplexities`)."""
-    return generate.context_perplexities(engine, context, generations)
-
-
 def _target_ids(engine: SteeringEngine, text: str) -> list[int]:
     return engine.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
 
@@ -146,21 +139,14 @@ RELEVANCE = "logprob"
 
 
 # -- autotune --------------------------------------------------------------------------------------
-# The default search (research/quality.py, docs/quality.md): the middle layer (15 of SmolLM2's 30) x
-# the default coefficient and the next two steps up, 0.45, 0.5, 0.55, constant, greedy: 1 batch of
-# 1 baseline + 3 candidates. With the "contexts" capture 0.4 is mostly off topic (0.47 on topic at
-# layer 15) and fluency gives way from 0.55 (0.58 fluent), so the search starts at the default
-# and lets a prompt that tolerates more have it. Measured on the labelled set (round 3), tuned on
-# one prompt and applied to the other five of its topic: 0.767 on topic and fluent (0.722 over
-# every tuning prompt; the fixed default 0.733 / 0.694); round 2's decaying and sampled searches
-# were measured with the older "bos-neutral" capture only (docs/quality.md).
-#
-# Round 4 made positions "prompt" (ActAdd-style: the prompt only) the default, and with it the
-# search: the default coefficient 1.0 and one step either side, each tried on the user's prompt
-# and on four neutral probe prompts; the setting fluent and relevant on the most of those five
-# outputs wins, ties going to the one nearest the default coefficient. One greedy output decides
-# by luck: tuned on the user's prompt alone, every rule tried stayed below the fixed default on
-# the labelled set (docs/quality.md, round 4).
+# The default search (measured with research/quality.py, docs/quality.md): the middle layer x the
+# default coefficient and one step either side (0.75, 1.0, 1.25 with positions "prompt"; 0.45,
+# 0.5, 0.55 with "all"), constant, greedy, each tried on the user's prompt and on four neutral
+# probe prompts; the setting fluent and relevant on the most of those five outputs wins, ties
+# going to the one nearest the default coefficient. One greedy output decides by luck: tuned on
+# the user's prompt alone, every rule tried stayed below the fixed default on the labelled set.
+# The decaying and sampled searches (`decays`, `samples`) were measured with the older
+# "bos-neutral" capture only (docs/quality.md).
 LAYER_FRACTIONS = (0.5,)
 COEFFS_BY_POSITIONS = {"prompt": (0.75, 1.0, 1.25), "all": (0.45, 0.5, 0.55)}
 COEFFS = COEFFS_BY_POSITIONS[DEFAULT_POSITIONS]

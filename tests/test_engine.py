@@ -184,7 +184,7 @@ def test_scores(smol_engine):
     assert effects[0] == pytest.approx(0.0, abs=1e-5)
     assert effects[1] > 0.5  # steering towards "dogs" makes "dogs" more likely
     gens = _ids(smol_engine, rows)
-    ppl = G.perplexities(smol_engine, PROMPT, gens)
+    ppl = G.context_perplexities(smol_engine, G.prompt_ids(smol_engine.tokenizer, PROMPT), gens)
     assert all(p is not None and p >= 1.0 for p in ppl)
 
 
@@ -431,7 +431,7 @@ def test_lean_scoring_sends_only_scored_positions_through_the_head(smol_engine, 
     head = smol_engine.model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     try:
-        lean_ppl = G.perplexities(smol_engine, PROMPT, generations)
+        lean_ppl = G.context_perplexities(smol_engine, G.prompt_ids(smol_engine.tokenizer, PROMPT), generations)
         lean_effects = G.effect_scores(smol_engine, rows, "dogs")
     finally:
         hook.remove()

@@ -59,7 +59,9 @@ def test_a_disk_offloaded_model_steers_token_identically_to_the_whole_one(whole_
     sweep = generate.sweep_rows("the Golden Gate Bridge", 4, [0.0, 2.0, 6.0, 12.0])
     rows = [generate.run_rows(e, PROMPT, sweep, sampling).token_ids for e in (whole, offloaded)]
     assert rows[0] == rows[1] and len({tuple(r) for r in rows[0]}) > 1
-    scores = [generate.perplexities(e, PROMPT, rows[0]) for e in (whole, offloaded)]
+    scores = [
+        generate.context_perplexities(e, generate.prompt_ids(e.tokenizer, PROMPT), rows[0]) for e in (whole, offloaded)
+    ]
     assert scores[0] == pytest.approx(scores[1], rel=1e-5)
     effects = [generate.effect_scores(e, [[(vectors[0], 4.0)]], "dogs and cats") for e in (whole, offloaded)]
     assert effects[0] == pytest.approx(effects[1], rel=1e-5, abs=1e-6)

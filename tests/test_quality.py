@@ -32,7 +32,7 @@ def test_is_fluent_rejects_loops_that_perplexity_calls_fluent(smol_engine):
     tokenizer = smol_engine.tokenizer
     context = G.prompt_ids(tokenizer, PROMPT)
     loop, sentence = _ids(tokenizer, LOOP), _ids(tokenizer, SENTENCE)
-    ppl_loop, ppl_sentence = Q.output_perplexities(smol_engine, context, [loop, sentence])
+    ppl_loop, ppl_sentence = G.context_perplexities(smol_engine, context, [loop, sentence])
     assert ppl_loop < Q.MAX_PERPLEXITY  # perplexity alone would pass the loop ...
     assert not Q.is_fluent(ppl_loop, Q.repetition(loop), len(loop))  # ... the rule does not
     assert Q.is_fluent(ppl_sentence, Q.repetition(sentence), len(sentence))
@@ -54,7 +54,9 @@ def test_lean_scores_equal_full_logits_and_only_scored_positions_reach_the_head(
     bridge, target = _ids(tokenizer, Q.CONNECTOR), _ids(tokenizer, " the ocean")
     scored = sum(len(g) + len(bridge) + len(target) for g in gens)  # output + connector + text, not the prompt
     assert seen == [(scored, model.config.hidden_size)]  # one (positions, H) slice: no (rows, T, vocab)
-    assert ppl == pytest.approx(G.perplexities(smol_engine, PROMPT, gens), rel=1e-4)
+    assert ppl == pytest.approx(
+        G.context_perplexities(smol_engine, G.prompt_ids(smol_engine.tokenizer, PROMPT), gens), rel=1e-4
+    )
     for g, value in zip(gens, lean):  # naive: full logits of one unpadded row
         ids = torch.tensor([context + g + bridge + target])
         with torch.inference_mode():
@@ -62,8 +64,8 @@ def test_lean_scores_equal_full_logits_and_only_scored_positions_reach_the_head(
         start = ids.shape[1] - len(target)
         naive = torch.stack([logp[p - 1, ids[0, p]] for p in range(start, ids.shape[1])]).mean()
         assert value == pytest.approx(float(naive), abs=1e-4)
-    assert Q.output_perplexities(smol_engine, context, gens) == pytest.approx(
-        G.perplexities(smol_engine, PROMPT, gens), rel=1e-4
+    assert G.context_perplexities(smol_engine, context, gens) == pytest.approx(
+        G.context_perplexities(smol_engine, G.prompt_ids(smol_engine.tokenizer, PROMPT), gens), rel=1e-4
     )
 
 

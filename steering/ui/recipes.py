@@ -125,11 +125,6 @@ def cancel_example() -> tuple:
     return gr.Row(visible=False), inline("")
 
 
-def apply_example(name: str) -> tuple:
-    """The recipe fields of a built-in example, without asking (for tests and callers by name)."""
-    return _example(name)
-
-
 # -- layout and wiring ------------------------------------------------------------------------------
 def recipes_tab() -> SimpleNamespace:
     with gr.Tab("Recipes"):

@@ -1,6 +1,6 @@
 """What the HTTP server shows and logs, beyond what Gradio does by default.
 
-Three gaps in Gradio 6 that a public link makes matter (issue 12):
+Three gaps in Gradio 6 that a public link makes matter:
 
 - Its queue bound (`queue(max_size=N)`) applies to every event, so 32 generations waiting make
   `/status` and `/plan` answer "queue full" too. `ReadingsFirstQueue` never refuses a reading (the

@@ -27,7 +27,7 @@ from steering.limits import (
     check_text,
 )
 from steering.ui.plots import colour_scale
-from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, MAX_PERPLEXITY, POSITIONS
+from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
@@ -46,7 +46,7 @@ DEFAULT_SETTINGS = {
 }
 
 # Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy, capture "contexts", positions
-# "prompt"): at the middle layer 1.0 is the measured default (docs/quality.md, round 4); each was
+# "prompt"): at the middle layer 1.0 is the measured default (docs/quality.md); each was
 # read at 0.75, 1, 1.25 and 1.5 and keeps the one that read best (dogs loops from 1.0 on: "a mix
 # of breeds, including a mix of breeds", the pair from 1.5 on).
 # A layer of None means "the loaded model's default layer"
@@ -681,19 +681,6 @@ def sweep_table(result: dict) -> list[list]:
         ]
         for r in result.get("rows", [])
     ]
-
-
-def sweep_points(result: dict) -> list[dict]:
-    """Long-format points for the sweep plot, all in nats per token: relevance (a difference of
-    mean log-probs), ln(perplexity) (the mean negative log-likelihood) and the fluency boundary
-    ln(30): a row above it is not fluent."""
-    points = []
-    for r in result.get("rows", []):
-        points.append({"coeff": r["coeff"], "value": r.get("relevance", 0.0), "metric": "relevance"})
-        if r["perplexity"]:
-            points.append({"coeff": r["coeff"], "value": math.log(r["perplexity"]), "metric": "ln(perplexity)"})
-        points.append({"coeff": r["coeff"], "value": math.log(MAX_PERPLEXITY), "metric": "fluency boundary"})
-    return points
 
 
 def _cosine_colour(value: float) -> str:
