@@ -3,7 +3,7 @@
 One server per module (`build_demo` + `launch` in this process), serving the embedded SmolLM2 on
 CPU in fp32 with greedy decoding, so outputs are deterministic and can be compared exactly.
 Bad inputs must arrive as Gradio errors whose message names the field, and leave the server
-serving. The README's ```python client examples are executed against this server too.
+serving. The docs' ```python client examples run in tests/test_docs.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from _server import ROOT, TOKENS, client, launched
+from _server import TOKENS, client, launched
 from gradio_client.exceptions import AppError
 
 from steering import api as steering_api
@@ -300,21 +300,6 @@ def test_builtin_examples_steer_the_embedded_model(api, baseline):
         vectors = [{**v, "layer": LAYER if v["layer"] is None else v["layer"]} for v in example["vectors"]]
         result = api.predict(example["prompt"], vectors, TOKENS, api_name="/steer")
         assert result["steered"] and result["steered"] != result["baseline"], name
-
-
-def _readme_python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-def test_readme_client_examples_run(url):
-    blocks = _readme_python_blocks()
-    assert blocks, "README.md has no ```python examples"
-    assert "http://127.0.0.1:7860/" in blocks[0]  # the examples start by connecting to the default URL
-    namespace: dict = {}
-    for block in blocks:  # one namespace: later examples reuse the `client` of the first
-        exec(compile(block.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), namespace)  # noqa: S102
-    assert namespace["result"]["steered"]
 
 
 def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
