@@ -1,7 +1,7 @@
 """Round 4 pilot: steering rules compared on the labelled set + validation set 1."""
 import json, sys, time, math
 from pathlib import Path
-sys.path.insert(0, "."); sys.path.insert(0, "bench")
+sys.path.insert(0, "."); sys.path.insert(0, "research")
 import torch
 import quality as B
 from steering import generate as G, quality as Q

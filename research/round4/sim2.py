@@ -1,5 +1,5 @@
 import json, sys, time
-sys.path.insert(0, "."); sys.path.insert(0, "bench")
+sys.path.insert(0, "."); sys.path.insert(0, "research")
 import quality as B
 from steering import quality as Q
 engine = B.load_engine()

@@ -1,5 +1,5 @@
 import json, sys
-sys.path.insert(0, "."); sys.path.insert(0, "bench")
+sys.path.insert(0, "."); sys.path.insert(0, "research")
 import quality as B
 from steering import quality as Q
 PROBES = list(Q.PROBE_PROMPTS) + ["What is a good way to spend an evening?", "Give me some advice for the week ahead."]
