@@ -154,3 +154,30 @@ def shorten(value) -> str:
     """`repr(value)` cut to 60 characters: errors never echo a huge input back."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- vector files (steering/vector_io.py) ---------------------------------------------------------
+# Checked before a byte is parsed: every count and size a header claims is held against these and
+# against the file's own size, so a 1 KB file cannot make the reader walk 2**40 values (issue 26).
+# 64 MiB: our own export of 64 raw directions of 16384 numbers (tensors plus their JSON copy in
+# the metadata) is about 30 MiB; a llama.cpp control vector of a 70B model (80 x 8192) is 2.5 MiB.
+VECTOR_FILE_BYTES = 64 * 2**20
+VECTOR_FILE_TENSORS = 1024  # tensors in one file (a control vector holds one per layer)
+VECTOR_FILE_KEYS = 1024  # metadata entries in one file
+VECTOR_FILE_ARRAY_VALUES = 65536  # values in all metadata arrays of one file together
+VECTOR_FILE_NESTING = 2  # a metadata array may hold arrays, which may not
+VECTOR_FILE_NAME_BYTES = 4096  # one metadata key or tensor name
+VECTOR_FILE_DIMS = 4  # dimensions of one tensor
+
+
+def loads_json(text: str, field: str, what: str):
+    """`json.loads(text)`, or `InputError` naming `field`: `what` is damaged (not JSON) or nested
+    too deeply to read (a crafted file; Python's parser gives up with a recursion error)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(field, f"has {what} nested too deeply to read") from None
+    except ValueError:
+        raise InputError(field, f"has {what} that is not valid JSON") from None
