@@ -58,6 +58,13 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("direction_values", 16384, 1, 16384, "numbers", "length of a raw direction vector", integer=True),
     Limit("text_chars", 1000, 1, 1000, "characters", "length of one steering text", integer=True),
     Limit("prompt_chars", 4000, 1, 4000, "characters", "length of the prompt", integer=True),
+    # Reading a text costs about 5 forward passes of its length ("contexts"): measured on the
+    # embedded model, 2 shared CPU cores, layer 15: 221 tokens (1,000 characters of English) 2.8 s,
+    # 3,000 tokens (1,000 emoji) 26 s. So one text may be 1024 tokens and a request's texts 4096
+    # together, each counted once per layer it is read at (issue 26: 64 emoji texts held the model
+    # for close to an hour).
+    Limit("text_tokens", 1024, 1, 1024, "tokens", "tokens of one steering text", integer=True),
+    Limit("steering_tokens", 4096, 1, 4096, "tokens", "steering text tokens of one request, per layer", integer=True),
     Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),
     Limit("similarity_texts", 8, 2, 8, "texts", "texts compared in one similarity matrix", integer=True),
     Limit("autotune_layers", 4, 1, 4, "layers", "layers one auto-tune searches", integer=True),
@@ -76,6 +83,16 @@ MAX_VECTORS = int(LIMITS["vectors"].maximum)
 MAX_TEXT_CHARS = int(LIMITS["text_chars"].maximum)
 MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].maximum)
 MAX_SWEEP_ROWS = int(LIMITS["sweep_coeffs"].maximum)
+# A raw direction is float32 (numbers beyond this are infinite there). Its delta is divided by the
+# hidden state's RMS, at least 1e-3 (llm-steer's eps), and multiplied back: the largest number a
+# direction times its coefficient may reach is float32's largest / 1e3 (and, added to the hidden
+# state, what the model's dtype holds: 65504 in float16; engine.check_scale).
+# Sampling divides the logits by the temperature: at 1e-300 they overflow to infinity and torch
+# refuses to sample ("probability tensor contains inf, nan"). Below 0.01 sampling is greedy in all
+# but name (the top token's probability rounds to 1), so a positive temperature starts there.
+MIN_SAMPLING_TEMPERATURE = 0.01
+FLOAT32_MAX = 3.4028234663852886e38
+DIRECTION_SCALE_CAP = FLOAT32_MAX / 1e3
 
 
 def check_finite(value, field: str) -> float:
@@ -136,9 +153,15 @@ def check_text(value, field: str, name: str = "text_chars") -> str:
         raise InputError(field, f"must be a non-empty text of at most {limit} characters")
     if len(value) > limit:
         raise InputError(field, f"is {len(value)} characters; the limit is {limit}")
+    return check_unicode(value, field)
+
+
+def check_unicode(value: str, field: str) -> str:
+    """`value` when it can be written as UTF-8 (no lone surrogate: no tokenizer or file system
+    can read one), else `InputError` naming `field`."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no tokenizer can read it
+    except UnicodeEncodeError:
         raise InputError(field, "contains a character that is not valid Unicode (a lone surrogate)") from None
     return value
 

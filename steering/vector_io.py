@@ -63,7 +63,7 @@ def absolute_vectors(engine: SteeringEngine, specs: list[VectorSpec], mode: str)
 def export_file(engine: SteeringEngine, specs: list[VectorSpec], fmt: str, *, mode: str, model_id: str) -> Path:
     """Write `specs` as a control vector file in `fmt` and return its path (in the app's folder)."""
     if fmt not in FORMATS:
-        raise InputError("format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        raise InputError("format", f"must be one of {', '.join(FORMATS)}; got {limits.shorten(fmt)}")
     for i, spec in enumerate(specs):
         if spec.enabled and spec.layer < 2:
             raise InputError(
