@@ -128,3 +128,12 @@ def test_shutdown_ends_a_capture_between_layers(smol_engine):
         time.sleep(0.6)
         lifecycle.SHUTTING_DOWN.clear()
     assert smol_engine.is_clean()
+
+
+def test_a_full_chat_says_how_many_exchanges_the_new_message_makes():
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] * 16
+    with pytest.raises(InputError) as caught:
+        chat.check_history(history, "history_steered", "One more")
+    assert str(caught.value).startswith(
+        "history_steered: holds 16 exchanges; with the new message that is 17, and a chat holds 16 at most"
+    )
