@@ -551,9 +551,11 @@ class SteeringEngine:
         the model's dtype holds (each vector was checked against float32 when it was parsed)."""
         absolute = [p for p in parts if p.absolute]
         if absolute:
-            rows = zip(*[[abs(c) * float(p.direction.abs().max()) if c else 0.0 for c in p.coeffs.view(-1).tolist()]
-                         for p in absolute])  # fmt: skip
-            largest = max(sum(row) for row in rows)  # a row with coefficient 0 adds nothing (masked)
+            peaks = [float(p.direction.abs().max()) for p in absolute]
+            per_part = [
+                [abs(c) * peak if c else 0.0 for c in p.coeffs.view(-1).tolist()] for p, peak in zip(absolute, peaks)
+            ]
+            largest = max(sum(row) for row in zip(*per_part))  # a row with coefficient 0 adds nothing (masked)
             _check_reach(largest, f"vectors (the directions at layer {layer})", self.dtype)
 
     def reset_steps(self) -> None:
