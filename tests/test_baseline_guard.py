@@ -137,3 +137,18 @@ def test_a_full_chat_says_how_many_exchanges_the_new_message_makes():
     assert str(caught.value).startswith(
         "history_steered: holds 16 exchanges; with the new message that is 17, and a chat holds 16 at most"
     )
+
+
+def test_refusals_echo_only_a_short_prefix_of_a_huge_value(fresh_manager):
+    huge = "x" * 1_000_000
+    calls = [
+        lambda: api.steer(PROMPT, [], max_new_tokens=4, capture_mode=huge),
+        lambda: api.export_vectors([{"text": "dogs", "coeff": 0.5, "layer": 15}], huge),
+        lambda: api.steer(PROMPT, [{"text": "dogs", "coeff": 0.5, "layer": 15, "positions": huge}], max_new_tokens=4),
+        lambda: api.load_model("SmolLM2-135M-Instruct", huge),
+    ]
+    for call in calls:
+        with pytest.raises(InputError) as caught:
+            call()
+        assert len(str(caught.value)) < 200, str(caught.value)[:300]
+    assert fresh_manager.current is None
