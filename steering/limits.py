@@ -58,13 +58,14 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("direction_values", 16384, 1, 16384, "numbers", "length of a raw direction vector", integer=True),
     Limit("text_chars", 1000, 1, 1000, "characters", "length of one steering text", integer=True),
     Limit("prompt_chars", 4000, 1, 4000, "characters", "length of the prompt", integer=True),
-    # Reading a text costs about 5 forward passes of its length ("contexts"): measured on the
-    # embedded model, 2 shared CPU cores, layer 15: 221 tokens (1,000 characters of English) 2.8 s,
-    # 3,000 tokens (1,000 emoji) 26 s. So one text may be 1024 tokens and a request's texts 4096
-    # together, each counted once per layer it is read at (issue 26: 64 emoji texts held the model
-    # for close to an hour).
-    Limit("text_tokens", 1024, 1, 1024, "tokens", "tokens of one steering text", integer=True),
-    Limit("steering_tokens", 4096, 1, 4096, "tokens", "steering text tokens of one request, per layer", integer=True),
+    # Reading a text costs about 5 forward passes of its length ("contexts"), under the model lock.
+    # Measured on the embedded model, 2 CPU cores: 221 tokens (1,000 characters of English) 2.8 s
+    # at layer 15; 3,000 tokens (1,000 emoji) 26 s at layer 15; 1,024 tokens 41 s at layer 29 on
+    # a machine loaded 4x. So one text may be 512 tokens and a request's texts 2048 together, each
+    # counted once per layer it is read at (issue 26: 64 emoji texts held the model for close to
+    # an hour); 64 short texts or pairs of ~16 tokens still fit.
+    Limit("text_tokens", 512, 1, 512, "tokens", "tokens of one steering text", integer=True),
+    Limit("steering_tokens", 2048, 1, 2048, "tokens", "steering text tokens of one request, per layer", integer=True),
     Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),
     Limit("similarity_texts", 8, 2, 8, "texts", "texts compared in one similarity matrix", integer=True),
     Limit("autotune_layers", 4, 1, 4, "layers", "layers one auto-tune searches", integer=True),

@@ -82,17 +82,19 @@ def test_a_tiny_positive_temperature_is_refused_by_name(fresh_manager, temperatu
 
 def test_steering_texts_have_a_token_budget(fresh_manager):
     one_long = [{"text": "😀" * 1000, "coeff": 0.5, "layer": 15}]  # 3,000 tokens
-    with pytest.raises(InputError, match=r"^vectors\[0\]\.text: is 3001 tokens; a steering text may be 1024"):
+    with pytest.raises(InputError, match=r"^vectors\[0\]\.text: is 3001 tokens; a steering text may be 512"):
         api.steer(PROMPT, one_long, max_new_tokens=4)
-    # 300 emoji are 901 tokens with the start token: the fifth reaches 4505 > 4096. The same text
+    # 150 emoji are 451 tokens with the start token: the fifth reaches 2255 > 2048. The same text
     # at another layer is read again and counts again; repeated at one layer it counts once.
-    many = [{"text": "😀" * 300, "coeff": 0.5, "layer": layer} for layer in (3, 3, 5, 7, 9, 11)]
-    with pytest.raises(InputError, match=r"^vectors\[5\]\.text: brings the request's steering texts to 4505 tokens"):
+    many = [{"text": "😀" * 150, "coeff": 0.5, "layer": layer} for layer in (3, 3, 5, 7, 9, 11)]
+    with pytest.raises(InputError, match=r"^vectors\[5\]\.text: brings the request's steering texts to 2255 tokens"):
         api.steer(PROMPT, many, max_new_tokens=4)
     start = time.perf_counter()
     with pytest.raises(InputError, match="steering texts to"):  # the model is loaded now: refused at once
         api.steer(PROMPT, many, max_new_tokens=4)
     assert time.perf_counter() - start < 1.0
+    fits = [{"text": "😀" * 150, "coeff": 0.0, "layer": 3}, {"text": "dogs", "coeff": 0.0, "layer": 3}]
+    assert api.steer(PROMPT, fits, max_new_tokens=2)["steered"]  # within the budget: runs
 
 
 def _long_capture(engine: SteeringEngine, stop: threading.Event) -> tuple[list, float]:
