@@ -115,12 +115,30 @@ def _token_fits(
                     f"{count + new_tokens} per row, over the limit of {limit} for a {kind} on {loaded.model_id} "
                     f"({why}). Shorten the prompt or ask for fewer new tokens{_MORE}",
                 )
-        for field, text in texts:
-            count = len(loaded.tokenizer.encode(text, add_special_tokens=False)) + 1  # + the start token
-            if count > limit:
-                raise InputError(field, f"is {count} tokens, over the limit of {limit} ({why}){_MORE}")
+        _check_text_tokens(loaded, texts, limit, why)
 
     return check
+
+
+def _check_text_tokens(loaded: LoadedModel, texts, limit: int, why: str) -> None:
+    """Each (field, text[, layer]) within the model's limit and `text_tokens`, and all of them,
+    each distinct (text, layer) once, within the request's budget `steering_tokens`."""
+    per_text = min(limit, int(limits.LIMITS["text_tokens"].maximum))
+    budget = int(limits.LIMITS["steering_tokens"].maximum)
+    seen: dict[tuple, int] = {}
+    for field, text, *layer in texts:
+        count = len(loaded.tokenizer.encode(text, add_special_tokens=False)) + 1  # + the start token
+        if count > limit:
+            raise InputError(field, f"is {count} tokens, over the limit of {limit} ({why}){_MORE}")
+        if count > per_text:
+            raise InputError(field, f"is {count} tokens; a steering text may be {per_text} tokens at most")
+        seen[(text, *layer)] = count
+        if sum(seen.values()) > budget:
+            raise InputError(
+                field,
+                f"brings the request's steering texts to {sum(seen.values())} tokens (each text counted once per "
+                f"layer it is read at); a request may read {budget} at most. Use fewer or shorter texts",
+            )
 
 
 _MORE = "; for more, use fewer rows, a smaller quantization, or start the server with a smaller --margin."
@@ -157,10 +175,10 @@ def _parse_vectors(vectors) -> list[eng.VectorSpec]:
     return [eng.parse_vector(raw, i, n_layers) for i, raw in enumerate(vectors)]
 
 
-def _texts(specs: Sequence[eng.VectorSpec]) -> list[tuple[str, str]]:
-    """(field, text) of every steering text of a request."""
+def _texts(specs: Sequence[eng.VectorSpec]) -> list[tuple[str, str, int]]:
+    """(field, text, layer) of every steering text of a request."""
     return [
-        (f"vectors[{i}].{key}", getattr(spec, key))
+        (f"vectors[{i}].{key}", getattr(spec, key), spec.layer)
         for i, spec in enumerate(specs)
         for key in ("text", "positive", "negative")
         if getattr(spec, key)
@@ -183,7 +201,7 @@ def _on_model(attempt: Attempt, specs: Sequence[eng.VectorSpec]) -> tuple[list[e
 
 def _check_capture_mode(mode) -> str:
     if mode not in eng.CAPTURE_MODES:
-        raise InputError("capture_mode", f"must be one of {', '.join(eng.CAPTURE_MODES)}; got {mode!r}")
+        raise InputError("capture_mode", f"must be one of {', '.join(eng.CAPTURE_MODES)}; got {limits.shorten(mode)}")
     return mode
 
 
@@ -490,7 +508,8 @@ def autotune(
         return {**result, "rows": rows, "model": attempt.loaded.model_id}
 
     checks = [(f"layers[{i}]", v) for i, v in enumerate(layers or [])]
-    return _run("autotune", checks, work, fits=_token_fits("sweep", prompt=prompt, new_tokens=tokens, texts=named))
+    read = [(field, value, layer) for field, value in named for layer in (layers or [None])]  # per searched layer
+    return _run("autotune", checks, work, fits=_token_fits("sweep", prompt=prompt, new_tokens=tokens, texts=read))
 
 
 def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str = eng.DEFAULT_CAPTURE_MODE) -> dict:
@@ -502,7 +521,7 @@ def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str 
     specs = _parse_vectors(vectors)
     capture_mode = _check_capture_mode(capture_mode)
     if format not in vector_io.FORMATS:
-        raise InputError("format", f"must be one of {', '.join(vector_io.FORMATS)}; got {format!r}")
+        raise InputError("format", f"must be one of {', '.join(vector_io.FORMATS)}; got {limits.shorten(format)}")
 
     def work(attempt: Attempt) -> dict:
         mapped = [replace(s, layer=attempt.layer(s.layer)) for s in specs]
@@ -563,6 +582,9 @@ def load_model(model: str, quant: str = "auto", force: bool = False, allow_offlo
         raise InputError("model", f"must be a text (a model id or folder); got {limits.shorten(model)}")
     if len(model) > MAX_MODEL_ID_CHARS:
         raise InputError("model", f"is {len(model)} characters; model ids and folders are at most {MAX_MODEL_ID_CHARS}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in model):
+        raise InputError("model", "contains a control character (such as a null byte); give a model id or folder name")
+    limits.check_unicode(model, "model")
     force, allow_offload = limits.check_bool(force, "force"), limits.check_bool(allow_offload, "allow_offload")
     return get_manager().load(model, quant, force, allow_offload=allow_offload)
 

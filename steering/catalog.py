@@ -250,6 +250,8 @@ def _cached_config_path(repo_id: str) -> Path | None:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # a crafted config: Python's parser gives up
+        raise ModelUnavailableError(f"cannot read {path}: its JSON is nested too deeply.") from None
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(f"cannot read {path}: {exc}") from exc
 
@@ -285,8 +287,8 @@ def spec_from_config(config: dict, model_id: str) -> ModelSpec:
         )
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # ZeroDivision, Overflow
         raise ModelUnavailableError(
-            f"{model_id}: its config.json lacks the decoder numbers the estimate needs ({type(exc).__name__}: "
-            f"{str(exc)[:80]})."
+            f"{model_id}: its config.json lacks the decoder numbers the estimate needs "
+            f"({f'no {exc.args[0]}' if isinstance(exc, KeyError) else str(exc)[:80]})."
         ) from None
     for name, value, high in _CONFIG_BOUNDS(spec):
         if not 1 <= value <= high:

@@ -37,7 +37,9 @@ def check_history(history, field: str, message: str) -> list[dict]:
         raise InputError(field, 'must be a list of {"role", "content"} messages (empty for a new chat)')
     if len(history) // 2 + 1 > MAX_TURNS:
         raise InputError(
-            field, f"holds {len(history) // 2} exchanges; a chat holds {MAX_TURNS} at most. Clear the chat to go on"
+            field,
+            f"holds {len(history) // 2} exchanges; with the new message that is {len(history) // 2 + 1}, and a chat "
+            f"holds {MAX_TURNS} at most. Clear the chat to go on",
         )
     for i, item in enumerate(history):
         role = "user" if i % 2 == 0 else "assistant"

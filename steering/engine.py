@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from llm_steer import ActivationMode, DecaySchedule, Steer, SteerElement
 
-from steering import estimate, limits
-from steering.errors import InputError
+from steering import estimate, lifecycle, limits
+from steering.errors import InputError, SteeringError
 from steering.limits import check_layer, check_text
 from steering.loaded import decoder_layers, input_device
 from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, check_positions
@@ -147,7 +147,9 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
     positions = check_positions(raw.get("positions", DEFAULT_POSITIONS), f"{name}.positions")
     if decay is not None and positions == "prompt":
         raise InputError(f"{name}.decay", DECAY_NEEDS_ALL)
-    return VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, positions=positions, **texts)
+    spec = VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, positions=positions, **texts)
+    check_scale(spec, f"{name}.direction")
+    return spec
 
 
 def check_direction(value, field: str) -> tuple[float, ...]:
@@ -155,7 +157,40 @@ def check_direction(value, field: str) -> tuple[float, ...]:
     size = limits.LIMITS["direction_values"]
     if not isinstance(value, (list, tuple)) or not size.minimum <= len(value) <= size.maximum:
         raise InputError(field, f"must be a list of 1 to {size.maximum:g} numbers (the model's hidden size)")
-    return tuple(limits.check_finite(v, f"{field}[{i}]") for i, v in enumerate(value))
+    numbers = tuple(limits.check_finite(v, f"{field}[{i}]") for i, v in enumerate(value))
+    for i, number in enumerate(numbers):
+        if abs(number) > limits.FLOAT32_MAX:  # 1e39 is finite in Python, infinite in float32
+            raise InputError(
+                f"{field}[{i}]",
+                f"is {number:.3g}; a direction is float32, which holds at most {limits.FLOAT32_MAX:.3g}",
+            )
+    return numbers
+
+
+def check_scale(spec: VectorSpec, field: str) -> None:
+    """A raw direction times its coefficient within what a float32 delta holds (`scale_cap`)."""
+    if spec.direction:
+        _check_reach(max(abs(v) for v in spec.direction) * abs(spec.coeff), field, torch.float32)
+
+
+def scale_cap(dtype: torch.dtype) -> tuple[float, str]:
+    """(largest number a raw direction times its coefficient may reach, the dtype that bounds it):
+    float32 while the delta is computed (divided by the hidden state's RMS, which can be as small
+    as 1e-3, and multiplied back), and the model's `dtype` once it is added to the hidden state."""
+    cap, name = limits.DIRECTION_SCALE_CAP, "float32"
+    if dtype.is_floating_point and torch.finfo(dtype).max < cap:
+        cap, name = float(torch.finfo(dtype).max), str(dtype).removeprefix("torch.")
+    return cap, name
+
+
+def _check_reach(largest: float, field: str, dtype: torch.dtype) -> None:
+    cap, name = scale_cap(dtype)
+    if not largest <= cap:  # NaN too
+        raise InputError(
+            field,
+            f"times its coefficient reaches {largest:.3g}; a layer input in {name} can take at most {cap:.3g} "
+            "(more would turn the hidden state into infinities)",
+        )
 
 
 class _InstanceSteer(Steer):
@@ -181,6 +216,13 @@ class _InstanceSteer(Steer):
 
 class _CaptureDone(Exception):
     pass
+
+
+class CaptureStopped(SteeringError):
+    """The request's stop flag was set while its steering texts were read (`SteeringEngine.stop`)."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped while the steering texts were read: nothing was generated")
 
 
 @dataclass
@@ -211,18 +253,27 @@ class _LayerSteer:
         zero = torch.zeros(1, 1, 1, device=parts[0].direction.device)
         relative = [p for p in parts if not p.absolute]
         always = [p for p in relative if not p.prompt_only]
-        self.fixed = sum((p.coeffs * p.direction for p in always if p.decay is None), zero)
-        self.decayed = [(p.coeffs * p.direction, p.decay) for p in always if p.decay is not None]
+        self.fixed = sum((self._rows(p) for p in always if p.decay is None), zero)
+        self.decayed = [(self._rows(p), p.decay) for p in always if p.decay is not None]
         # positions "prompt": added in the prefill only (llm-steer's step 0 after `reset_steps`)
-        self.prompt = sum((p.coeffs * p.direction for p in relative if p.prompt_only), zero)
+        self.prompt = sum((self._rows(p) for p in relative if p.prompt_only), zero)
         self.absolute = self._sum([p for p in parts if p.absolute and not p.prompt_only])  # (B, 1, H)
         self.absolute_prompt = self._sum([p for p in parts if p.absolute and p.prompt_only])
         self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_input` before each forward
         self.device = self.fixed.device
 
     @staticmethod
-    def _sum(parts: list[_Part]) -> torch.Tensor | None:
-        deltas = [p.coeffs * p.direction for p in parts]
+    def _rows(part: _Part) -> torch.Tensor:
+        """The part's delta (B, 1, H), computed for the rows with a nonzero coefficient only: every
+        other row (a baseline) gets an exact zero, never 0 x direction (0 x inf is NaN)."""
+        steered = part.coeffs.view(-1) != 0
+        delta = torch.zeros(part.coeffs.shape[0], 1, part.direction.shape[-1], device=part.direction.device)
+        delta[steered] = part.coeffs[steered] * part.direction
+        return delta
+
+    @classmethod
+    def _sum(cls, parts: list[_Part]) -> torch.Tensor | None:
+        deltas = [cls._rows(p) for p in parts]
         return sum(deltas[1:], deltas[0]) if deltas else None
 
     def read_input(self, module, args, kwargs) -> None:
@@ -262,6 +313,7 @@ class SteeringEngine:
         self.identity = identity
         self.n_layers = len(decoder_layers(model))
         self.device = input_device(model)  # a dispatched model's first parameters may be on "meta"
+        self.dtype = model.get_input_embeddings().weight.dtype  # the hidden states' (a 4-bit model's compute dtype)
         # Each layer's own forward: None, or accelerate's hook wrapper on a dispatched model.
         self._own_forwards = [layer.__dict__.get("forward") for layer in decoder_layers(model)]
         self.steer = _InstanceSteer(model, tokenizer)
@@ -269,6 +321,9 @@ class SteeringEngine:
         self.capture_passes = 0  # forward passes spent capturing (tests and benchmarks read it)
         self.max_capture_rows = estimate.SWEEP_ROWS  # texts per capture pass (1 in an out-of-memory retry)
         self._guard = threading.Lock()  # backstop: the manager's lock already serialises requests
+        # The stop flag of the request now reading texts (`capture_for`): every capture pass polls
+        # it, and the process's shutdown flag, before each decoder layer it runs.
+        self.stop: threading.Event | None = None
 
     # -- capture -------------------------------------------------------------------------------
     @functools.cached_property
@@ -295,6 +350,9 @@ class SteeringEngine:
         input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=self.device)
         steer = self.steer
+        self._poll()
+        run = decoder_layers(self.model)[: layer + 1 if early_stop else None]  # the layers this pass runs
+        polls = [module.register_forward_pre_hook(self._poll, with_kwargs=True) for module in run]
         steer.stop_after_capture = early_stop
         steer._set_forward_fn(ActivationMode.CAPTURE, layer)
         try:
@@ -306,14 +364,32 @@ class SteeringEngine:
                     pass
             return steer.captured_tensor.float()
         finally:
+            for hook in polls:
+                hook.remove()
             steer.stop_after_capture = False
             steer.reset(layer)
             steer.captured_tensor = None
 
+    def _poll(self, *_hook_args) -> None:
+        """Between the layers of a capture pass: end it on shutdown or on the request's stop."""
+        lifecycle.check_running()
+        if self.stop is not None and self.stop.is_set():
+            raise CaptureStopped()
+
+    def capture_for(self, rows: Sequence[Sequence[tuple[VectorSpec, float]]], mode: str, stop=None) -> None:
+        """Read (and cache) every text of `rows` before anything is installed, polling `stop` (a
+        threading.Event) and shutdown between layers: raises `CaptureStopped` / `ShuttingDownError`."""
+        self.stop = stop
+        try:
+            for spec in dict.fromkeys(spec for row in rows for spec, _ in row if spec.enabled and not spec.direction):
+                self.direction(spec, mode)
+        finally:
+            self.stop = None
+
     def text_means(self, layer: int, texts: Sequence[str], mode: str) -> list[torch.Tensor]:
         """Mean layer-input vector (H,) of each text, from the cache where possible."""
         if mode not in CAPTURE_MODES:
-            raise InputError("capture_mode", f"must be one of {', '.join(CAPTURE_MODES)}; got {mode!r}")
+            raise InputError("capture_mode", f"must be one of {', '.join(CAPTURE_MODES)}; got {limits.shorten(mode)}")
         keys = [(self.identity, layer, text, mode) for text in texts]
         missing = list(dict.fromkeys(text for key, text in zip(keys, texts) if key not in self.cache))
         if missing:
@@ -427,6 +503,8 @@ class SteeringEngine:
                     self.direction(spec, mode), coeffs, spec.decay, bool(spec.direction), spec.positions == "prompt"
                 )
                 by_layer.setdefault(spec.layer, []).append((spec, part))
+            for layer, items in by_layer.items():
+                self._check_reach(layer, [p for _, p in items])
             elements = [
                 _LayerSteer(layer, [p for _, p in items], " + ".join(s.label for s, _ in items))
                 for layer, items in by_layer.items()
@@ -451,6 +529,18 @@ class SteeringEngine:
                 for hook in hooks:
                     hook.remove()
                 self.steer.reset_all()
+
+    def _check_reach(self, layer: int, parts: list[_Part]) -> None:
+        """The raw directions one batch row adds at `layer`, times their coefficients, within what
+        the model's dtype holds (each vector was checked against float32 when it was parsed)."""
+        absolute = [p for p in parts if p.absolute]
+        if absolute:
+            peaks = [float(p.direction.abs().max()) for p in absolute]
+            per_part = [
+                [abs(c) * peak if c else 0.0 for c in p.coeffs.view(-1).tolist()] for p, peak in zip(absolute, peaks)
+            ]
+            largest = max(sum(row) for row in zip(*per_part))  # a row with coefficient 0 adds nothing (masked)
+            _check_reach(largest, f"vectors (the directions at layer {layer})", self.dtype)
 
     def reset_steps(self) -> None:
         """Zero llm-steer's per-layer step counters (decay schedules count from each generation)."""

@@ -84,7 +84,7 @@ BNB_FUSED_MAX_ROWS = 4
 
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTS)}; got {quant!r}")
+        raise ValueError(f"quantization must be one of {', '.join(QUANTS)}; got {str(quant)[:40]!r}")
 
 
 def activation_dtype_bytes(quant: str) -> int:

@@ -39,7 +39,15 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from steering import lifecycle, limits
-from steering.engine import DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, SteeringEngine, VectorSpec, check_positions
+from steering.engine import (
+    DEFAULT_CAPTURE_MODE,
+    DEFAULT_POSITIONS,
+    CaptureStopped,
+    SteeringEngine,
+    VectorSpec,
+    check_positions,
+)
+from steering.errors import InputError
 from steering.estimate import SCORE_CHUNK_ELEMENTS
 from steering.loaded import decoder_layers
 from steering.prefill import shared_prefill
@@ -62,12 +70,16 @@ class Sampling:
 
 def check_sampling(max_new_tokens, temperature, top_p, seed, *, tokens_limit: str = "max_new_tokens") -> Sampling:
     """Validate decoding settings (raises `InputError` naming the field and the range)."""
-    return Sampling(
-        limits.check(tokens_limit, max_new_tokens, "max_new_tokens"),
-        limits.check("temperature", temperature),
-        limits.check("top_p", top_p),
-        limits.check("seed", seed),
-    )
+    tokens = limits.check(tokens_limit, max_new_tokens, "max_new_tokens")
+    temperature = limits.check("temperature", temperature)
+    if 0 < temperature < limits.MIN_SAMPLING_TEMPERATURE:
+        high = limits.LIMITS["temperature"].maximum
+        raise InputError(
+            "temperature",
+            f"must be 0 (greedy decoding) or from {limits.MIN_SAMPLING_TEMPERATURE:g} to {high:g}; got "
+            f"{limits.shorten(temperature)} (smaller positive temperatures overflow the sampler)",
+        )
+    return Sampling(tokens, temperature, limits.check("top_p", top_p), limits.check("seed", seed))
 
 
 def check_prompt(prompt) -> str:
@@ -190,6 +202,11 @@ def stream_rows(
     finished = [False] * n_rows
     texts = [""] * n_rows
 
+    try:  # the texts first, stoppable between layers (a long text takes seconds per layer)
+        engine.capture_for(rows, capture_mode, stop)
+    except CaptureStopped:
+        yield RowsUpdate(list(texts), [""] * n_rows, [list(g) for g in generated], done=True)
+        return
     with engine.installed(rows, capture_mode) as layers, _stoppable(model, stop):
 
         def work():

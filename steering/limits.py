@@ -58,6 +58,14 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("direction_values", 16384, 1, 16384, "numbers", "length of a raw direction vector", integer=True),
     Limit("text_chars", 1000, 1, 1000, "characters", "length of one steering text", integer=True),
     Limit("prompt_chars", 4000, 1, 4000, "characters", "length of the prompt", integer=True),
+    # Reading a text costs about 5 forward passes of its length ("contexts"), under the model lock.
+    # Measured on the embedded model, 2 CPU cores: 221 tokens (1,000 characters of English) 2.8 s
+    # at layer 15; 3,000 tokens (1,000 emoji) 26 s at layer 15; 1,024 tokens 41 s at layer 29 on
+    # a machine loaded 4x. So one text may be 512 tokens and a request's texts 2048 together, each
+    # counted once per layer it is read at (issue 26: 64 emoji texts held the model for close to
+    # an hour); 64 short texts or pairs of ~16 tokens still fit.
+    Limit("text_tokens", 512, 1, 512, "tokens", "tokens of one steering text", integer=True),
+    Limit("steering_tokens", 2048, 1, 2048, "tokens", "steering text tokens of one request, per layer", integer=True),
     Limit("sweep_coeffs", 8, 1, 8, "coefficients", "coefficients (rows) of one sweep", integer=True),
     Limit("similarity_texts", 8, 2, 8, "texts", "texts compared in one similarity matrix", integer=True),
     Limit("autotune_layers", 4, 1, 4, "layers", "layers one auto-tune searches", integer=True),
@@ -76,6 +84,16 @@ MAX_VECTORS = int(LIMITS["vectors"].maximum)
 MAX_TEXT_CHARS = int(LIMITS["text_chars"].maximum)
 MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].maximum)
 MAX_SWEEP_ROWS = int(LIMITS["sweep_coeffs"].maximum)
+# A raw direction is float32 (numbers beyond this are infinite there). Its delta is divided by the
+# hidden state's RMS, at least 1e-3 (llm-steer's eps), and multiplied back: the largest number a
+# direction times its coefficient may reach is float32's largest / 1e3 (and, added to the hidden
+# state, what the model's dtype holds: 65504 in float16; engine.check_scale).
+# Sampling divides the logits by the temperature: at 1e-300 they overflow to infinity and torch
+# refuses to sample ("probability tensor contains inf, nan"). Below 0.01 sampling is greedy in all
+# but name (the top token's probability rounds to 1), so a positive temperature starts there.
+MIN_SAMPLING_TEMPERATURE = 0.01
+FLOAT32_MAX = 3.4028234663852886e38
+DIRECTION_SCALE_CAP = FLOAT32_MAX / 1e3
 
 
 def check_finite(value, field: str) -> float:
@@ -136,9 +154,15 @@ def check_text(value, field: str, name: str = "text_chars") -> str:
         raise InputError(field, f"must be a non-empty text of at most {limit} characters")
     if len(value) > limit:
         raise InputError(field, f"is {len(value)} characters; the limit is {limit}")
+    return check_unicode(value, field)
+
+
+def check_unicode(value: str, field: str) -> str:
+    """`value` when it can be written as UTF-8 (no lone surrogate: no tokenizer or file system
+    can read one), else `InputError` naming `field`."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no tokenizer can read it
+    except UnicodeEncodeError:
         raise InputError(field, "contains a character that is not valid Unicode (a lone surrogate)") from None
     return value
 
@@ -154,3 +178,30 @@ def shorten(value) -> str:
     """`repr(value)` cut to 60 characters: errors never echo a huge input back."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- vector files (steering/vector_io.py) ---------------------------------------------------------
+# Checked before a byte is parsed: every count and size a header claims is held against these and
+# against the file's own size, so a 1 KB file cannot make the reader walk 2**40 values (issue 26).
+# 64 MiB: our own export of 64 raw directions of 16384 numbers (tensors plus their JSON copy in
+# the metadata) is about 30 MiB; a llama.cpp control vector of a 70B model (80 x 8192) is 2.5 MiB.
+VECTOR_FILE_BYTES = 64 * 2**20
+VECTOR_FILE_TENSORS = 1024  # tensors in one file (a control vector holds one per layer)
+VECTOR_FILE_KEYS = 1024  # metadata entries in one file
+VECTOR_FILE_ARRAY_VALUES = 65536  # values in all metadata arrays of one file together
+VECTOR_FILE_NESTING = 2  # a metadata array may hold arrays, which may not
+VECTOR_FILE_NAME_BYTES = 4096  # one metadata key or tensor name
+VECTOR_FILE_DIMS = 4  # dimensions of one tensor
+
+
+def loads_json(text: str, field: str, what: str):
+    """`json.loads(text)`, or `InputError` naming `field`: `what` is damaged (not JSON) or nested
+    too deeply to read (a crafted file; Python's parser gives up with a recursion error)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(field, f"has {what} nested too deeply to read") from None
+    except ValueError:
+        raise InputError(field, f"has {what} that is not valid JSON") from None

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from steering import catalog, embedded, estimate, gpu, lifecycle, planning, weights
+from steering import catalog, embedded, estimate, gpu, lifecycle, limits, planning, weights
 from steering.errors import InputError, ModelLockedError, ModelUnavailableError
 from steering.events import EventLog
 from steering.loaded import LoadedModel, decoder_layers, describe, is_oom, map_layer
@@ -228,7 +228,7 @@ class ModelManager:
         if not model:
             raise InputError("model", "give a model id from the list, a Hugging Face id or a local folder")
         if quant not in QUANT_CHOICES:
-            raise InputError("quant", f"must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+            raise InputError("quant", f"must be one of {', '.join(QUANT_CHOICES)}; got {limits.shorten(quant)}")
         if user:
             weights.check_user_source(model, self.models_dirs)
         with self._lock:

@@ -16,13 +16,15 @@ restore the exact relative vectors, so a round trip steers token for token as be
 without it (a foreign control vector) imports as raw `direction` vectors.
 
 safetensors files hold the same tensors and the same metadata (as string header entries).
-Plain numpy + `gguf` + `safetensors`; the engine supplies directions and RMS.
+Plain numpy + `gguf` (writing) + `safetensors`; the engine supplies directions and RMS. Reading
+GGUF is our own bounded walk (`_read_gguf`): `gguf.GGUFReader` walks whatever count a header claims.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,6 @@ FORMATS = ("gguf", "safetensors")
 ARCH = "controlvector"
 OURS = "steeringlab"
 FORMAT_VERSION = 2  # 2: vectors record their positions; version 1 files were made with "all"
-MAX_FILE_BYTES = 64 * 2**20  # 64 MiB: a control vector of a 70B model (80 x 8192 floats) is 2.5 MiB
 NOTE = (
     "direction.N is an absolute vector added to the output of block N (llama.cpp), i.e. the input "
     "of transformers layer N+1 (Steering Lab). Text and pair vectors were converted from units of "
@@ -62,7 +63,7 @@ def absolute_vectors(engine: SteeringEngine, specs: list[VectorSpec], mode: str)
 def export_file(engine: SteeringEngine, specs: list[VectorSpec], fmt: str, *, mode: str, model_id: str) -> Path:
     """Write `specs` as a control vector file in `fmt` and return its path (in the app's folder)."""
     if fmt not in FORMATS:
-        raise InputError("format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        raise InputError("format", f"must be one of {', '.join(FORMATS)}; got {limits.shorten(fmt)}")
     for i, spec in enumerate(specs):
         if spec.enabled and spec.layer < 2:
             raise InputError(
@@ -116,46 +117,231 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
 
 # -- import -------------------------------------------------------------------------------------
 def read_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, string metadata) of a GGUF or safetensors file; `InputError` naming `file` if neither."""
+    """(tensors, string metadata) of a GGUF or safetensors control vector file: plain float32
+    arrays and texts, nothing that needs the model, so a caller parses before it waits for the
+    model lock. `InputError` naming `file` for anything else. Every count and size a header
+    claims is held against the file's size and the limits of `steering/limits.py` before it is
+    read, so parse time and memory stay within a small multiple of the file's size."""
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            magic = handle.read(4)
+            if size > limits.VECTOR_FILE_BYTES:
+                raise InputError("file", f"is {size} bytes; the limit is {limits.VECTOR_FILE_BYTES} (64 MiB)")
+            data = handle.read()
     except OSError as exc:
-        raise InputError("file", f"cannot be read ({exc.strerror})") from None
-    if size > MAX_FILE_BYTES:
-        raise InputError("file", f"is {size} bytes; the limit is {MAX_FILE_BYTES} (64 MiB)")
+        raise InputError("file", f"cannot be read ({exc.strerror or 'no such file'})") from None
+    suffix = path.suffix.lower().lstrip(".")
+    kind = "GGUF" if data[:4] == b"GGUF" or suffix == "gguf" else "safetensors"
     try:
-        return _read_gguf(path) if magic == b"GGUF" else _read_safetensors(path)
-    except InputError:
-        raise
-    except Exception as exc:  # a corrupt file fails in many ways inside the readers
-        kind = "GGUF" if magic == b"GGUF" else "safetensors"
-        raise InputError("file", f"is not a readable {kind} control vector ({type(exc).__name__})") from None
+        if data[:4] == b"GGUF":
+            return _read_gguf(data)
+        if _looks_like_safetensors(data):
+            return _read_safetensors(data)
+        start = "the GGUF magic bytes" if kind == "GGUF" else "a safetensors header (8 bytes of length, then JSON)"
+        raise _Bad(f"it does not start with {start}")
+    except _Bad as exc:
+        raise InputError("file", f"is not a readable {kind} control vector: {exc}") from None
 
 
-def _read_gguf(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    metadata = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value = field.contents()
-        metadata[name] = value if isinstance(value, str) else json.dumps(value)
-    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
-    return tensors, metadata
+class _Truncated(Exception):
+    pass
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
+class _Bad(Exception):
+    """Why a file is not a readable control vector (read_file names the format)."""
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {name: handle.get_tensor(name).astype(np.float32).reshape(-1) for name in handle.keys()}  # noqa: SIM118
-    return tensors, metadata
+
+class _GGUFView:
+    """A bounded walk over a GGUF file's bytes: every read checks that the bytes exist."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.at = 0
+        self.array_values = 0
+
+    def take(self, count: int) -> bytes:
+        if count < 0 or self.at + count > len(self.data):
+            raise _Truncated
+        out = self.data[self.at : self.at + count]
+        self.at += count
+        return out
+
+    def number(self, fmt: str) -> int | float:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def count(self, what: str, limit: int, least_bytes: int) -> int:
+        """A count of items that take at least `least_bytes` each: refused when over `limit` or
+        when the bytes left in the file cannot hold that many."""
+        claimed = self.number("Q")
+        if claimed > limit:
+            raise _Bad(f"it claims {claimed} {what}; a control vector file may hold {limit} at most")
+        if claimed * least_bytes > len(self.data) - self.at:
+            raise _Bad(f"it claims {claimed} {what}, more than its remaining {len(self.data) - self.at} bytes can hold")
+        return claimed
+
+    def text(self, what: str) -> str:
+        length = self.count(f"bytes in a {what}", limits.VECTOR_FILE_BYTES, 1)
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, depth: int = 0):
+        if kind in _GGUF_SCALARS:
+            return self.number(_GGUF_SCALARS[kind])
+        if kind == 7:  # BOOL
+            return bool(self.number("B"))
+        if kind == 8:  # STRING
+            return self.text("metadata text")
+        if kind != 9:  # ARRAY
+            raise _Bad(f"it has a metadata value of unknown type {kind}")
+        if depth >= limits.VECTOR_FILE_NESTING:
+            raise _Bad(f"it nests metadata arrays deeper than {limits.VECTOR_FILE_NESTING} levels")
+        item = self.number("I")
+        least = struct.calcsize(_GGUF_SCALARS[item]) if item in _GGUF_SCALARS else (1 if item == 7 else 8)
+        left = limits.VECTOR_FILE_ARRAY_VALUES - self.array_values
+        n = self.count("metadata array values", left, least)
+        self.array_values += n
+        if item in _GGUF_SCALARS:  # one numpy read, not a Python loop over the values
+            fmt = _GGUF_SCALARS[item]
+            return np.frombuffer(self.take(n * least), dtype="<" + fmt).tolist()
+        return [self.value(item, depth + 1) for _ in range(n)]
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d"}
+_GGUF_TENSOR_TYPES = {0: ("F32", "<f4"), 1: ("F16", "<f2"), 30: ("BF16", "<u2")}
+_GGUF_ALIGNMENT = 32
+
+
+def _read_gguf(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Our own bounded reader of GGUF versions 2 and 3 (metadata, then F32/F16/BF16 tensors).
+    `gguf.GGUFReader` walks any count a header claims in Python (2**40 array values: an OOM kill)."""
+    view = _GGUFView(data)
+    try:
+        view.take(4)
+        version = view.number("I")
+        if version not in (2, 3):
+            raise _Bad(f"it is GGUF version {version}; versions 2 and 3 can be read")
+        n_tensors = view.count("tensors", limits.VECTOR_FILE_TENSORS, 8 + 4 + 4 + 8)
+        n_keys = view.count("metadata entries", limits.VECTOR_FILE_KEYS, 8 + 4 + 1)
+        metadata: dict[str, str] = {}
+        for _ in range(n_keys):
+            key = _gguf_name(view, "metadata key")
+            value = view.value(view.number("I"))
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+        infos = [_gguf_tensor_info(view) for _ in range(n_tensors)]
+    except _Truncated:
+        raise _Bad("it is cut short: its header claims more bytes than the file has") from None
+    alignment = _gguf_alignment(metadata)
+    start = -(-view.at // alignment) * alignment
+    return _gguf_tensors(data, infos, start, alignment), metadata
+
+
+def _gguf_name(view: _GGUFView, what: str) -> str:
+    length = view.count(f"bytes in a {what}", limits.VECTOR_FILE_NAME_BYTES, 1)
+    return view.take(length).decode("utf-8", errors="replace")
+
+
+def _gguf_tensor_info(view: _GGUFView) -> tuple[str, int, int, int]:
+    """(name, element count, type, offset) of one tensor, its dimensions checked."""
+    name = _gguf_name(view, "tensor name")
+    n_dims = view.number("I")
+    if not 1 <= n_dims <= limits.VECTOR_FILE_DIMS:
+        raise _Bad(f"it has a tensor {name[:60]!r} of {n_dims} dimensions; a direction has 1")
+    elements = 1
+    for _ in range(n_dims):
+        elements *= view.number("Q")
+        if elements > len(view.data):  # no tensor has more elements than its file has bytes
+            raise _Bad(f"it has a tensor {name[:60]!r} larger than the file")
+    kind = view.number("I")
+    if kind not in _GGUF_TENSOR_TYPES:
+        raise _Bad(f"it has a tensor {name[:60]!r} of type {kind}; F32, F16 and BF16 can be read")
+    return name, elements, kind, view.number("Q")
+
+
+def _gguf_alignment(metadata: dict[str, str]) -> int:
+    raw = metadata.get("general.alignment", str(_GGUF_ALIGNMENT))
+    if not raw.isdigit() or not 1 <= int(raw) <= 2**16 or int(raw) & (int(raw) - 1):
+        raise _Bad(f"it has general.alignment {raw[:20]}; it must be a power of two up to 65536")
+    return int(raw)
+
+
+def _gguf_tensors(data: bytes, infos, start: int, alignment: int) -> dict[str, np.ndarray]:
+    """Each tensor's bytes, checked to lie inside the file and apart from every other tensor
+    before any is read (32 tensors over one region would each cost a copy of it)."""
+    spans = []
+    for name, elements, kind, offset in infos:
+        begin = start + offset
+        end = begin + elements * np.dtype(_GGUF_TENSOR_TYPES[kind][1]).itemsize
+        if offset % alignment or end > len(data):
+            raise _Bad(f"it has a tensor {name[:60]!r} whose data lies outside the file or off its alignment")
+        spans.append((begin, end, name))
+    _check_apart(spans)
+    tensors: dict[str, np.ndarray] = {}
+    for (name, elements, kind, _), (begin, _, _) in zip(infos, spans):
+        type_name, dtype = _GGUF_TENSOR_TYPES[kind]
+        raw = np.frombuffer(data, dtype=dtype, count=elements, offset=begin)
+        if type_name == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = raw.astype(np.float32)
+    return tensors
+
+
+def _check_apart(spans: list[tuple[int, int, str]]) -> None:
+    """No two (begin, end, name) byte spans overlap and no name is used twice."""
+    names = [name for _, _, name in spans]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise _Bad(f"it holds two tensors named {twice[:60]!r}")
+    ordered = sorted(spans)
+    for (_, end, first), (begin, _, second) in zip(ordered, ordered[1:]):
+        if begin < end:
+            raise _Bad(f"it has tensors {first[:60]!r} and {second[:60]!r} over the same bytes")
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    """8 bytes of header length, then a JSON object: the safetensors layout."""
+    return len(data) >= 10 and data[8:9] == b"{" and 2 <= struct.unpack("<Q", data[:8])[0] <= len(data) - 8
+
+
+def _read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The header is checked here (JSON nesting, count, dtypes, spans inside the file and apart)
+    before the safetensors library reads the tensors."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = limits.loads_json(data[8 : 8 + length].decode("utf-8", errors="replace"), "file", "a safetensors header")
+    if not isinstance(header, dict):
+        raise _Bad("it has a safetensors header that is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Bad("it has safetensors metadata that is not a map of texts")
+    if len(header) > limits.VECTOR_FILE_TENSORS or len(metadata) > limits.VECTOR_FILE_KEYS:
+        raise _Bad(f"it holds {len(header)} tensors and {len(metadata)} metadata entries; the limits are "
+            f"{limits.VECTOR_FILE_TENSORS} and {limits.VECTOR_FILE_KEYS}",
+        )  # fmt: skip
+    spans = []
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        offsets = info.get("data_offsets")
+        if info.get("dtype") not in _SAFETENSORS_TYPES:
+            raise _Bad(f"it has a tensor {name[:60]!r} that is not F32, F16, BF16 or F64")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _Bad(f"it has a tensor {name[:60]!r} without valid data offsets")
+        if not 0 <= offsets[0] <= offsets[1] <= len(data) - 8 - length:
+            raise _Bad(f"it has a tensor {name[:60]!r} whose data lies outside the file")
+        spans.append((offsets[0], offsets[1], name))
+    _check_apart(spans)
+    return _safetensors_tensors(data), metadata
+
+
+_SAFETENSORS_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _safetensors_tensors(data: bytes) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:  # torch reads BF16, numpy does not; the header was checked above
+        return {name: t.float().reshape(-1).numpy() for name, t in load(data).items()}
+    except SafetensorError:  # e.g. a shape that does not match its data's length
+        raise _Bad("its tensors do not match their shapes and data offsets") from None
 
 
 def vectors_from_file(
@@ -175,10 +361,7 @@ def vectors_from_file(
         "tensors": {name: int(v.size) for name, v in tensors.items()},
     }
     if info["ours"]:
-        try:
-            raw = json.loads(metadata[f"{OURS}.vectors"])
-        except ValueError:
-            raise InputError("file", f"has a damaged {OURS}.vectors entry") from None
+        raw = limits.loads_json(metadata[f"{OURS}.vectors"], "file", f"a {OURS}.vectors entry")
         limits.check_count("vectors", raw, "file.vectors")
         if metadata.get(f"{OURS}.format_version") == "1" and isinstance(raw, list):
             raw = [{"positions": "all", **v} if isinstance(v, dict) else v for v in raw]

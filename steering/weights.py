@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -127,7 +128,7 @@ def check_folder(folder: str) -> None:
         for what, ok in (
             ("config.json", (path / "config.json").is_file()),
             ("safetensors weights", bool(weights)),
-            ("a tokenizer", any((path / name).is_file() for name in _TOKENIZER_FILES)),
+            ("tokenizer files", any((path / name).is_file() for name in _TOKENIZER_FILES)),
         )
         if not ok
     ]
@@ -139,10 +140,54 @@ def check_folder(folder: str) -> None:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
-        except Exception as exc:  # a truncated or foreign file fails in many ways
+        except Exception:  # a truncated or foreign file fails in many ways
             raise ModelUnavailableError(
-                f"{folder} cannot be loaded: {file.name} is not a readable safetensors file ({type(exc).__name__})."
+                f"{folder} cannot be loaded: {file.name} is not a readable safetensors file (damaged or cut short)."
             ) from None
+    check_architecture(folder, weights)
+
+
+def check_architecture(folder: str, weights: list[Path]) -> None:
+    """The config names an architecture transformers can build, and every weight it has a place
+    for has that place's shape: a meta-device model from the config (shapes, no memory) against
+    the safetensors headers. Refused naming the folder before the loaded model is released."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if getattr(config, "quantization_config", None):
+            return  # pre-quantized weights are packed: their shapes are not the config's
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except RecursionError:
+        raise ModelUnavailableError(
+            f"{folder} cannot be loaded: its config.json is nested too deeply to read."
+        ) from None
+    except Exception as exc:  # an unknown model_type, a config transformers cannot build
+        kind = _model_type(Path(folder))
+        raise ModelUnavailableError(
+            f"{folder} cannot be loaded: transformers cannot build a causal language model from its config.json "
+            f"(model_type {kind[:40]!r}: {str(exc)[:160]})."
+        ) from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in weights:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise ModelUnavailableError(
+                        f"{folder} cannot be loaded: its config.json does not match its weights ({file.name} holds "
+                        f"{name[:80]} of shape {list(shape)}; the config gives {list(expected[name])})."
+                    )
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type"))
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return "unreadable"
 
 
 def pretrained_kwargs(

@@ -97,7 +97,12 @@ REPLY = {"role": "assistant", "content": "Hello!"}
         ("Hi", [MESSAGE, MESSAGE], [MESSAGE, MESSAGE], "history_steered[1].role: must be 'assistant'"),
         ("Hi", [MESSAGE], [MESSAGE], "history_steered: ends with a user message"),
         ("Hi", [MESSAGE, {**REPLY, "content": 5}], [], "history_steered[1].content: must be a text"),
-        ("Hi", [MESSAGE, REPLY] * 16, [MESSAGE, REPLY] * 16, "history_steered: holds 16 exchanges; a chat holds 16"),
+        (
+            "Hi",
+            [MESSAGE, REPLY] * 16,
+            [MESSAGE, REPLY] * 16,
+            "history_steered: holds 16 exchanges; with the new message that is 17, and a chat holds 16",
+        ),
         ("Hi", [MESSAGE, {**REPLY, "content": "x" * 24000}], [], "history_steered: with the new message holds 24004"),
         ("Hi", [MESSAGE, REPLY], [], "history_baseline: holds 0 messages and history_steered 2"),
         ("Hi", [MESSAGE, REPLY], [{**MESSAGE, "content": "Hey"}, REPLY], "history_baseline[0].content: differs"),

@@ -275,22 +275,24 @@ def test_a_folder_that_cannot_load_is_refused_before_anything_is_unloaded(manage
     assert (manager.current.identity, manager.events.count) == before
 
 
-def test_a_model_that_fails_while_loading_ends_on_the_fallback_with_an_event(
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_anything_is_freed(
     manager, tmp_path, tiny_llama_dir, tiny_qwen_dir
 ):
+    """Issue 26: this folder used to free the loaded model, fail inside transformers and end on
+    the fallback with a normal status; its shapes are now checked on a meta-device model first."""
     import json
     import shutil
 
+    manager.load(catalog.EMBEDDED_ID, "fp32")
     mismatched = tmp_path / "mismatched"
     shutil.copytree(tiny_llama_dir, mismatched)
     config = json.loads((mismatched / "config.json").read_text())
-    config["intermediate_size"] *= 2  # the weights no longer fit the config: transformers refuses
+    config["intermediate_size"] *= 2  # the weights no longer fit the config
     (mismatched / "config.json").write_text(json.dumps(config))
-    before = manager.events.count
-    status = manager.load(str(mismatched), "fp32")
-    assert status["model"] == catalog.get_spec(str(tiny_qwen_dir)).id
-    assert "could not load it" in status["events"][-1]["reason"]
-    assert status["event_count"] == before + 1
+    before = (manager.current.identity, manager.events.count)
+    with pytest.raises(ModelUnavailableError, match=rf"^{re.escape(str(mismatched))} cannot be loaded: its config"):
+        manager.load(str(mismatched), "fp32")
+    assert (manager.current.identity, manager.events.count) == before
 
 
 @pytest.mark.parametrize("where", ["outside", "parent", "relative"])

@@ -117,7 +117,7 @@ def test_bad_control_vectors_are_refused_and_change_nothing(api, tmp_path, tenso
 def test_corrupt_files_and_bad_exports_are_refused(api, tmp_path):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    with pytest.raises(AppError, match=r"^file: is not a readable GGUF control vector"):
+    with pytest.raises(AppError, match=r"^file: is not a readable GGUF control vector: "):
         api.predict(handle_file(str(corrupt)), api_name="/import_vectors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
