@@ -66,15 +66,7 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("chat_chars", 24000, 1, 24000, "characters", "characters of all messages of one chat history", integer=True),
     Limit("context", 2048, 128, 32768, "tokens", "context length per row the memory plan prices", integer=True),
     # Training a vector from examples and reading texts with one (steering/training.py).
-    Limit(
-        "train_examples",
-        16,
-        2,
-        256,
-        "examples",
-        "examples on one side (positives or negatives) of a training set",
-        integer=True,
-    ),
+    Limit("train_examples", 16, 2, 256, "examples", "examples on one side of a training set", integer=True),
     Limit("example_chars", 1000, 1, 1000, "characters", "length of one training example or read text", integer=True),
     Limit("word_chars", 60, 1, 60, "characters", "length of one word of a two-word training request", integer=True),
     Limit("name_chars", 120, 1, 120, "characters", "length of a vector's name", integer=True),
