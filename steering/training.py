@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from steering import engine as eng
-from steering import limits
+from steering import lifecycle, limits
 from steering.errors import InputError
 from steering.loaded import LoadedModel, decoder_layers, input_device
 from steering.loader import Attempt, get_manager
@@ -116,6 +117,7 @@ def pooled_states(
     out: dict[str, torch.Tensor] = {}
     groups = batches([len(r) for r in rows], budget_tokens, max_rows)
     for done, group in enumerate(groups):
+        lifecycle.check_running()  # a shutdown ends a long training between passes
         ids, mask = _padded([rows[i] for i in group], pad, input_device(model))
         lengths = mask.sum(dim=1)
         with torch.inference_mode():
@@ -148,7 +150,9 @@ def fit_direction(method: str, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
         from sklearn.decomposition import PCA
 
         diffs = np.stack([pos[i] - neg[j] for i, j in pairs(len(pos), len(neg))])
-        direction = PCA(n_components=1).fit(diffs).components_[0] if len(diffs) > 1 else diffs[0]
+        with warnings.catch_warnings():  # identical differences (no variance): a warning, then AUROC 0.5
+            warnings.simplefilter("ignore", RuntimeWarning)
+            direction = PCA(n_components=1).fit(diffs).components_[0] if len(diffs) > 1 else diffs[0]
     elif method == "probe":
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -318,7 +322,7 @@ def read(
     rows = token_rows(engine.tokenizer, texts)
     scores: list[float] = [0.0] * len(texts)
     projections: list[list[float]] = [[] for _ in texts]
-    for group in batches([len(r) for r in rows], budget_tokens, max_rows or limits.BATCH_TOKENS):
+    for group in batches([len(r) for r in rows], budget_tokens, max_rows):
         hidden = engine.layer_inputs(spec.layer, [rows[i] for i in group])  # (B, T, H) fp32
         lengths = torch.tensor([len(rows[i]) for i in group])
         values = hidden @ unit.to(hidden.device)  # (B, T)
@@ -401,7 +405,9 @@ def _run(what: str, fits: Callable[[LoadedModel], None], work: Callable[[Attempt
 
     def attempt(a: Attempt) -> dict:
         fits(a.loaded)
-        return {**work(a), "model": a.loaded.model_id, "fallback": a.event}
+        result = {**work(a), "model": a.loaded.model_id, "fallback": a.event}
+        lifecycle.check_running()  # work cut short by a shutdown is not an answer
+        return result
 
     return get_manager().run(attempt, what=what)
 
