@@ -1,12 +1,12 @@
 """Steering with trained vectors vs the topic's text alone (issue 22), by bench/quality.py's rule.
 
 Run through `python bench/train.py --stage steer`. For every topic of bench/quality_set.json,
-quality_fresh.json and quality_fresh2.json, a mean_diff vector is trained from the topic's 8
-example sentences of bench/train_topics.json (against the built-in neutral texts; a pair topic
-against its 8 negative sentences), at the middle layer and at the layer `train` chooses. Then on
-each of the topic's six prompts, as rows of one greedy 40-token batch: the unsteered baseline, the
-topic's own text (or pair) vector at the app's default (middle layer, coeff 1.0, positions
-"prompt"), and the trained vector at the middle layer x COEFFS and at the chosen layer x 1.0.
+quality_fresh.json and quality_fresh2.json, a mean_diff vector is trained at the middle layer from
+the topic's 8 example sentences of bench/train_topics.json (against the built-in neutral texts; a
+pair topic against its 8 negative sentences); the layer `train(layer=None)` would choose is
+recorded. Then on the first PROMPTS of the topic's six prompts, as rows of one greedy 40-token
+batch: the unsteered baseline, the topic's own text (or pair) vector at the app's default (middle
+layer, coeff 1.0, positions "prompt") and the trained vector at the middle layer x COEFFS.
 An output is good when it is on topic (the topic's word list, whole words) and fluent
 (`steering.quality.is_fluent`), the rule of docs/quality.md.
 """
@@ -14,16 +14,19 @@ An output is good when it is on topic (the topic's word list, whole words) and f
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SETS = ("quality_set.json", "quality_fresh.json", "quality_fresh2.json")
-COEFFS = (0.5, 1.0, 1.5, 2.0)
+COEFFS = (1.0, 2.0)
+PROMPTS = 3  # of each topic's six: the 2-core machine is shared (about 15 minutes for 16 topics)
 TOKENS = 40
 
 
-def steering(engine) -> dict:
+def steering(engine, save=None) -> dict:
+    """The report; `save(report)` is called after each topic (a partial run keeps what it did)."""
     from quality import on_topic  # bench/quality.py's rule (this folder is on sys.path)
 
     from steering import generate as G
@@ -44,18 +47,15 @@ def steering(engine) -> dict:
             own = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
             rows = {"baseline": [], "text": [(VectorSpec(layer=middle, coeff=1.0, **own), limits.DEFAULT_COEFF)]}
             mid_spec = parse_vector(trained_mid["vector"], 0, engine.n_layers)
-            auto_spec = parse_vector(trained_auto["vector"], 0, engine.n_layers)
             rows.update({f"trained@{middle}x{c:g}": [(mid_spec, c)] for c in COEFFS})
-            rows[f"trained@chosen({trained_auto['layer']})x1"] = [(auto_spec, 1.0)]
             outputs = []
-            for p, prompt in enumerate(topic["prompts"]):
+            for p, prompt in enumerate(topic["prompts"][:PROMPTS]):
                 final = G.run_rows(engine, prompt, list(rows.values()), G.Sampling(max_new_tokens=TOKENS))
                 ppl = Q.output_perplexities(engine, G.prompt_ids(engine.tokenizer, prompt), final.token_ids)
                 for name, text, ids, pp in zip(rows, final.texts, final.token_ids, ppl):
                     rep = Q.repetition(ids)
                     fluent, on = Q.is_fluent(pp, rep, len(ids)), on_topic(text, topic["words"])
-                    key = name if not name.startswith("trained@chosen") else "trained@chosen x1"
-                    good.setdefault(set_name, {}).setdefault(key, []).append(fluent and on)
+                    good.setdefault(set_name, {}).setdefault(name, []).append(fluent and on)
                     outputs.append({"prompt": p, "row": name, "text": text, "on_topic": on, "fluent": fluent,
                                     "perplexity": pp, "repetition": round(rep, 3)})  # fmt: skip
             report["topics"][topic["name"]] = {
@@ -66,12 +66,20 @@ def steering(engine) -> dict:
                 "good": {r: sum(o["on_topic"] and o["fluent"] for o in outputs if o["row"] == r) for r in rows},
                 "outputs": outputs,
             }
+            if save is not None:
+                save({**report, "rates": _rates(good)})
             print(f"  {topic['name']}: {report['topics'][topic['name']]['good']} ({time.time() - started:.0f} s)",
-                  flush=True)  # fmt: skip
-    report["rates"] = {s: {k: [round(sum(v) / len(v), 3), len(v)] for k, v in rows.items()} for s, rows in good.items()}
-    every = {}
+                  file=sys.stderr, flush=True)  # fmt: skip
+    report["rates"] = _rates(good)
+    return report
+
+
+def _rates(good: dict) -> dict:
+    """On-topic-and-fluent rate and count per set and row, and over every set ("all")."""
+    rates = {s: {k: [round(sum(v) / len(v), 3), len(v)] for k, v in rows.items()} for s, rows in good.items()}
+    every: dict[str, list[bool]] = {}
     for rows in good.values():
         for k, v in rows.items():
             every.setdefault(k, []).extend(v)
-    report["rates"]["all"] = {k: [round(sum(v) / len(v), 3), len(v)] for k, v in every.items()}
-    return report
+    rates["all"] = {k: [round(sum(v) / len(v), 3), len(v)] for k, v in every.items()}
+    return rates

@@ -208,7 +208,10 @@ def main() -> None:
     if "steer" in stages:
         from steer_trained import steering  # bench/steer_trained.py: generation-heavy, kept apart
 
-        results["steering"] = steering(engine)
+        def save(report: dict) -> None:
+            RESULTS.write_text(json.dumps({**results, "steering": report}, indent=1) + "\n")
+
+        results["steering"] = steering(engine, save)
     results["machine"] = {"threads": min(2, os.cpu_count() or 1), "model": "SmolLM2-135M-Instruct fp32 CPU"}
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results))

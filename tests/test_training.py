@@ -44,24 +44,29 @@ def _cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def _reference_mean(model, tokenizer, texts, layer, pooling) -> np.ndarray:
-    """Plain transformers, written apart from steering/training.py: each text on its own."""
-    pooled = []
-    for text in texts:
+@pytest.fixture(scope="module")
+def reference_states(smol):
+    """Plain transformers, written apart from steering/training.py: each text on its own (no
+    padding), the start token as text, the full causal LM's `output_hidden_states` at LAYER."""
+    model, tokenizer = smol
+    states = []
+    for text in OCEAN + OFFICE:
         enc = tokenizer("<|endoftext|>" + text, return_tensors="pt")
         with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states[layer][0]  # (T, H)
-        pooled.append({"mean": hidden.mean(0), "mean_skip_first": hidden[1:].mean(0), "last": hidden[-1]}[pooling])
-    return torch.stack(pooled).mean(0).double().numpy()
+            states.append(model(**enc, output_hidden_states=True).hidden_states[LAYER][0])  # (T, H)
+    return states
+
+
+def _reference_diff(states, pooling) -> np.ndarray:
+    pool = {"mean": lambda h: h.mean(0), "mean_skip_first": lambda h: h[1:].mean(0), "last": lambda h: h[-1]}[pooling]
+    pooled = torch.stack([pool(h) for h in states]).double().numpy()
+    return pooled[: len(OCEAN)].mean(0) - pooled[len(OCEAN) :].mean(0)
 
 
 @pytest.mark.parametrize("pooling", training.POOLINGS)
-def test_mean_diff_equals_a_plain_transformers_reference(smol, smol_engine, pooling):
-    model, tokenizer = smol
+def test_mean_diff_equals_a_plain_transformers_reference(smol_engine, reference_states, pooling):
     result = training.train(smol_engine, OCEAN, OFFICE, "mean_diff", LAYER, pooling)
-    reference = _reference_mean(model, tokenizer, OCEAN, LAYER, pooling)
-    reference -= _reference_mean(model, tokenizer, OFFICE, LAYER, pooling)
-    assert _cosine(result["vector"]["direction"], reference) >= 0.999
+    assert _cosine(result["vector"]["direction"], _reference_diff(reference_states, pooling)) >= 0.999
     assert result["layer"] == result["vector"]["layer"] == LAYER and result["pooling"] == pooling
 
 
