@@ -83,6 +83,7 @@ class VectorSpec:
     decay: DecaySchedule | None = None
     direction: tuple[float, ...] = ()
     positions: str = DEFAULT_POSITIONS
+    name: str = ""  # what the vector is, for tables and history (a trained direction's examples)
 
     @property
     def contrastive(self) -> bool:
@@ -90,6 +91,8 @@ class VectorSpec:
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         if self.direction:
             return f"direction[{len(self.direction)}]"
         return f"{self.positive} - {self.negative}" if self.contrastive else self.text
@@ -105,12 +108,14 @@ class VectorSpec:
         out.update(coeff=self.coeff, layer=self.layer, enabled=self.enabled, positions=self.positions)
         if self.decay is not None:
             out.update(decay=self.decay.rate, decay_min=self.decay.min_multiplier)
+        if self.name:
+            out["name"] = self.name
         return out
 
 
 _KINDS = ({"text"}, {"positive", "negative"}, {"direction"})
 _VECTOR_KEYS = {
-    "text", "positive", "negative", "direction", "coeff", "layer", "enabled", "decay", "decay_min", "positions",
+    "text", "positive", "negative", "direction", "coeff", "layer", "enabled", "decay", "decay_min", "positions", "name",
 }  # fmt: skip
 
 
@@ -147,7 +152,8 @@ def parse_vector(raw: dict, index: int, n_layers: int | None) -> VectorSpec:
     positions = check_positions(raw.get("positions", DEFAULT_POSITIONS), f"{name}.positions")
     if decay is not None and positions == "prompt":
         raise InputError(f"{name}.decay", DECAY_NEEDS_ALL)
-    spec = VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, positions=positions, **texts)
+    label = check_text(raw["name"], f"{name}.name", "name_chars") if raw.get("name") else ""
+    spec = VectorSpec(layer=layer, coeff=coeff, enabled=enabled, decay=decay, positions=positions, name=label, **texts)
     check_scale(spec, f"{name}.direction")
     return spec
 
@@ -191,6 +197,16 @@ def _check_reach(largest: float, field: str, dtype: torch.dtype) -> None:
             f"times its coefficient reaches {largest:.3g}; a layer input in {name} can take at most {cap:.3g} "
             "(more would turn the hidden state into infinities)",
         )
+
+
+def start_ids(tokenizer) -> list[int]:
+    """The document-start token the engine (and steering/training.py) puts before a text:
+    `<|endoftext|>` when the vocabulary has it, else BOS, else EOS (see `SteeringEngine._bos_ids`)."""
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
+    for candidate in (endoftext, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return [candidate]
+    return []
 
 
 class _InstanceSteer(Steer):
@@ -336,12 +352,7 @@ class SteeringEngine:
         layer 7 (norm ~750 vs ~100) and "logical", "worm" and "Taylor Swift" get cosine 1.00;
         after `<|endoftext|>` it does not.
         """
-        tok = self.tokenizer  # cached: get_vocab() builds a 49k-entry dict (~33 ms) on every call
-        endoftext = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
-        for candidate in (endoftext, tok.bos_token_id, tok.eos_token_id):
-            if candidate is not None:
-                return [candidate]
-        return []
+        return start_ids(self.tokenizer)  # cached: get_vocab() builds a 49k-entry dict (~33 ms)
 
     def _capture(self, layer: int, ids: list[list[int]], *, early_stop: bool = True) -> torch.Tensor:
         """Run texts (right-padded) to `layer` and return its input hidden states (B, T, H) in fp32."""
@@ -385,6 +396,11 @@ class SteeringEngine:
                 self.direction(spec, mode)
         finally:
             self.stop = None
+
+    def layer_inputs(self, layer: int, ids: list[list[int]]) -> torch.Tensor:
+        """The hidden states (B, T, H) fp32 entering `layer` for token rows `ids` (right-padded;
+        the pass stops at `layer`): what steering/training.py's read projects onto a direction."""
+        return self._capture(layer, ids)
 
     def text_means(self, layer: int, texts: Sequence[str], mode: str) -> list[torch.Tensor]:
         """Mean layer-input vector (H,) of each text, from the cache where possible."""

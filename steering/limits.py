@@ -73,6 +73,12 @@ LIMITS: dict[str, Limit] = _limits(
     Limit("chat_turns", 16, 1, 16, "exchanges", "exchanges (a message and its reply) one chat holds", integer=True),
     Limit("chat_chars", 24000, 1, 24000, "characters", "characters of all messages of one chat history", integer=True),
     Limit("context", 2048, 128, 32768, "tokens", "context length per row the memory plan prices", integer=True),
+    # Training a vector from examples and reading texts with one (steering/training.py).
+    Limit("train_examples", 16, 2, 256, "examples", "examples on one side of a training set", integer=True),
+    Limit("example_chars", 1000, 1, 1000, "characters", "length of one training example or read text", integer=True),
+    Limit("word_chars", 60, 1, 60, "characters", "length of one word of a two-word training request", integer=True),
+    Limit("name_chars", 120, 1, 120, "characters", "length of a vector's name", integer=True),
+    Limit("read_texts", 256, 1, 512, "texts", "texts one read scores", integer=True),
 )
 
 # Names the rest of the code uses for the common bounds (read from the table above).
@@ -94,6 +100,12 @@ MAX_SWEEP_ROWS = int(LIMITS["sweep_coeffs"].maximum)
 MIN_SAMPLING_TEMPERATURE = 0.01
 FLOAT32_MAX = 3.4028234663852886e38
 DIRECTION_SCALE_CAP = FLOAT32_MAX / 1e3
+# Padded tokens (rows x longest row) of one forward pass of a training or read batch. A training
+# pass keeps every layer's hidden states, (layers + 1) x 4096 x hidden floats: 0.29 GB in fp32 on
+# SmolLM2-135M, 0.37 GB in fp16 on a 1.5B model; below the sweep's fitted budget on such a card.
+BATCH_TOKENS = 4096
+# An uploaded examples file (JSONL or CSV): 2 x 256 examples of 1,000 characters fit with room.
+MAX_UPLOAD_BYTES = 2_000_000
 
 
 def check_finite(value, field: str) -> float:

@@ -17,10 +17,13 @@ MAX_CLASS_LINES = 300
 # Which module may import which: a module imports only from its own layer or the layers below it
 # (and inside a layer, without a circle). `steering` is the package itself (steering/__init__.py).
 LAYERS = (
-    ("base", {"steering", "errors", "events", "files", "lifecycle", "limits", "vocab", "gpu", "catalog"}),
+    (
+        "base",
+        {"steering", "errors", "events", "files", "lifecycle", "limits", "vocab", "gpu", "catalog", "training_texts"},
+    ),
     ("memory", {"estimate", "devices", "planning"}),
     ("models", {"embedded", "weights", "loaded", "cpu", "loader"}),
-    ("steering", {"engine", "prefill", "generate", "quality", "vector_io", "history"}),
+    ("steering", {"engine", "prefill", "generate", "quality", "vector_io", "history", "training"}),
     ("api", {"api", "chat"}),
     ("entry", {"__main__"}),
     ("ui", {"ui"}),  # steering/ui/*: the only modules that import gradio
