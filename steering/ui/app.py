@@ -17,7 +17,20 @@ import gradio as gr
 
 from steering import catalog
 from steering.loader import get_manager
-from steering.ui import autotune, chat, endpoints, history, memory, model, recipes, serving, steer, sweep, vectors
+from steering.ui import (
+    autotune,
+    chat,
+    endpoints,
+    history,
+    memory,
+    model,
+    recipes,
+    serving,
+    steer,
+    sweep,
+    train,
+    vectors,
+)
 
 
 @dataclass(frozen=True)
@@ -66,17 +79,19 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
             steering_tab = steer.steer_tab(n_layers)
             chat_tab = chat.chat_tab()
             sweep_tab = sweep.sweep_tab(n_layers)
+            train_tab = train.train_tab(n_layers)
             vectors_tab = vectors.vectors_tab()
             memory_tab = memory.memory_tab()
             recipes_tab = recipes.recipes_tab()
             history_tab = history.history_tab()
         endpoints.register(demo)
         form, decoding = steering_tab.form, steering_tab.decoding
-        model.wire_model(demo, panel, [form.layer, sweep_tab.layer])
+        model.wire_model(demo, panel, [form.layer, sweep_tab.layer, train_tab.layer])
         steer.wire_steer(prompt, steering_tab)
         autotune.wire_autotune(prompt, form, decoding)
         chat.wire_chat(chat_tab, form, decoding)
         sweep.wire_sweep(prompt, sweep_tab, decoding)
+        train.wire_train(train_tab, form)
         vectors.wire_vectors(vectors_tab, form)
         memory.wire_memory(memory_tab)
         recipes.wire_recipes(prompt, steering_tab, recipes_tab)

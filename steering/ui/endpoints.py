@@ -13,7 +13,7 @@ import gradio as gr
 from gradio import FileData
 from gradio.utils import get_function_description, get_upload_folder, is_in_or_equal
 
-from steering import api, chat, vocab
+from steering import api, chat, training, vocab
 from steering.errors import InputError
 from steering.ui.common import INFO, MODEL, user_errors
 
@@ -64,6 +64,8 @@ ENDPOINTS = (
     (api.sweep, "sweep", MODEL),
     (api.similarity, "similarity", MODEL),
     (api.autotune, "autotune", MODEL),
+    (training.train_vector, "train_vector", MODEL),
+    (training.read_texts, "read", MODEL),
     (export_vectors, "export_vectors", MODEL),
     (import_vectors, "import_vectors", MODEL),
     (api.load_model, "load_model", MODEL),
@@ -89,7 +91,7 @@ def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
     """Give each parameter of a `gr.api` endpoint its name and its docstring line on the API page
     ("Use via API"); Gradio labels them '1st', '2nd', ... and leaves the description empty."""
     _, described, _ = get_function_description(fn)
-    block_fn = next(f for f in demo.fns.values() if f.name == name)
+    block_fn = next(f for f in demo.fns.values() if f.api_name == name)
     for component, parameter in zip(block_fn.inputs, inspect.signature(fn).parameters):
         component.label = parameter
         if described.get(parameter):

@@ -19,8 +19,11 @@ from steering.ui.common import INFO, MODEL, PRIVATE, refused, user_errors
 logger = logging.getLogger(__name__)
 
 
+LAYER_SLIDERS = 3  # the Steer form's, the Sweep tab's and the Train tab's (app.py wires them in that order)
+
+
 def _model_view(status: dict) -> tuple:
-    """Status line, fallback notice, both layer sliders (range and default follow the model), model."""
+    """Status line, fallback notice, every layer slider (range and default follow the model), model."""
     n_layers = status.get("n_layers") or 1
     default = status.get("default_layer") or 0
     downgrades = [e for e in status.get("events") or [] if e.get("recovery") != "rows one at a time"]
@@ -34,8 +37,7 @@ def _model_view(status: dict) -> tuple:
     return (
         views.status_line(status),
         views.fallback_notice(event),
-        layer_range(),
-        layer_range(),
+        *(layer_range() for _ in range(LAYER_SLIDERS)),
         gr.Dropdown(value=status.get("model")),
     )
 
@@ -57,8 +59,9 @@ def load_selected_model(
         return (*_model_view(api.load_model(model, quant, force, bool(allow_offload))), "")
     except SteeringError as exc:
         logger.info("load_selected_model refused: %s", exc)
-        shown = refused(str(exc), 6, at=5)
-        return (*shown[:4], gr.Dropdown(value=get_manager().status().get("model")), shown[5])
+        n_view = 3 + LAYER_SLIDERS  # status, notice, sliders, dropdown
+        shown = refused(str(exc), n_view + 1, at=n_view)
+        return (*shown[: n_view - 1], gr.Dropdown(value=get_manager().status().get("model")), shown[n_view])
 
 
 def model_advice(model: str, quant: str) -> str:
