@@ -9,10 +9,10 @@ import json
 import pytest
 from _server import client, ensure_embedded_loaded, launched
 from gradio_client.exceptions import AppError
+from test_training import OCEAN, OFFICE
 
 from steering.ui import steer as ui_steer
 from steering.ui import train as ui_train
-from test_training import OCEAN, OFFICE
 
 LAYER = 15
 

@@ -56,7 +56,10 @@ def auroc_svg(result: dict) -> str:
         return ""
     n, chosen = len(rows), result.get("layer")
     points = [(_x(i, n), _y(r["auroc"], 0.0, 1.0)) for i, r in enumerate(rows)]
-    parts = [f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" role="img" aria-label="held-out AUROC per layer">']
+    parts = [
+        f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" style="max-width:{PLOT_W}px" role="img" '
+        'aria-label="held-out AUROC per layer">'
+    ]
     for tick in (0.0, 0.5, 1.0):
         y = _y(tick, 0.0, 1.0)
         dash = ' stroke-dasharray="4 3"' if tick == 0.5 else ""
@@ -88,7 +91,10 @@ def histogram_svg(positive: list[float], negative: list[float], bins: int = 12) 
             counts[name][min(bins - 1, int((v - low) / width))] += 1
     top = max(max(c) for c in counts.values()) or 1
     bar = (PLOT_W - LEFT - RIGHT) / bins
-    parts = [f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" role="img" aria-label="scores by label">']
+    parts = [
+        f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" style="max-width:{PLOT_W}px" role="img" '
+        'aria-label="scores by label">'
+    ]
     for name, colour in (("positive", "#1f77b4"), ("negative", "#ff7f0e")):
         for b, count in enumerate(counts[name]):
             y = _y(count, 0, top)
@@ -134,6 +140,8 @@ def train_from_form(
     if not words and not examples["positives"]:
         raise gr.Error("positives: paste example texts, one per line (or give two words)")
     given = {"positive": word_positive or "", "negative": word_negative or ""} if words else examples
+    if words and not (name or "").strip():
+        name = f"{(word_positive or '').strip()} − {(word_negative or '').strip()}"
 
     def report(fraction, text="") -> None:
         if progress is not None:  # None for callers by name outside a request
@@ -260,7 +268,7 @@ def train_tab(n_layers: int) -> SimpleNamespace:
             read_btn = gr.Button("Read", elem_id="read")
             read_message = gr.Markdown("", elem_id="read-message", elem_classes=["field-message"])
             highlighted = gr.HighlightedText(
-                label="Tokens by projection (blue: along the direction, red: against)", elem_id="read-tokens",
+                label="Tokens by projection (red: along the direction, blue: against)", elem_id="read-tokens",
                 combine_adjacent=False, show_legend=False,
             )  # fmt: skip
             histogram = gr.HTML("", elem_id="read-histogram")
