@@ -60,7 +60,7 @@ AUROC_TIE = 0.01  # layers this close to the best held-out AUROC count as tied
 # is in the lab's RMS units, positions "prompt"). Measured (bench/train.py --stage steer, middle
 # layer, 8 examples vs neutral texts, docs/quality.md): coeff 1 loops (ocean, music: 0 of 6 outputs
 # good), 0.25 rarely moves the output; 0.75 edged 0.5 on the labelled set (9 vs 8 of 18) but fell
-# to 2 of 12 on the first validation set, where 0.5 kept 6 of 12. A text vector's default is 1.0.
+# to 2 of 15 and 3 of 15 on the validation sets, where 0.5 kept 7 and 4. A text vector's is 1.0.
 TRAINED_COEFF = 0.5
 Progress = Callable[[float, str], None] | None
 
