@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SETS = ("quality_set.json", "quality_fresh.json", "quality_fresh2.json")
-COEFFS = (1.0, 2.0)
+COEFFS = (0.25, 0.5, 0.75)  # a first run at 1 and 2 looped on ocean and music (0 of 6 good)
 PROMPTS = 3  # of each topic's six: the 2-core machine is shared (about 15 minutes for 16 topics)
 TOKENS = 40
 

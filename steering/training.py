@@ -19,9 +19,10 @@ where steering is most often fluent); the final direction is refitted on all exa
 
 The vector is a raw `direction` row the engine adds as given: a unit direction times the layer's
 typical hidden-state RMS (`SteeringEngine.layer_rms`), so its `coeff` is in the lab's RMS units,
-like a text vector's. Reading (`read`) projects each token's hidden state at the vector's layer
-onto the unit direction; a text's score is the pooled projection. `train_vector` / `read_texts`
-are the request functions (validation first, then the model under the manager's lock).
+like a text vector's; the suggested coeff is `TRAINED_COEFF` (measured). Reading (`read`)
+projects each token's hidden state at the vector's layer onto the unit direction; a text's score
+is the pooled projection. `train_vector` / `read_texts` are the request functions (validation
+first, then the model under the manager's lock).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ POOLINGS = ("mean_skip_first", "mean", "last")
 DEFAULT_POOLING = "mean_skip_first"
 HELD_OUT_EVERY = 4  # example i of a side is held out when i % 4 == 3 (the last of 3 when n == 3)
 AUROC_TIE = 0.01  # layers this close to the best held-out AUROC count as tied
+# The suggested coefficient of a trained vector (its direction has the layer's typical RMS, so this
+# is in the lab's RMS units, positions "prompt"). Measured (bench/train.py --stage steer, middle
+# layer, 8 examples vs neutral texts, docs/quality.md): coeff 1 loops (ocean, music: 0 of 6 outputs
+# good), 0.25 rarely moves the output; 0.75 edged 0.5 on the labelled set (9 vs 8 of 18) but fell
+# to 2 of 15 and 3 of 15 on the validation sets, where 0.5 kept 7 and 4. A text vector's is 1.0.
+TRAINED_COEFF = 0.5
 Progress = Callable[[float, str], None] | None
 
 
@@ -253,7 +260,7 @@ def train(
     # Unit L2 norm x sqrt(H) has RMS 1; x the layer's typical RMS: coeff 1 adds a vector as large
     # as a typical hidden state there, the unit a text vector's coeff is in.
     scale = float(np.sqrt(unit.size)) * engine.layer_rms(chosen)
-    coeff = float(limits.DEFAULT_COEFF)
+    coeff = TRAINED_COEFF
     label = name or _default_name(method, positives, negatives if negatives != list(NEUTRAL_TEXTS) else None)
     vector = {
         "direction": [round(float(v), 6) for v in unit * scale],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from steering import generate as G
-from steering import limits, training
+from steering import training
 from steering.engine import parse_vector
 from steering.errors import InputError
 from steering.loader import ModelManager, use_manager
@@ -131,7 +131,10 @@ def test_split_is_deterministic_and_reported():
 
 def test_a_trained_vector_steers_through_the_engine(smol_engine):
     result = training.train(smol_engine, OCEAN, [], "mean_diff", LAYER)  # neutral negatives
-    assert result["n_neg"] == len(training.NEUTRAL_TEXTS) and result["coeff"] == limits.DEFAULT_COEFF
+    assert (
+        result["n_neg"] == len(training.NEUTRAL_TEXTS)
+        and result["coeff"] == result["vector"]["coeff"] == training.TRAINED_COEFF
+    )
     spec = parse_vector(result["vector"], 0, 30)  # the row as the engine takes it
     assert spec.name == result["vector"]["name"] and spec.label.startswith("mean_diff")
     rms = np.sqrt(np.mean(np.square(result["vector"]["direction"])))
