@@ -217,8 +217,16 @@ class _LayerSteer:
     and a second element at the same layer would see the state after the first was added (so
     two texts would compound and their order would matter). As one element, every vector's scale
     comes from the same unsteered hidden state: order does not matter and the same text twice is
-    the sum of its coefficients. Absolute (raw direction) vectors are divided by that RMS, read by
-    a forward pre-hook, so llm-steer's multiplication restores them exactly.
+    the sum of its coefficients.
+
+    Absolute (raw direction) vectors are added at their raw magnitude, not in RMS units: the
+    forward pre-hook `read_input` adds `coeff * direction` to the hidden state itself, at every
+    position, before llm-steer runs, which is bit for bit what repeng's `ControlModel` and
+    llama.cpp do to the output of the block below (h + v). (Dividing by the RMS and letting
+    llm-steer multiply it back, (v / r) * r, is v only up to float rounding.) Relative vectors at
+    the same layer still scale with the unsteered state: their delta is multiplied by
+    rms(unsteered) / rms(with the raw vectors), which llm-steer's own multiplication by the latter
+    turns back into rms(unsteered).
     """
 
     def __init__(self, layer: int, parts: list[_Part], label: str):
@@ -233,7 +241,9 @@ class _LayerSteer:
         self.prompt = sum((p.coeffs * p.direction for p in relative if p.prompt_only), zero)
         self.absolute = self._sum([p for p in parts if p.absolute and not p.prompt_only])  # (B, 1, H)
         self.absolute_prompt = self._sum([p for p in parts if p.absolute and p.prompt_only])
-        self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_input` before each forward
+        self.has_relative = bool(relative)
+        self.ratio: torch.Tensor | None = None  # (B, 1, 1) rms(unsteered) / rms(+ raw), by `read_input`
+        self.step = lambda: 0  # llm-steer's step counter of this layer (set by `installed`)
         self.device = self.fixed.device
 
     @staticmethod
@@ -241,10 +251,10 @@ class _LayerSteer:
         deltas = [p.coeffs * p.direction for p in parts]
         return sum(deltas[1:], deltas[0]) if deltas else None
 
-    def read_input(self, module, args, kwargs) -> None:
+    def read_input(self, module, args, kwargs) -> tuple | None:
         """Forward pre-hook: keep the deltas where the hidden state arrives (on a model dispatched
         across devices, that is the previous layer's device: llm-steer adds before accelerate's
-        hook moves the input), and read the RMS of the unsteered hidden state at the last position."""
+        hook moves the input), and add the raw (absolute) vectors: returns the steered arguments."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if hidden.device != self.device:  # once per device: later forwards find them there
             self.device = hidden.device
@@ -253,19 +263,27 @@ class _LayerSteer:
             self.decayed = [(part.to(self.device), decay) for part, decay in self.decayed]
             self.absolute = self.absolute.to(self.device) if self.absolute is not None else None
             self.absolute_prompt = self.absolute_prompt.to(self.device) if self.absolute_prompt is not None else None
-        if self.absolute is not None or self.absolute_prompt is not None:
-            self.rms = Steer._rms(hidden[:, -1:, :])
+        raw = self.absolute
+        if self.absolute_prompt is not None and self.step() == 0:  # the prefill: the prompt's positions
+            raw = self.absolute_prompt if raw is None else raw + self.absolute_prompt
+        if raw is None:
+            self.ratio = None
+            return None
+        steered = hidden + raw.to(hidden.dtype)  # (B, T, H): every position, raw magnitude
+        if self.has_relative:
+            self.ratio = Steer._rms(hidden[:, -1:, :]) / Steer._rms(steered[:, -1:, :])
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": steered}
+        return (steered, *args[1:]), kwargs
 
     def steering_method(self, elem: SteerElement, step: int, layer_idx: int) -> torch.Tensor:
         delta = self.fixed  # (B, 1, H), or a (1, 1, 1) zero when every vector here decays
         for part, decay in self.decayed:
             delta = delta + part * decay(step)
-        if self.absolute is not None:
-            delta = delta + self.absolute / self.rms
         if step == 0:  # the prefill: the prompt's positions
             delta = delta + self.prompt
-            if self.absolute_prompt is not None:
-                delta = delta + self.absolute_prompt / self.rms
+        if self.ratio is not None:  # raw vectors were added below: scale by the unsteered state
+            delta = delta * self.ratio
         return delta
 
 
@@ -452,6 +470,7 @@ class SteeringEngine:
                 for element in sorted(elements, key=lambda e: -e.layer):
                     layer_module = decoder_layers(self.model)[element.layer]
                     hooks.append(layer_module.register_forward_pre_hook(element.read_input, with_kwargs=True))
+                    element.step = functools.partial(lambda layer: self.steer.steers[layer].step, element.layer)
                     self.steer._add_steer_vector(
                         element.layer,
                         SteerElement(
