@@ -306,7 +306,7 @@ def repeng_half(loaded, out_dir: Path, prompts=REPENG_PROMPTS, tokens=REPENG_TOK
 
         repeng_steered, repeng_plain = theirs(coeff), theirs(0.0)
         final = generate.run_rows(engine, prompt, generate.compare_rows(specs, True), generate.Sampling(max_new_tokens=tokens))
-        lab = api.steer(prompt, vectors, max_new_tokens=tokens, temperature=0.0)
+        lab = api.steer(prompt, vectors, max_new_tokens=tokens, temperature=0.0, compare=False)  # the endpoint
         rows.append(
             {
                 "prompt": prompt,
@@ -316,7 +316,7 @@ def repeng_half(loaded, out_dir: Path, prompts=REPENG_PROMPTS, tokens=REPENG_TOK
                 "steered_differs": repeng_steered != repeng_plain,
                 "repeng": loaded.tokenizer.decode(repeng_steered, skip_special_tokens=True),
                 "ours": lab["steered"],
-                "baseline": lab["baseline"],
+                "baseline": loaded.tokenizer.decode(final.token_ids[1], skip_special_tokens=True),
             }
         )
         _log(f"repeng {prompt!r}: identical={rows[-1]['identical']} differs={rows[-1]['steered_differs']}")
