@@ -111,7 +111,7 @@ LLAMA_LAYER = 15  # ours: added to the input of layer 15 = llama.cpp's direction
 LLAMA_COEFF = 0.45  # positions "all": the measured default of that rule (docs/quality.md, rounds 1-3)
 PROMPTS_PER_TOPIC = 2
 LLAMA_TOKENS = 40
-THREADS = 2
+THREADS = 1  # llama.cpp: on a shared 2-core machine -t 2 ran 8x slower (spinning threads) than -t 1
 
 
 def _log(*parts) -> None:
@@ -226,6 +226,9 @@ def run_llama(command: list) -> str:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise RuntimeError(f"llama.cpp failed ({done.returncode}): {done.stderr[-2000:]}")
+    # A control vector llama.cpp cannot read is logged and skipped: it answers unsteered, exit 0.
+    if "--control-vector" in command and "control vector" in done.stderr and "failed" in done.stderr:
+        raise RuntimeError(f"llama.cpp did not load the control vector: {done.stderr[-2000:]}")
     return done.stdout
 
 
@@ -292,7 +295,7 @@ def repeng_half(loaded, out_dir: Path, prompts=REPENG_PROMPTS, tokens=REPENG_TOK
     for prompt in prompts:
         ids = generate.prompt_ids(loaded.tokenizer, prompt)
 
-        def theirs(c: float) -> list[int]:
+        def theirs(c: float, ids=ids) -> list[int]:
             if c:
                 control.set_control(vector, c)
             else:
@@ -305,14 +308,17 @@ def repeng_half(loaded, out_dir: Path, prompts=REPENG_PROMPTS, tokens=REPENG_TOK
             return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
 
         repeng_steered, repeng_plain = theirs(coeff), theirs(0.0)
-        final = generate.run_rows(engine, prompt, generate.compare_rows(specs, True), generate.Sampling(max_new_tokens=tokens))
+        final = generate.run_rows(
+            engine, prompt, generate.compare_rows(specs, True), generate.Sampling(max_new_tokens=tokens)
+        )
         lab = api.steer(prompt, vectors, max_new_tokens=tokens, temperature=0.0, compare=False)  # the endpoint
         rows.append(
             {
                 "prompt": prompt,
                 "identical": final.token_ids[0] == repeng_steered,
                 "baseline_identical": final.token_ids[1] == repeng_plain,
-                "api_text_identical": lab["steered"] == loaded.tokenizer.decode(repeng_steered, skip_special_tokens=True),
+                "api_text_identical": lab["steered"]
+                == loaded.tokenizer.decode(repeng_steered, skip_special_tokens=True),
                 "steered_differs": repeng_steered != repeng_plain,
                 "repeng": loaded.tokenizer.decode(repeng_steered, skip_special_tokens=True),
                 "ours": lab["steered"],
@@ -359,12 +365,15 @@ def llama_half(loaded, build: dict, out_dir: Path, tokens=LLAMA_TOKENS, per_topi
     tokenizer = loaded.tokenizer
     engine = eng.engine_for(loaded)
     timings = {"ours_s": 0.0, "llama_cpp_s": 0.0, "export_s": 0.0, "score_s": 0.0}
-    rows, example = [], None
+    rows, example, started = [], None, time.time()
     no_repack = needs_no_repack(build["binary"], model_file)
     for topic in load_set(False):
-        vector = {"text": topic["text"], "coeff": LLAMA_COEFF, "layer": LLAMA_LAYER, "positions": "all"}
+        what = {"text": topic["text"]} if topic.get("text") else {k: topic[k] for k in ("positive", "negative")}
+        vector = {**what, "coeff": LLAMA_COEFF, "layer": LLAMA_LAYER, "positions": "all"}
         step = time.time()
         exported = api.export_vectors([vector], "gguf")
+        # Our own copy: the app's export folder keeps only its newest files (other processes too).
+        file = str(shutil.copy(exported["path"], out_dir / f"{topic['name']}.gguf"))
         timings["export_s"] += time.time() - step
         for prompt in topic["prompts"][:per_topic]:
             step = time.time()
@@ -374,9 +383,7 @@ def llama_half(loaded, build: dict, out_dir: Path, tokens=LLAMA_TOKENS, per_topi
             text_prompt = tokenizer.decode(ids)  # the chat-formatted prompt; llama.cpp parses its special tokens
             step = time.time()
             plain_cmd = llama_command(build["binary"], model_file, text_prompt, tokens, None, None, no_repack)
-            steered_cmd = llama_command(
-                build["binary"], model_file, text_prompt, tokens, exported["path"], LLAMA_LAYER, no_repack
-            )
+            steered_cmd = llama_command(build["binary"], model_file, text_prompt, tokens, file, LLAMA_LAYER, no_repack)
             llama_plain, llama_steered = run_llama(plain_cmd), run_llama(steered_cmd)
             timings["llama_cpp_s"] += time.time() - step
             if example is None:
@@ -397,7 +404,9 @@ def llama_half(loaded, build: dict, out_dir: Path, tokens=LLAMA_TOKENS, per_topi
             timings["score_s"] += time.time() - step
             rows.append(row)
             _log(f"llama.cpp {topic['name']} {prompt!r}: differs={row['steered_differs']} "
-                 f"topic ours={row['on_topic_ours']} llama={row['on_topic_llama_cpp']}")  # fmt: skip
+                 f"topic ours={row['on_topic_ours']} llama={row['on_topic_llama_cpp']} "
+                 f"fluent ours={row['fluent_ours']} llama={row['fluent_llama_cpp']} "
+                 f"agree={row['baseline_prefix_agreement']:.2f} ({time.time() - started:.0f} s)")  # fmt: skip
 
     def share(key: str) -> float:
         return round(sum(bool(r[key]) for r in rows) / len(rows), 3)
@@ -415,7 +424,12 @@ def llama_half(loaded, build: dict, out_dir: Path, tokens=LLAMA_TOKENS, per_topi
         "on_topic_baseline_llama_cpp": share("on_topic_llama_cpp_baseline"),
         "fluent_ours": share("fluent_ours"),
         "fluent_llama_cpp": share("fluent_llama_cpp"),
-        "vector": {"layer": LLAMA_LAYER, "coeff": LLAMA_COEFF, "positions": "all", "capture_mode": eng.DEFAULT_CAPTURE_MODE},
+        "vector": {
+            "layer": LLAMA_LAYER,
+            "coeff": LLAMA_COEFF,
+            "positions": "all",
+            "capture_mode": eng.DEFAULT_CAPTURE_MODE,
+        },
         "max_new_tokens": tokens,
         "no_repack": no_repack,
         "command": example,

@@ -150,9 +150,7 @@ def test_a_foreign_file_maps_direction_n_to_layer_n_plus_1_at_raw_magnitude():
     note = info["mapping_note"]
     assert "output of block N" in note and "repeng" in note and "llama.cpp" in note and "layer N + 1" in note
     # A request built from it parses back to the same raw vectors.
-    assert [parse_vector(v, i, 30).direction for i, v in enumerate(vectors)] == [
-        tuple(v["direction"]) for v in vectors
-    ]
+    assert [parse_vector(v, i, 30).direction for i, v in enumerate(vectors)] == [tuple(v["direction"]) for v in vectors]
 
 
 def _repeng():
