@@ -155,7 +155,8 @@ def ensure_llama_cpp() -> dict:
     if not (source / "CMakeLists.txt").is_file():
         download = INTEROP / "dl"
         download.mkdir(parents=True, exist_ok=True)
-        name = LLAMA_SDIST.replace("==", "-").replace("-", "_", 1)
+        package, version = LLAMA_SDIST.split("==")
+        name = f"{package.replace('-', '_')}-{version}"  # llama_cpp_python-0.3.36
         archives = sorted(download.glob(f"{name}.tar.gz"))
         if not archives:
             _pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(download), LLAMA_SDIST)

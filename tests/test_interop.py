@@ -133,6 +133,32 @@ def test_a_raw_prompt_only_direction_is_added_in_the_prefill_only(smol, smol_eng
     assert _new_ids(model, tokenizer, out, ids) == final.token_ids[0]
 
 
+def test_the_export_scale_is_the_rms_llm_steer_multiplies_by_while_the_model_writes(smol, smol_engine):
+    """`layer_rms` (a coefficient's absolute size in an exported file) is the RMS of the layer's
+    input at the newest token of a reply, where llm-steer reads it at every decoding step: within
+    5% of what a greedy reply really has (the bare-neutral-text rule before issue 24 was 9% off at
+    layer 15 and 19% at layer 5, and llama.cpp looped more often than we did)."""
+    from llm_steer import Steer
+
+    model, _ = smol
+    for layer in (5, 15):
+        seen = []
+
+        def hook(module, args, kwargs, seen=seen):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if hidden.shape[1] == 1:  # a decoding step
+                seen.append(float(Steer._rms(hidden[:, -1:, :]).view(-1)[0]))
+
+        handle = model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for prompt in ("Tell me about your day.", "What is a good way to spend an evening?"):
+                G.run_rows(smol_engine, prompt, [[]], G.Sampling(max_new_tokens=24))
+        finally:
+            handle.remove()
+        decoding = sum(seen) / len(seen)
+        assert abs(smol_engine.layer_rms(layer) / decoding - 1) < 0.05, (layer, smol_engine.layer_rms(layer), decoding)
+
+
 def _foreign_tensors(hidden: int) -> dict[str, np.ndarray]:
     return {f"direction.{n}": _raw(hidden, 1.0, n).numpy() for n in (11, 5)}
 
