@@ -29,7 +29,7 @@ bench: $(STAMP)
 # PyPI sources into .interop/, then checks both round trips; one JSON object on stdout.
 # ARGS="--part repeng" runs the repeng half only (no C++ build).
 interop: $(STAMP)
-	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/interop.py --json $(ARGS)
+	@PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/interop.py --json $(ARGS)
 
 gpu-check: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py $(ARGS)
