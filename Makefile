@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test screenshots bench gpu-check lint format clean
+.PHONY: run test screenshots bench gpu-check lint format clean interop
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ screenshots: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(ARGS)
+
+# Real peers (issue 24): installs repeng 0.4.0 and builds llama.cpp (CPU, llama-completion) from
+# PyPI sources into .interop/, then checks both round trips; one JSON object on stdout.
+# ARGS="--part repeng" runs the repeng half only (no C++ build).
+interop: $(STAMP)
+	@PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/interop.py --json $(ARGS)
 
 gpu-check: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py $(ARGS)

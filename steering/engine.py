@@ -64,6 +64,13 @@ NEUTRAL_TEXTS = (
     "Okay, let me see.",
 )
 
+# Neutral chat exchanges whose reply tokens give a layer's typical RMS (`layer_rms`, export).
+RMS_CHATS = (
+    ("Tell me about your day.", "It was a normal day. I did some work, had lunch and then went home."),
+    ("What is a good way to spend an evening?", "A quiet evening at home with a book and a cup of tea."),
+    ("Write a few sentences about anything.", "Here are a few sentences. The morning was calm and quiet."),
+)
+
 CACHE_ENTRIES = 256
 
 DECAY_NEEDS_ALL = 'a decay multiplies the coefficient per generated token: it needs positions "all"'
@@ -259,8 +266,16 @@ class _LayerSteer:
     and a second element at the same layer would see the state after the first was added (so
     two texts would compound and their order would matter). As one element, every vector's scale
     comes from the same unsteered hidden state: order does not matter and the same text twice is
-    the sum of its coefficients. Absolute (raw direction) vectors are divided by that RMS, read by
-    a forward pre-hook, so llm-steer's multiplication restores them exactly.
+    the sum of its coefficients.
+
+    Absolute (raw direction) vectors are added at their raw magnitude, not in RMS units: the
+    forward pre-hook `read_input` adds `coeff * direction` to the hidden state itself, at every
+    position, before llm-steer runs, which is bit for bit what repeng's `ControlModel` and
+    llama.cpp do to the output of the block below (h + v). (Dividing by the RMS and letting
+    llm-steer multiply it back, (v / r) * r, is v only up to float rounding.) Relative vectors at
+    the same layer still scale with the unsteered state: their delta is multiplied by
+    rms(unsteered) / rms(with the raw vectors), which llm-steer's own multiplication by the latter
+    turns back into rms(unsteered).
     """
 
     def __init__(self, layer: int, parts: list[_Part], label: str):
@@ -275,7 +290,9 @@ class _LayerSteer:
         self.prompt = sum((self._rows(p) for p in relative if p.prompt_only), zero)
         self.absolute = self._sum([p for p in parts if p.absolute and not p.prompt_only])  # (B, 1, H)
         self.absolute_prompt = self._sum([p for p in parts if p.absolute and p.prompt_only])
-        self.rms: torch.Tensor | None = None  # (B, 1, 1), set by `read_input` before each forward
+        self.has_relative = bool(relative)
+        self.ratio: torch.Tensor | None = None  # (B, 1, 1) rms(unsteered) / rms(+ raw), by `read_input`
+        self.step = lambda: 0  # llm-steer's step counter of this layer (set by `installed`)
         self.device = self.fixed.device
 
     @staticmethod
@@ -292,10 +309,10 @@ class _LayerSteer:
         deltas = [cls._rows(p) for p in parts]
         return sum(deltas[1:], deltas[0]) if deltas else None
 
-    def read_input(self, module, args, kwargs) -> None:
+    def read_input(self, module, args, kwargs) -> tuple | None:
         """Forward pre-hook: keep the deltas where the hidden state arrives (on a model dispatched
         across devices, that is the previous layer's device: llm-steer adds before accelerate's
-        hook moves the input), and read the RMS of the unsteered hidden state at the last position."""
+        hook moves the input), and add the raw (absolute) vectors: returns the steered arguments."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if hidden.device != self.device:  # once per device: later forwards find them there
             self.device = hidden.device
@@ -304,19 +321,27 @@ class _LayerSteer:
             self.decayed = [(part.to(self.device), decay) for part, decay in self.decayed]
             self.absolute = self.absolute.to(self.device) if self.absolute is not None else None
             self.absolute_prompt = self.absolute_prompt.to(self.device) if self.absolute_prompt is not None else None
-        if self.absolute is not None or self.absolute_prompt is not None:
-            self.rms = Steer._rms(hidden[:, -1:, :])
+        raw = self.absolute
+        if self.absolute_prompt is not None and self.step() == 0:  # the prefill: the prompt's positions
+            raw = self.absolute_prompt if raw is None else raw + self.absolute_prompt
+        if raw is None:
+            self.ratio = None
+            return None
+        steered = hidden + raw.to(hidden.dtype)  # (B, T, H): every position, raw magnitude
+        if self.has_relative:
+            self.ratio = Steer._rms(hidden[:, -1:, :]) / Steer._rms(steered[:, -1:, :])
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": steered}
+        return (steered, *args[1:]), kwargs
 
     def steering_method(self, elem: SteerElement, step: int, layer_idx: int) -> torch.Tensor:
         delta = self.fixed  # (B, 1, H), or a (1, 1, 1) zero when every vector here decays
         for part, decay in self.decayed:
             delta = delta + part * decay(step)
-        if self.absolute is not None:
-            delta = delta + self.absolute / self.rms
         if step == 0:  # the prefill: the prompt's positions
             delta = delta + self.prompt
-            if self.absolute_prompt is not None:
-                delta = delta + self.absolute_prompt / self.rms
+        if self.ratio is not None:  # raw vectors were added below: scale by the unsteered state
+            delta = delta * self.ratio
         return delta
 
 
@@ -458,17 +483,40 @@ class SteeringEngine:
         return [torch.stack(sentence_means[i * per_text : (i + 1) * per_text]).mean(dim=0) for i in range(len(texts))]
 
     def layer_rms(self, layer: int) -> float:
-        """Typical RMS of one token's hidden state entering `layer`, on the neutral texts (the
-        start token's attention sink left out): the scale that turns a relative coefficient into
-        an absolute vector (control vector export). Cached per model and layer."""
+        """Typical RMS of one token's hidden state entering `layer` while the model writes a reply:
+        the scale that turns a relative coefficient into an absolute vector (control vector
+        export). llm-steer multiplies by the RMS at the last position, which in a generation is
+        the reply's newest token, so it is measured at the reply tokens of a few neutral chat
+        exchanges (`RMS_CHATS`, teacher-forced: the same states decoding computes). Measured on
+        SmolLM2-135M: layer 15 gives 6.51 here, 6.27 on its own greedy replies, 6.85 on bare
+        neutral texts (the rule before issue 24, which made llama.cpp outputs loop more often
+        than ours: bench/interop.py). Cached per model and layer."""
         key = (self.identity, layer, "rms")
         if key not in self.cache:
-            rows = [self._bos_ids + self.tokenizer.encode(t, add_special_tokens=False) for t in NEUTRAL_TEXTS]
+            rows, starts = [], []
+            for user, reply in RMS_CHATS:
+                prompt = self._chat_prompt_ids(user)
+                starts.append(len(prompt))
+                rows.append(prompt + self.tokenizer.encode(reply, add_special_tokens=False))
             hidden = self._capture(layer, rows)  # (B, T, H) fp32
-            per_token = torch.cat([Steer._rms(hidden[i, 1 : len(row)]).view(-1) for i, row in enumerate(rows)])
+            per_token = torch.cat(
+                [Steer._rms(hidden[i, start : len(row)]).view(-1) for i, (row, start) in enumerate(zip(rows, starts))]
+            )
             self.cache[key] = per_token.mean()
         self.cache.move_to_end(key)
         return float(self.cache[key])
+
+    def _chat_prompt_ids(self, user: str) -> list[int]:
+        """A user turn ready for the assistant's reply (as `generate.prompt_ids`, which sits above us)."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return tok.encode(f"user: {user}\nassistant:")
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
     def direction(self, spec: VectorSpec, mode: str) -> torch.Tensor:
         """The unit-RMS direction (1, 1, H) of a vector, as llm-steer normalises it."""
@@ -530,6 +578,7 @@ class SteeringEngine:
                 for element in sorted(elements, key=lambda e: -e.layer):
                     layer_module = decoder_layers(self.model)[element.layer]
                     hooks.append(layer_module.register_forward_pre_hook(element.read_input, with_kwargs=True))
+                    element.step = functools.partial(lambda layer: self.steer.steers[layer].step, element.layer)
                     self.steer._add_steer_vector(
                         element.layer,
                         SteerElement(

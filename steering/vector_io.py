@@ -350,7 +350,8 @@ def vectors_from_file(
     """The request vectors a file holds, checked against the loaded model, and what it says of itself.
 
     A file of ours gives back its exact relative vectors; a foreign one gives one raw `direction`
-    vector (coeff 1) per tensor, at layer N+1 for `direction.N`.
+    vector (coeff 1) per tensor, at layer N+1 for `direction.N`. `info["mapping"]` says, per
+    tensor, where it lands and at what magnitude (`mapping_of`).
     """
     info = {
         "architecture": metadata.get("general.architecture"),
@@ -369,6 +370,10 @@ def vectors_from_file(
         for i, spec in enumerate(specs):
             if spec.direction and len(spec.direction) != hidden_size:
                 raise InputError(f"file.vectors[{i}].direction", _size_text(len(spec.direction), hidden_size))
+        info["mapping"] = [
+            {"layer": s.layer, "from": f"{OURS}.vectors", "magnitude": "relative (units of the hidden state's RMS)"}
+            for s in specs
+        ]
         return [spec.to_dict() for spec in specs], info
     vectors = []
     for name, vector in sorted(tensors.items(), key=lambda kv: _direction_index(kv[0])):
@@ -390,7 +395,31 @@ def vectors_from_file(
     limits.check_count("vectors", vectors, "file")
     if not vectors:
         raise InputError("file", "holds no direction.N tensors")
+    info["mapping"] = [mapping_of(v["layer"] - 1, np.asarray(v["direction"])) for v in vectors]
+    info["mapping_note"] = MAPPING_NOTE
     return vectors, info
+
+
+MAPPING_NOTE = (
+    "direction.N is added to the output of block N: transformers' model.model.layers[N], repeng's "
+    "ControlModel layer_id N (its hidden_states[N + 1]), llama.cpp's il = N. That is the input of "
+    "layer N + 1 here. The tensor is imported as it is, a raw vector (coeff 1 = the file's magnitude, "
+    'not RMS units) added at every position (positions "all"), as repeng and llama.cpp add it: '
+    "coeff c here = repeng's set_control(vector, c) = llama.cpp's --control-vector-scaled FILE:c."
+)
+
+
+def mapping_of(index: int, vector: np.ndarray) -> dict:
+    """How a foreign `direction.{index}` was mapped: its layer here and its magnitude."""
+    return {
+        "tensor": f"direction.{index}",
+        "layer": index + 1,
+        "block_output": index,
+        "norm": round(float(np.linalg.norm(vector)), 6),
+        "coeff": 1.0,
+        "magnitude": "raw",
+        "positions": "all",
+    }
 
 
 def _direction_index(name: str) -> int:
