@@ -1,0 +1,191 @@
+"""What the server bounds for strangers: nothing of MCP, cancel or reset before login, failed
+logins rate limited, uploads, Gradio's cache of downloads, each client's share of the queue,
+malformed queue requests refused with a sentence, and the state kept per session.
+
+One `python app.py --auth --mcp` process serves the login tests, as a user runs it; the queue
+and cache tests launch the app in this process (the queue test holds the model lock, so
+generations wait without computing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from _server import TOKENS, AppProcess, app_env, client, launched
+
+from steering import files
+from steering.loader import get_manager
+from steering.ui import UIConfig, serving
+
+USER = ("alice", "s3cret")
+MCP = importlib.util.find_spec("mcp") is not None
+
+
+@pytest.fixture(scope="module")
+def guarded_app(embedded_dir, tmp_path_factory):
+    args = ["--auth", ":".join(USER)] + (["--mcp"] if MCP else [])
+    app = AppProcess(args, env=app_env(tmp_path_factory.mktemp("guarded-app")))
+    try:
+        app.wait_serving()
+        yield app
+    finally:
+        app.kill()
+
+
+@contextlib.contextmanager
+def _logged_in(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=10) as session:
+        assert session.post("login", data={"username": USER[0], "password": USER[1]}).status_code == 200
+        yield session
+
+
+@pytest.mark.skipif(not MCP, reason="needs gradio[mcp] (requirements.txt)")
+def test_anonymous_visitors_get_no_mcp_schema_tools_or_sessions(guarded_app):
+    url = guarded_app.url
+    assert httpx.get(url + "gradio_api/mcp/schema", timeout=10).status_code == 401
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    headers = {"accept": "application/json, text/event-stream"}
+    assert httpx.post(url + "gradio_api/mcp/", json=listing, headers=headers, timeout=10).status_code == 401
+    started = time.monotonic()
+    with httpx.stream("GET", url + "gradio_api/mcp/sse", timeout=10) as sse:  # refused, not held open
+        assert sse.status_code == 401
+    assert time.monotonic() - started < 5
+    with _logged_in(url) as session:  # after login the schema is there
+        schema = session.get("gradio_api/mcp/schema")
+        assert schema.status_code == 200 and "steer" in schema.text
+
+
+def test_anonymous_cancel_and_reset_are_refused(guarded_app):
+    body = {"session_hash": "someone", "fn_index": 0, "event_id": uuid.uuid4().hex}
+    for route in ("gradio_api/cancel", "gradio_api/reset"):
+        assert httpx.post(guarded_app.url + route, json=body, timeout=10).status_code == 401, route
+    with _logged_in(guarded_app.url) as session:
+        assert session.post("gradio_api/cancel", json=body).status_code == 200
+
+
+def test_failed_logins_are_limited_per_client(guarded_app):
+    # Through the local proxy a client is its X-Forwarded-For address; a made-up one keeps the
+    # other tests' logins (from 127.0.0.1) unaffected.
+    wrong = {"username": USER[0], "password": "guess"}
+    with httpx.Client(base_url=guarded_app.url, timeout=10, headers={"x-forwarded-for": "203.0.113.7"}) as bad:
+        codes = [bad.post("login", data=wrong).status_code for _ in range(serving.LOGIN_FAILURES)]
+        assert codes == [400] * serving.LOGIN_FAILURES
+        limited = bad.post("login", data={"username": USER[0], "password": USER[1]})  # even the right one
+        assert limited.status_code == 429 and "too many failed logins" in limited.text
+        assert 0 < int(limited.headers["retry-after"]) <= serving.LOGIN_WINDOW_S
+    with httpx.Client(base_url=guarded_app.url, timeout=10, headers={"x-forwarded-for": "203.0.113.8"}) as other:
+        assert other.post("login", data={"username": USER[0], "password": USER[1]}).status_code == 200
+
+
+def test_uploads_are_bounded(guarded_app):
+    with _logged_in(guarded_app.url) as session:
+        small = session.post("gradio_api/upload", files={"files": ("v.gguf", b"GGUF" + b"\0" * 100)})
+        assert small.status_code == 200
+        big = b"\0" * (serving.MAX_UPLOAD_BYTES + 1)
+        refused = session.post("gradio_api/upload", files={"files": ("v.gguf", big)})
+        assert refused.status_code == 413, refused.text[:200]
+
+
+def test_malformed_queue_requests_are_refused_with_a_sentence(guarded_app):
+    secret = "zebra-violin-7741 is my secret prompt"
+    with _logged_in(guarded_app.url) as session:
+        config = session.get("config").json()
+        steer = next(d for d in config["dependencies"] if d.get("api_name") == "steer")
+        before = len(guarded_app.lines)
+        join = {"data": [secret], "fn_index": steer["id"], "session_hash": "few-inputs", "event_data": None}
+        few = session.post("gradio_api/queue/join", json=join)
+        assert few.status_code == 400
+        detail = few.json()["detail"]
+        assert detail.startswith("steer: needs ") and "got 1" in detail and "object at 0x" not in detail
+        unknown = session.post("gradio_api/queue/join", json={**join, "fn_index": 99999, "session_hash": "unknown"})
+        assert unknown.status_code == 400 and unknown.json()["detail"] == "fn_index: no endpoint has index 99999"
+        time.sleep(1)
+        new = guarded_app.lines[before:]
+        assert secret not in guarded_app.log
+        assert not any("Traceback" in line for line in new), new
+    assert client(guarded_app.url, auth=USER).predict(api_name="/status")["model"]  # still serving
+
+
+def _wait_until(predicate, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.1)
+
+
+def test_one_client_gets_a_fair_share_of_the_queue():
+    args = ("Hello.", [{"text": "dogs", "coeff": 0.5, "layer": 15}], TOKENS)
+    with launched(UIConfig(per_client=2)) as url:
+        mine, theirs = client(url), client(url, headers={"x-forwarded-for": "198.51.100.4"})
+        with get_manager()._lock:  # the model is busy: the first /steer runs and waits, the rest queue
+            jobs = [mine.submit(*args, api_name="/steer") for _ in range(3)]
+            _wait_until(lambda: sorted(j.status().code.name for j in jobs) == ["IN_QUEUE", "IN_QUEUE", "PROCESSING"])
+            with pytest.raises(Exception, match="already has 2 requests waiting"):
+                mine.submit(*args, api_name="/steer").result(timeout=60)
+            other = theirs.submit(*args, api_name="/steer")  # another client still gets its turn
+            _wait_until(lambda: other.status().code.name == "IN_QUEUE")
+            assert mine.predict(api_name="/status")["model"]  # readings are not counted
+        assert all(j.result(timeout=180)["steered"] for j in [*jobs, other])
+
+
+def _cached_exports() -> list:
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
+    return [p for p in Path(get_upload_folder()).glob(f"*/{files.PREFIX}vectors-*") if p.is_file()]
+
+
+def test_exports_copied_into_gradios_cache_are_deleted_with_their_originals(monkeypatch):
+    monkeypatch.setattr(files, "KEEP", 3)
+    vector = [{"direction": [0.01] * 576, "coeff": 1.0, "layer": 15}]
+    with launched() as url:
+        api = client(url)
+        before = set(_cached_exports())
+        for _ in range(8):
+            api.predict(vector, "gguf", api_name="/export_vectors")
+        new = set(_cached_exports()) - before
+    assert 0 < len(new) <= files.KEEP + 1, sorted(p.name for p in new)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def _new_sessions(url: str, n: int) -> None:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        status = next(d["id"] for d in http.get("config").json()["dependencies"] if d.get("api_name") == "status")
+        for _ in range(n):
+            session = uuid.uuid4().hex
+            join = {"data": [], "fn_index": status, "session_hash": session, "event_data": None}
+            assert http.post("gradio_api/queue/join", json=join).status_code == 200
+            with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
+                for line in events.iter_lines():
+                    if "process_completed" in line:
+                        break
+
+
+def test_state_kept_per_session_is_bounded(embedded_dir, tmp_path):
+    app = AppProcess([], env=app_env(tmp_path))
+    try:
+        app.wait_serving()
+        _new_sessions(app.url, 50)  # warm: first-request allocations
+        start = _rss_mib(app.proc.pid)
+        _new_sessions(app.url, serving.MAX_SESSIONS)
+        full = _rss_mib(app.proc.pid)
+        _new_sessions(app.url, 2 * serving.MAX_SESSIONS)  # as many again, twice over: old ones dropped
+        after = _rss_mib(app.proc.pid)
+        n = serving.MAX_SESSIONS
+        print(f"RSS {start:.0f} -> {full:.0f} MiB after {n} sessions -> {after:.0f} MiB after {2 * n} more")
+        assert after - full < 0.5 * max(full - start, 20), (start, full, after)
+    finally:
+        app.kill()
