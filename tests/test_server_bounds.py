@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -189,3 +190,25 @@ def test_state_kept_per_session_is_bounded(embedded_dir, tmp_path):
         assert after - full < 0.5 * max(full - start, 20), (start, full, after)
     finally:
         app.kill()
+
+
+def test_a_client_that_goes_away_mid_run_stops_it(caplog):
+    caplog.set_level(logging.INFO, logger="steering.serving")
+    # A long run: 8 rows of 512 tokens, strongly steered (they loop rather than end).
+    sweep = ["Tell me a long story about the sea.", "dogs", 15, [8, 10, 12, 14, 16, 18, 19, 20], 512, 0, "all"]
+    with launched() as url, httpx.Client(base_url=url, timeout=30) as http:
+        fn = next(d["id"] for d in http.get("config").json()["dependencies"] if d.get("api_name") == "sweep")
+        session = uuid.uuid4().hex
+        join = {"data": sweep, "fn_index": fn, "session_hash": session, "event_data": None}
+        assert http.post("gradio_api/queue/join", json=join).status_code == 200
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if "process_starts" in line:
+                    break
+            time.sleep(2.0)  # generating now; then the client goes away
+        started = time.monotonic()
+        result = client(url).predict("Hello.", [], TOKENS, api_name="/steer")  # waits for the model
+        waited = time.monotonic() - started
+    print(f"the next request took {waited:.1f} s")
+    assert result["steered"] and waited < 15, waited
+    assert "sweep: the client went away; its run stops" in caplog.text

@@ -29,14 +29,16 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gradio import queueing, route_utils
 
-from steering import files, limits
+from steering import files, lifecycle, limits
 from steering.ui.common import INFO
 
 logger = logging.getLogger("steering.serving")
@@ -125,6 +127,58 @@ def readings_never_queue_full(demo, per_client: int = PER_CLIENT) -> None:
         raise RuntimeError(f"unexpected Gradio queue type {type(demo._queue).__name__}")
     demo._queue.__class__ = ReadingsFirstQueue
     demo._queue.per_client = per_client
+
+
+# -- a client that goes away stops its run ------------------------------------------------------
+CLIENT_POLL_S = 0.25  # how often a running client endpoint looks for its client
+
+
+def _events_of(request, api_name: str) -> list:
+    """The queue's running events of this request's session and endpoint (empty outside the queue)."""
+    app = getattr(getattr(request, "request", None), "app", None)
+    session = getattr(request, "session_hash", None)
+    queue = getattr(getattr(app, "get_blocks", lambda: None)(), "_queue", None)
+    if queue is None or session is None:
+        return []
+    running = [event for job in list(queue.active_jobs) if job for event in job]
+    return [e for e in running if e.session_hash == session and getattr(e.fn, "api_name", None) == api_name]
+
+
+def _still_wanted(queue_jobs, events) -> bool:
+    running = {id(event) for job in list(queue_jobs) if job for event in job}
+    return any(event.alive and id(event) in running for event in events)
+
+
+@contextlib.contextmanager
+def stop_when_client_leaves(request, api_name: str) -> Iterator[threading.Event]:
+    """For the block: the request's stop flag (`lifecycle.request_stop`), set when Gradio drops
+    its client (the client's event stream closed: Gradio marks its events not alive) or cancels
+    its event. A plain handler runs in a thread Gradio cannot interrupt; without this its run
+    would hold the model to the end."""
+    flag = threading.Event()
+    events = _events_of(request, api_name)
+    if not events:
+        with lifecycle.request_stop(flag):
+            yield flag
+        return
+    queue = request.request.app.get_blocks()._queue
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CLIENT_POLL_S):
+            if not _still_wanted(queue.active_jobs, events):
+                logger.info("%s: the client went away; its run stops", api_name)
+                flag.set()
+                return
+
+    watcher = threading.Thread(target=watch, name="client-watch", daemon=True)
+    watcher.start()
+    try:
+        with lifecycle.request_stop(flag):
+            yield flag
+    finally:
+        done.set()
+        watcher.join()
 
 
 # -- before login: no API description, no docs, no heartbeats ------------------------------------
