@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import time
 import uuid
@@ -212,3 +213,46 @@ def test_a_client_that_goes_away_mid_run_stops_it(caplog):
     print(f"the next request took {waited:.1f} s")
     assert result["steered"] and waited < 15, waited
     assert "sweep: the client went away; its run stops" in caplog.text
+
+
+def _event(http: httpx.Client, fn: int, data: list) -> dict:
+    """One UI event by raw HTTP, as the browser sends it; its process_completed message."""
+    session = uuid.uuid4().hex
+    join = {"data": data, "fn_index": fn, "session_hash": session, "event_data": None}
+    assert http.post("gradio_api/queue/join", json=join).status_code == 200
+    with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
+        for line in events.iter_lines():
+            if '"process_completed"' in line:
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("no process_completed")
+
+
+RECIPE_VALUES = (  # (what the file holds, the field its refusal must name)
+    ({"settings": {"temperature": "hot"}}, "recipe.settings.temperature"),
+    ({"settings": {"seed": [1, 2]}}, "recipe.settings.seed"),
+    ({"settings": {"seed": float("nan")}}, "recipe.settings.seed"),
+    ({"settings": {"seed": 1e308}}, "recipe.settings.seed"),
+    ({"prompt": {"a": 1}}, "recipe.prompt"),
+    ({"vectors": [{"direction": 5, "coeff": 1, "layer": 15}]}, "recipe.vectors[0].direction"),
+    ({"vectors": [{"text": "dogs", "coeff": 1, "layer": {"a": 1}}]}, "recipe.vectors[0].layer"),
+    ({"vectors": [{"direction": [0.01] * 20_000, "coeff": 1, "layer": 15}]}, "recipe.vectors[0].direction"),
+    ({"vectors": [{"text": "dogs", "coeff": 1, "layer": 15, "positions": "evil"}]}, "recipe.vectors[0].positions"),
+)
+
+
+def test_recipe_uploads_with_bad_values_get_a_sentence_naming_the_field(tmp_path):
+    from steering.ui import views
+
+    base = {"format": views.RECIPE_FORMAT, "version": 3, "prompt": "Hi", "vectors": [], "settings": {}}
+    with launched() as url, httpx.Client(base_url=url, timeout=30) as http:
+        config = http.get("config").json()
+        fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "load_recipe")  # the upload
+        wrong = []
+        for values, field in RECIPE_VALUES:
+            text = json.dumps({**base, **values})
+            (path,) = http.post("gradio_api/upload", files={"files": ("recipe.json", text.encode())}).json()
+            done = _event(http, fn, [{"path": path, "meta": {"_type": "gradio.FileData"}}, 15])
+            message = done["output"]["data"][-1] if done["success"] else f"failed: {done['output']}"
+            if not message.startswith(f"⚠️ {field}: ") or "Error" in message or "object at 0x" in message:
+                wrong.append((field, message[:100]))
+    assert not wrong, wrong
