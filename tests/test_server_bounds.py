@@ -256,3 +256,13 @@ def test_recipe_uploads_with_bad_values_get_a_sentence_naming_the_field(tmp_path
             if not message.startswith(f"⚠️ {field}: ") or "Error" in message or "object at 0x" in message:
                 wrong.append((field, message[:100]))
     assert not wrong, wrong
+
+
+def test_the_run_registry_forgets_sessions_that_never_came_back():
+    from steering.ui import common
+
+    runs = common.Runs()
+    for i in range(4 * common.Runs.MAX):  # a run begun in each of many sessions, never ended
+        runs.begin(f"session-{i}")
+    assert len(runs._runs) <= common.Runs.MAX and len(runs._latest) <= common.Runs.MAX
+    assert runs.latest(f"session-{4 * common.Runs.MAX - 1}") is not None  # the newest are kept
