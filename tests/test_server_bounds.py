@@ -266,3 +266,13 @@ def test_the_run_registry_forgets_sessions_that_never_came_back():
         runs.begin(f"session-{i}")
     assert len(runs._runs) <= common.Runs.MAX and len(runs._latest) <= common.Runs.MAX
     assert runs.latest(f"session-{4 * common.Runs.MAX - 1}") is not None  # the newest are kept
+
+
+def test_the_login_limiter_remembers_a_bounded_number_of_clients():
+    limiter = serving.LoginLimiter(failures=2, window_s=60)
+    for i in range(serving.LOGIN_CLIENTS + 500):
+        limiter.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter._seen) == serving.LOGIN_CLIENTS
+    newest = f"10.0.{(serving.LOGIN_CLIENTS + 499) // 256}.{(serving.LOGIN_CLIENTS + 499) % 256}"
+    limiter.failed(newest)
+    assert limiter.wait_s(newest) > 0 and limiter.wait_s("10.0.0.0") == 0  # the oldest forgotten
