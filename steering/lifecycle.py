@@ -53,3 +53,9 @@ def request_stop(flag: threading.Event) -> Iterator[threading.Event]:
 def stop_flag(stop: threading.Event | None = None) -> threading.Event:
     """A generation's stop flag: the caller's `stop`, else the request's (`request_stop`), else a new one."""
     return stop or _REQUEST_STOP.get() or threading.Event()
+
+
+def request_stopped() -> bool:
+    """Whether the request's own flag (`request_stop`) is set: its client has gone."""
+    flag = _REQUEST_STOP.get()
+    return flag is not None and flag.is_set()

@@ -193,14 +193,21 @@ def test_state_kept_per_session_is_bounded(embedded_dir, tmp_path):
         app.kill()
 
 
-def test_a_client_that_goes_away_mid_run_stops_it(caplog):
+# Long runs: 8 rows of 512 tokens, strongly steered (they loop rather than end); 8 texts of 250
+# tokens read at the last layer (130 s on 2 loaded CPU cores).
+LONG_RUNS = {
+    "sweep": ["Tell me a long story about the sea.", "dogs", 15, [8, 10, 12, 14, 16, 18, 19, 20], 512, 0, "all"],
+    "similarity": [[" ".join(f"{(i * 31 + j * 7) % 1000}" for j in range(240))[:250] for i in range(8)], 29],
+}
+
+
+@pytest.mark.parametrize("endpoint", list(LONG_RUNS))
+def test_a_client_that_goes_away_mid_run_stops_it(endpoint, caplog):
     caplog.set_level(logging.INFO, logger="steering.serving")
-    # A long run: 8 rows of 512 tokens, strongly steered (they loop rather than end).
-    sweep = ["Tell me a long story about the sea.", "dogs", 15, [8, 10, 12, 14, 16, 18, 19, 20], 512, 0, "all"]
     with launched() as url, httpx.Client(base_url=url, timeout=30) as http:
-        fn = next(d["id"] for d in http.get("config").json()["dependencies"] if d.get("api_name") == "sweep")
+        fn = next(d["id"] for d in http.get("config").json()["dependencies"] if d.get("api_name") == endpoint)
         session = uuid.uuid4().hex
-        join = {"data": sweep, "fn_index": fn, "session_hash": session, "event_data": None}
+        join = {"data": LONG_RUNS[endpoint], "fn_index": fn, "session_hash": session, "event_data": None}
         assert http.post("gradio_api/queue/join", json=join).status_code == 200
         with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
             for line in events.iter_lines():
@@ -212,7 +219,7 @@ def test_a_client_that_goes_away_mid_run_stops_it(caplog):
         waited = time.monotonic() - started
     print(f"the next request took {waited:.1f} s")
     assert result["steered"] and waited < 15, waited
-    assert "sweep: the client went away; its run stops" in caplog.text
+    assert f"{endpoint}: the client went away; its run stops" in caplog.text
 
 
 def _event(http: httpx.Client, fn: int, data: list) -> dict:
