@@ -63,9 +63,9 @@ def test_anonymous_visitors_get_no_mcp_schema_tools_or_sessions(guarded_app):
         assert schema.status_code == 200 and "steer" in schema.text
 
 
-def test_anonymous_cancel_and_reset_are_refused(guarded_app):
-    body = {"session_hash": "someone", "fn_index": 0, "event_id": uuid.uuid4().hex}
-    for route in ("gradio_api/cancel", "gradio_api/reset"):
+def test_anonymous_cancel_reset_and_stream_are_refused(guarded_app):
+    body = {"session_hash": "someone", "fn_index": 0, "event_id": uuid.uuid4().hex, "data": []}
+    for route in ("gradio_api/cancel", "gradio_api/reset", f"gradio_api/stream/{body['event_id']}/close"):
         assert httpx.post(guarded_app.url + route, json=body, timeout=10).status_code == 401, route
     with _logged_in(guarded_app.url) as session:
         assert session.post("gradio_api/cancel", json=body).status_code == 200

@@ -197,7 +197,16 @@ def _logged_in(app, scope) -> bool:
     return token is not None and token in getattr(app, "tokens", {})
 
 
-_REFUSED_PREFIXES = ("/gradio_api/mcp", "/gradio_api/cancel", "/gradio_api/reset", "/gradio_api/heartbeat/")
+# Gradio routes without its own login check: refused (401) to anyone not logged in.
+_REFUSED_PREFIXES = (
+    "/gradio_api/mcp",  # the MCP schema, tools and SSE sessions
+    "/gradio_api/cancel",  # ends an event by id
+    "/gradio_api/reset",
+    "/gradio_api/heartbeat/",  # holds a connection open
+    "/gradio_api/stream/",  # feeds or closes a streaming event by id
+    "/gradio_api/run-history/",
+    "/gradio_api/runs",
+)
 LOGIN_FAILURES = 10  # wrong passwords one client may send per LOGIN_WINDOW_S; then 429 until the window passes
 LOGIN_WINDOW_S = 60.0
 LOGIN_CLIENTS = 4096  # clients whose failures are remembered (the oldest forgotten first): bounded memory
@@ -236,8 +245,8 @@ class LoginLimiter:
 
 class AnonymousGuard:
     """ASGI middleware: with a login configured, an anonymous visitor gets the login page without
-    the API description; a 401 for the heartbeat, MCP (schema, tools, SSE sessions), cancel and
-    reset routes; a 404 for FastAPI's schema and docs; and after `LOGIN_FAILURES` wrong passwords
+    the API description; a 401 for the heartbeat, MCP (schema, tools, SSE sessions), cancel,
+    reset and stream routes; a 404 for FastAPI's schema and docs; and after `LOGIN_FAILURES` wrong passwords
     within `LOGIN_WINDOW_S` a 429 for further logins."""
 
     def __init__(self, app):
