@@ -39,11 +39,12 @@ from typing import Any
 from gradio import queueing, route_utils
 
 from steering import files, lifecycle, limits
-from steering.ui.common import INFO
+from steering.ui.common import INFO, MODEL
 
 logger = logging.getLogger("steering.serving")
 
 READINGS_ID = INFO["concurrency_id"]  # /status, /plan and the Memory tab
+MODEL_ID = MODEL["concurrency_id"]  # everything that runs the model: the part of the queue that is shared out
 DEBUG_ENV = "STEERING_DEBUG"  # set to 1 for Gradio's full tracebacks in the log
 
 
@@ -98,15 +99,11 @@ class ReadingsFirstQueue(queueing.Queue):
         data = body.data if isinstance(body.data, list) else []
         if not getattr(body, "batched", False) and len(data) < len(fn.inputs):
             return f"{name}: needs {len(fn.inputs)} input values, got {len(data)}", "error"
-        if fn.concurrency_id == READINGS_ID:
+        if fn.concurrency_id != MODEL_ID or request is None:  # readings and table edits never wait long
             return None
-        client = client_key(request.scope) if request is not None else None
-        waiting = sum(
-            1
-            for queued in self.event_queue_per_concurrency_id.values()
-            for event in queued.queue
-            if event.request is not None and client_key(event.request.scope) == client
-        )
+        client = client_key(request.scope)
+        queued = self.event_queue_per_concurrency_id.get(MODEL_ID)
+        waiting = sum(1 for event in (queued.queue if queued else []) if client_key(event.request.scope) == client)
         if waiting >= self.per_client:
             sentence = (
                 f"this client already has {waiting} requests waiting (at most {self.per_client} per client); "
