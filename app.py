@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             prevent_thread_lock=True,
             mcp_server=args.mcp and mcp_installed,
             show_error=not args.share,  # exception texts only where no stranger can read them
-            app_kwargs=serving.app_kwargs(),  # with --auth: nothing about the API before login
+            # with --auth nothing about the API before login; uploads and sessions bounded
+            **serving.launch_kwargs(),
         )
         if args.share and demo.share_url is None:
             logger.warning("share link could not be created (offline?); serving locally at %s", demo.local_url)

@@ -318,7 +318,7 @@ def sweep_stream(
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
     layer = limits.check_layer(layer, "layer", _known_layers())
     generate.sweep_rows(text, layer, coeffs, positions)  # validate text, coefficients and positions first
-    stop = stop or Event()
+    stop = lifecycle.stop_flag(stop)
 
     def work(attempt: Attempt) -> Iterator[dict]:
         rows = generate.sweep_rows(text, attempt.layer(layer), coeffs, positions)
@@ -501,7 +501,7 @@ def autotune(
         mapped = None if layers is None else sorted({attempt.layer(v) for v in layers})
         result = quality.autotune(
             engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
-            max_new_tokens=tokens, seed=seed, stop=stop, positions=positions,
+            max_new_tokens=tokens, seed=seed, stop=lifecycle.stop_flag(stop), positions=positions,
         )  # fmt: skip
         # The API's rows keep the fields: every candidate ran with the result's decay.
         rows = [{k: v for k, v in row.items() if k != "decay"} for row in result["rows"]]

@@ -409,7 +409,7 @@ class SteeringEngine:
     def _poll(self, *_hook_args) -> None:
         """Between the layers of a capture pass: end it on shutdown or on the request's stop."""
         lifecycle.check_running()
-        if self.stop is not None and self.stop.is_set():
+        if (self.stop is not None and self.stop.is_set()) or lifecycle.request_stopped():  # Stop, or the client left
             raise CaptureStopped()
 
     def capture_for(self, rows: Sequence[Sequence[tuple[VectorSpec, float]]], mode: str, stop=None) -> None:

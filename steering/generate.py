@@ -181,7 +181,7 @@ def stream_rows(
     tokenizer, model = engine.tokenizer, engine.model
     n_rows = len(rows)
     row_ids = row_ids or [prompt_ids(tokenizer, prompt, raw=raw_prompt)] * n_rows
-    stop = stop or threading.Event()
+    stop = lifecycle.stop_flag(stop)  # the caller's, the request's (a client that left) or a new one
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     input_ids, attention_mask = _left_padded(row_ids, pad, engine.device)  # (B, T); one prompt: no padding
@@ -312,7 +312,7 @@ def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[Rows
     """`stream_rows` with each row in a batch of its own, one after the other: the retry after an
     out-of-memory error (one row's peak memory). Each row's tokens are those it gets in the batch:
     its sampler is seeded alone, and steering is per row. Yields every row's text so far."""
-    stop = kwargs.get("stop") or threading.Event()
+    stop = lifecycle.stop_flag(kwargs.get("stop"))
     kwargs["stop"] = stop
     texts, ids = [""] * len(rows), [[] for _ in rows]
     row_ids = kwargs.pop("row_ids", None)

@@ -48,11 +48,14 @@ def ensure_embedded_loaded() -> None:
 @contextlib.contextmanager
 def launched(config=None) -> Iterator[str]:
     """`build_demo(config)` launched in this process on a free port; yields its URL."""
-    from steering.ui import build_demo
+    from steering.ui import build_demo, serving
 
     ensure_embedded_loaded()
     demo = build_demo(config)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+        **serving.launch_kwargs(),
+    )  # fmt: skip
     try:
         yield demo.local_url
     finally:

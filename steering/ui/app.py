@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from steering import catalog
+from steering import catalog, files
 from steering.loader import get_manager
 from steering.ui import (
     autotune,
@@ -39,7 +39,11 @@ class UIConfig:
 
     lock_model: bool = False
     max_queue: int = 32
+    per_client: int = serving.PER_CLIENT  # requests one client may have waiting for the model
     title: str = "Steering Lab"
+
+
+CACHE_SWEEP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, files older than an hour
 
 
 # -- layout: one builder per panel -------------------------------------------------------------
@@ -68,7 +72,10 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
     loaded = manager.current
     n_layers = loaded.n_layers if loaded else catalog.get_spec(catalog.EMBEDDED_ID).n_layers
 
-    with gr.Blocks(title=config.title) as demo:
+    # Gradio's cache: its copies of our downloads go with their originals (files.KEEP per kind),
+    # and every file it holds (uploads too) is deleted an hour after it was made.
+    files.after_prune(serving.prune_cached_downloads)
+    with gr.Blocks(title=config.title, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             f"# {config.title}\nActivation steering (llm-steer) with steered and unsteered output side by side."
         )
@@ -98,5 +105,5 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
         history.wire_history(history_tab)
 
     demo.queue(api_open=False, max_size=config.max_queue, default_concurrency_limit=1)
-    serving.readings_never_queue_full(demo)  # /status and /plan answer even when generation fills it
+    serving.readings_never_queue_full(demo, config.per_client)  # readings answer even when the queue is full
     return demo

@@ -184,9 +184,12 @@ class Runs:
         run_id = uuid.uuid4().hex
         with self._lock:
             self._runs[run_id] = Run(session)
+            self._latest.pop(session, None)  # re-inserted last: the dict is oldest session first
             self._latest[session] = run_id
             while len(self._runs) > self.MAX:
                 self._runs.pop(next(iter(self._runs)))
+            while len(self._latest) > self.MAX:  # sessions that never came back
+                self._latest.pop(next(iter(self._latest)))
         return run_id
 
     def get(self, run_id: str | None, session: str | None) -> Run:

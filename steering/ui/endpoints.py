@@ -7,6 +7,7 @@ need Gradio's own file type and live here: `export_vectors` and `import_vectors`
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import gradio as gr
@@ -15,6 +16,7 @@ from gradio.utils import get_function_description, get_upload_folder, is_in_or_e
 
 from steering import api, chat, training, vocab
 from steering.errors import InputError
+from steering.ui import serving
 from steering.ui.common import INFO, MODEL, user_errors
 
 
@@ -74,17 +76,31 @@ ENDPOINTS = (
 )
 
 
-def _endpoint(fn):
-    """An api function as a client endpoint: errors translated, and its string annotations
-    evaluated so `gr.api` sees real types (api.py uses `from __future__ import annotations`) and
-    the API page shows `dict` instead of `Any`."""
+def _endpoint(fn, name: str):
+    """An api function as a client endpoint: errors translated, a run stopped when its client
+    goes away (steering/ui/serving.py), and its string annotations evaluated so `gr.api` sees
+    real types (api.py uses `from __future__ import annotations`) and the API page shows `dict`
+    instead of `Any`."""
     call = user_errors(fn)
     signature = inspect.signature(fn, eval_str=True)
     # Keyword-only parameters (e.g. autotune's `stop` flag) are for in-process callers such as the
     # UI's handlers, not for clients: the endpoint does not offer them.
     public = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    call.__signature__ = signature.replace(parameters=public)
-    return call
+
+    # Gradio hands the request to a trailing gr.Request parameter (by position) and leaves it off the API.
+    request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)
+    served_signature = signature.replace(parameters=[*public, request])
+
+    @functools.wraps(fn)
+    def served(*args, **kwargs):
+        arguments = served_signature.bind(*args, **kwargs).arguments
+        with serving.stop_when_client_leaves(arguments.pop("request", None), name):
+            return call(**arguments)
+
+    served.__signature__ = served_signature
+    served.__annotations__ = {**{p.name: p.annotation for p in public}, "request": gr.Request}
+    served.__annotations__["return"] = signature.return_annotation
+    return served
 
 
 def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
@@ -101,5 +117,5 @@ def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
 def register(demo: gr.Blocks) -> None:
     """Every client endpoint, typed, with its docstring on the API page (call inside the Blocks)."""
     for fn, name, group in ENDPOINTS:
-        gr.api(_endpoint(fn), api_name=name, **group)
+        gr.api(_endpoint(fn, name), api_name=name, **group)
         _document_parameters(demo, name, fn)

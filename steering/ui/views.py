@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from steering import engine, generate
 from steering.errors import InputError
 from steering.gpu import format_bytes
 from steering.limits import (
@@ -25,6 +26,7 @@ from steering.limits import (
     check,
     check_layer,
     check_text,
+    shorten,
 )
 from steering.ui.plots import colour_scale
 from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS
@@ -397,7 +399,26 @@ def parse_recipe(text: str) -> dict:
     if data.get("version") in (1, 2):  # made when every vector was added at all positions
         vectors = [{"positions": "all", **v} for v in vectors]
     model = data.get("model") if isinstance(data.get("model"), dict) else None
-    return make_recipe(str(data.get("prompt", "")), vectors, settings, model)
+    prompt = data.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise InputError("recipe.prompt", f"must be a text; got {shorten(prompt)}")
+    recipe = make_recipe(prompt, vectors, settings, model)
+    _check_recipe_values(recipe)
+    return recipe
+
+
+def _check_recipe_values(recipe: dict) -> None:
+    """Every setting and vector of a read recipe checked as /steer checks its arguments, each
+    refusal naming the recipe's field (a file can hold anything JSON can)."""
+    s = recipe["settings"]
+    try:
+        generate.check_sampling(s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"])
+        for i, vector in enumerate(recipe["vectors"]):
+            layer = vector.get("layer")
+            engine.parse_vector({**vector, "layer": 0} if layer is None else vector, i, None)  # None: the form's
+    except InputError as exc:
+        where = "recipe.settings." if exc.field in DEFAULT_SETTINGS else "recipe."
+        raise InputError(where + exc.field, str(exc)[len(exc.field) + 2 :]) from None
 
 
 # -- status and memory -------------------------------------------------------------------------
