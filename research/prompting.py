@@ -1,0 +1,205 @@
+"""Issue 23's measurement: steering (the defaults) beside simply asking (the prompted row).
+
+    python research/prompting.py --stage generate   # outputs + scores of every prompt, all three sets
+    python research/prompting.py --sample 72        # print a seeded sample to label by eye
+    python research/prompting.py --stage report     # agreement with the eye labels + the table
+
+Stage generate: for every prompt of `research/data/quality_set.json`, `quality_fresh.json` and
+`quality_fresh2.json` (16 topics x 6 prompts), the app's own `/steer(prompted=True)` rows as one
+batch on the embedded SmolLM2-135M (fp32, greedy, 40 new tokens, the defaults: layer 15 = the middle,
+coefficient `limits.DEFAULT_COEFF`, positions "prompt", capture "contexts"): steered, baseline and
+prompted, each scored by `steering.quality.compare_scores` (raw values kept, so the bins can be
+re-chosen without generating again), plus the word-list label (`research/quality.py` on_topic)
+and one alternative instruction proxy ("prompt_after": the prompt's log-prob per token read after
+the output and "\\n\\nThe question this answers:"). Written to research/out/prompting_outputs.json.
+
+Stage report: each proxy's bins against the eye labels of `research/data/prompting_eye_labels.json`
+(exact agreement and within-one, and the 0-vs-nonzero agreement that decides the aggregate), and per
+set and row: on-topic-and-fluent rate and mean aggregate score. Written to research/results/prompting.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import DATA, RESULTS, load_engine, on_topic  # noqa: E402  (research/quality.py)
+
+from steering import limits  # noqa: E402
+
+SETS = {"labelled": "quality_set.json", "fresh": "quality_fresh.json", "fresh2": "quality_fresh2.json"}
+ROWS = ("steered", "baseline", "prompted")
+LAYER = 15  # the embedded model's default layer (30 layers // 2)
+TOKENS = 40
+OUTPUTS = RESULTS / "prompting_outputs.json"
+LABELS = DATA / "prompting_eye_labels.json"
+REPORT = Path(__file__).resolve().parent / "results" / "prompting.json"
+CONNECTOR_Q = "\n\nThe question this answers:"
+
+
+def _vector(topic: dict, coeff: float) -> dict:
+    texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
+    return {**texts, "coeff": coeff, "layer": LAYER, "positions": "prompt"}
+
+
+def generate_all(coeff: float = limits.DEFAULT_COEFF) -> dict:
+    from steering import generate as G
+    from steering import quality as Q
+    from steering.engine import parse_vector
+
+    engine = load_engine()
+    out: dict = {"coeff": coeff, "layer": LAYER, "max_new_tokens": TOKENS, "outputs": []}
+    sampling = G.Sampling(max_new_tokens=TOKENS)
+    started = time.time()
+    for set_name, file in SETS.items():
+        for topic in json.loads((DATA / file).read_text())["topics"]:
+            spec = parse_vector(_vector(topic, coeff), 0, engine.n_layers)
+            instruction = G.prompt_instruction([spec])
+            for p, prompt in enumerate(topic["prompts"]):
+                rows = G.compare_rows([spec], True, True)
+                row_ids = G.compare_row_ids(engine.tokenizer, prompt, instruction, len(rows))
+                final = G.run_rows(engine, prompt, rows, sampling, row_ids=row_ids)
+                context = G.prompt_ids(engine.tokenizer, prompt)
+                scores = Q.compare_scores(engine, context, final.token_ids, [spec], TOKENS)
+                after, _ = Q.text_logprob_after(engine, context, final.token_ids, prompt, CONNECTOR_Q)
+                for name, text, ids, score, alt in zip(ROWS, final.texts, final.token_ids, scores, after):
+                    out["outputs"].append({
+                        "id": f"{set_name}|{topic['name']}|{p}|{name}", "set": set_name, "topic": topic["name"],
+                        "prompt": prompt, "row": name, "instruction": instruction if name == "prompted" else None,
+                        "text": text, "n": len(ids), "on_topic": on_topic(text, topic["words"]),
+                        "prompt_after": round(alt, 4), **score,
+                    })  # fmt: skip
+            print(f"  {set_name} {topic['name']}: {time.time() - started:.0f} s", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    OUTPUTS.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def print_sample(n: int, seed: int) -> None:
+    outputs = json.loads(OUTPUTS.read_text())["outputs"]
+    prompts = sorted({o["id"].rsplit("|", 1)[0] for o in outputs})
+    chosen = random.Random(seed).sample(prompts, n // 3)
+    for o in outputs:
+        if o["id"].rsplit("|", 1)[0] in chosen:
+            print(f"\n## {o['id']}  [prompt: {o['prompt']}]\n{o['text']!r}")
+
+
+def _bins(o: dict) -> dict:
+    """The bins of an output under the current thresholds of steering/quality.py."""
+    from steering import quality as Q
+
+    return {
+        "concept": 0 if o["row"] == "baseline" else Q._bin(o["concept"], Q.CONCEPT_BINS),
+        "instruction": Q._bin(o["instruction"], Q.INSTRUCTION_BINS),
+        "fluency": Q.fluency_bin(o["perplexity"], o["repetition"], o["n"], TOKENS),
+    }
+
+
+def _agreement(pairs: list[tuple[int, int]]) -> dict:
+    n = len(pairs)
+    return {
+        "n": n,
+        "exact": round(sum(a == b for a, b in pairs) / n, 3),
+        "within_one": round(sum(abs(a - b) <= 1 for a, b in pairs) / n, 3),
+        "zero_vs_nonzero": round(sum((a == 0) == (b == 0) for a, b in pairs) / n, 3),
+    }
+
+
+def _spearman(x, y):
+    from quality import spearman
+
+    return None if len(x) < 3 else round(spearman(x, y), 3)
+
+
+def report() -> dict:
+    from steering import quality as Q
+
+    outputs = {o["id"]: o for o in json.loads(OUTPUTS.read_text())["outputs"]}
+    labels = json.loads(LABELS.read_text())["labels"]
+    agree: dict = {}
+    for what in ("concept", "instruction", "fluency"):
+        pairs = [(_bins(outputs[i])[what], lab[what]) for i, lab in labels.items()]
+        agree[what] = _agreement(pairs)
+    agg_pairs = [
+        (
+            Q.aggregate(list(_bins(outputs[i]).values())),
+            Q.aggregate([lab[k] for k in ("concept", "instruction", "fluency")]),
+        )
+        for i, lab in labels.items()
+    ]  # noqa: E501
+    agree["aggregate"] = {
+        "zero_vs_nonzero": round(sum((a == 0) == (b == 0) for a, b in agg_pairs) / len(agg_pairs), 3),
+        "mean_proxy": round(sum(a for a, _ in agg_pairs) / len(agg_pairs), 3),
+        "mean_eye": round(sum(b for _, b in agg_pairs) / len(agg_pairs), 3),
+    }
+    ids = list(labels)
+    agree["rank"] = {
+        "concept_vs_eye (spearman, steered+prompted)": _spearman(
+            [outputs[i]["concept"] for i in ids if outputs[i]["row"] != "baseline"],
+            [labels[i]["concept"] for i in ids if outputs[i]["row"] != "baseline"],
+        ),
+        "instruction_pmi_vs_eye (spearman)": _spearman(
+            [outputs[i]["instruction"] or 0.0 for i in ids], [labels[i]["instruction"] for i in ids]
+        ),
+        "instruction_prompt_after_vs_eye (spearman)": _spearman(
+            [outputs[i]["prompt_after"] for i in ids], [labels[i]["instruction"] for i in ids]
+        ),
+    }
+    table: dict = {}
+    for set_name in list(SETS) + ["all"]:
+        for row in ROWS:
+            rows = [o for o in outputs.values() if o["row"] == row and set_name in ("all", o["set"])]
+            good = [o["on_topic"] and Q.is_fluent(o["perplexity"], o["repetition"], o["n"]) for o in rows]
+            aggs = [Q.aggregate(list(_bins(o).values())) for o in rows]
+            table.setdefault(set_name, {})[row] = {
+                "n": len(rows),
+                "on_topic_and_fluent": round(sum(good) / len(rows), 3),
+                "mean_aggregate": round(sum(aggs) / len(aggs), 3),
+                "eye_mean_aggregate": _eye_mean(labels, row, set_name, outputs),
+            }
+    result = {
+        "settings": {"layer": LAYER, "coeff": limits.DEFAULT_COEFF, "positions": "prompt", "max_new_tokens": TOKENS},
+        "bins": {"concept": Q.CONCEPT_BINS, "instruction": Q.INSTRUCTION_BINS, "near_fluent": Q.NEAR_FLUENT},
+        "agreement": agree,
+        "table": table,
+    }
+    REPORT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _eye_mean(labels, row, set_name, outputs):
+    from steering import quality as Q
+
+    values = [
+        Q.aggregate([lab[k] for k in ("concept", "instruction", "fluency")])
+        for i, lab in labels.items()
+        if outputs[i]["row"] == row and set_name in ("all", outputs[i]["set"])
+    ]
+    return None if not values else round(sum(values) / len(values), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("generate", "report"), default=None)
+    parser.add_argument("--sample", type=int, default=0, help="print N outputs (N/3 prompts x 3 rows) and stop")
+    parser.add_argument("--seed", type=int, default=23)
+    parser.add_argument("--coeff", type=float, default=limits.DEFAULT_COEFF)
+    args = parser.parse_args()
+    if args.sample:
+        return print_sample(args.sample, args.seed)
+    if args.stage in (None, "generate"):
+        generate_all(args.coeff)
+    if args.stage in (None, "report"):
+        report()
+
+
+if __name__ == "__main__":
+    main()
