@@ -56,10 +56,15 @@ def generate_all(coeff: float = limits.DEFAULT_COEFF) -> dict:
 
     engine = load_engine()
     out: dict = {"coeff": coeff, "layer": LAYER, "max_new_tokens": TOKENS, "outputs": []}
+    if OUTPUTS.exists():  # resumable: topics already written are kept
+        out = json.loads(OUTPUTS.read_text())
+    done = {(o["set"], o["topic"]) for o in out["outputs"]}
     sampling = G.Sampling(max_new_tokens=TOKENS)
     started = time.time()
     for set_name, file in SETS.items():
         for topic in json.loads((DATA / file).read_text())["topics"]:
+            if (set_name, topic["name"]) in done:
+                continue
             spec = parse_vector(_vector(topic, coeff), 0, engine.n_layers)
             instruction = G.prompt_instruction([spec])
             for p, prompt in enumerate(topic["prompts"]):
@@ -76,9 +81,9 @@ def generate_all(coeff: float = limits.DEFAULT_COEFF) -> dict:
                         "text": text, "n": len(ids), "on_topic": on_topic(text, topic["words"]),
                         "prompt_after": round(alt, 4), **score,
                     })  # fmt: skip
+            RESULTS.mkdir(exist_ok=True)
+            OUTPUTS.write_text(json.dumps(out, indent=1) + "\n")
             print(f"  {set_name} {topic['name']}: {time.time() - started:.0f} s", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    OUTPUTS.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 

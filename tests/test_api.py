@@ -309,7 +309,7 @@ def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
 
     rows = [["dogs", "", "", 0.5, LAYER, True]]
     stream = generate_outputs(PROMPT, rows, LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
-    steered, baseline, info = next(stream)
+    steered, baseline, info, *_ = next(stream)
     assert isinstance(steered, str) and "generating" in info
     started = time.perf_counter()
     stream.close()
@@ -326,7 +326,7 @@ def test_stop_before_the_first_token_ends_the_prefill_too(api):
     long_prompt = "Tell me everything about the history of the world. " * 200  # ~2,000 tokens of prefill
     stream = generate_outputs(long_prompt[:3990], [], LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
     started = time.perf_counter()
-    steered, baseline, info = next(stream)  # a heartbeat: no token yet
+    steered, baseline, info, *_ = next(stream)  # a heartbeat: no token yet
     assert time.perf_counter() - started < 5.0
     started = time.perf_counter()
     stream.close()
