@@ -355,6 +355,7 @@ def sweep_stream(
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
     positions: str = eng.DEFAULT_POSITIONS,
+    prompted: bool = False,
     *,
     stop: Event | None = None,
 ) -> Iterator[dict]:
@@ -365,31 +366,43 @@ def sweep_stream(
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
     layer = limits.check_layer(layer, "layer", _known_layers())
     generate.sweep_rows(text, layer, coeffs, positions)  # validate text, coefficients and positions first
+    prompted = limits.check_bool(prompted, "prompted")
+    instruction = generate.prompt_instruction([eng.VectorSpec(layer=0, coeff=1.0, text=text)]) if prompted else None
     stop = stop or Event()
 
     def work(attempt: Attempt) -> Iterator[dict]:
         rows = generate.sweep_rows(text, attempt.layer(layer), coeffs, positions)
+        n = len(rows)
         engine = eng.engine_for(attempt.loaded)
         base = {
             "model": attempt.loaded.model_id, "layer": attempt.layer(layer), "positions": positions,
             "recommended": None,
         }  # fmt: skip
+        batch = rows + [[]] * prompted  # the prompted reference row last, unsteered, its own prompt
+        row_ids = generate.compare_row_ids(engine.tokenizer, prompt, instruction, len(batch))
         final = None
-        for final in generate.generate_rows(engine, prompt, rows, sampling, one_row=attempt.one_row, stop=stop):
+        for final in generate.generate_rows(
+            engine, prompt, batch, sampling, one_row=attempt.one_row, stop=stop, row_ids=row_ids
+        ):
             texts = [{"coeff": float(row[0][1]), "text": out} for row, out in zip(rows, final.texts)]
+            reference = {"text": final.texts[n], "instruction": instruction} if prompted else None
             if not final.done:
-                yield {**base, "rows": texts, "done": False}
+                yield {**base, "rows": texts, "prompted": reference, "done": False}
         if stop.is_set():
-            yield {**base, "rows": texts, "done": True, "stopped": True}
+            yield {**base, "rows": texts, "prompted": reference, "done": True, "stopped": True}
             return
         effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
         scored = _quality_columns(engine, prompt, rows, final.token_ids, text, sampling)
         out = [{**row, "effect": eff, **cols} for row, eff, cols in zip(texts, effects, scored)]
+        if prompted:
+            reference.update(scored[n])
         fluent = [r for r in out if r["fluent"] and r["relevance"] > 0]
         best = max(fluent, key=lambda r: r["relevance"]) if fluent else None
-        yield {**base, "rows": out, "recommended": None if best is None else best["coeff"], "done": True}
+        recommended = None if best is None else best["coeff"]
+        yield {**base, "rows": out, "prompted": reference, "recommended": recommended, "done": True}
 
-    fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
+    longest = prompt if instruction is None else generate.prompted_prompt(prompt, instruction)
+    fits = _token_fits("sweep", prompt=longest, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
     yield from _stream("sweep", [("layer", layer)], work, fits=fits)
 
 
@@ -401,6 +414,7 @@ def sweep(
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
     positions: str = eng.DEFAULT_POSITIONS,
+    prompted: bool = False,
 ) -> dict:
     """Generate once per coefficient of one steering text, all as rows of one batch, with scores.
 
@@ -413,17 +427,22 @@ def sweep(
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
         positions: where the vector is added: "prompt" (the default; the prompt's positions only,
             ActAdd-style) or "all" (the prompt and every generated token, as llm-steer does).
+        prompted: also generate a reference row, unsteered, whose prompt is the prompt followed by
+            "In your answer, talk about {text}." (as /steer's prompted row), in the same batch, and
+            score it like the rows: what asking achieves, to compare the sweep against.
 
     Returns:
         {"rows": [{"coeff", "text", "relevance", "perplexity", "repetition", "fluent", "effect"}],
         "recommended" (the coefficient of the most relevant fluent row, or None), "model", "layer",
-        "positions", "fallback"}. relevance: how much more likely the unsteered model finds the steering text
-        after this output than after the baseline's (nats per token): the score to pick by.
+        "positions", "prompted" (None without prompted, else {"text", "instruction", "relevance",
+        "perplexity", "repetition", "fluent"}: the reference row, never recommended), "fallback"}.
+        relevance: how much more likely the unsteered model finds the steering text after this
+        output than after the baseline's (nats per token): the score to pick by.
         fluent: repetition (1 - distinct-2) <= 0.2, perplexity (under the unsteered model) <= 30
         and at least 8 tokens. effect: the steering text's log-prob after a neutral prompt, steered
         minus unsteered; it keeps rising where the output has degenerated, so do not pick by it.
     """
-    stream = sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed, positions)
+    stream = sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed, positions, prompted)
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
@@ -431,7 +450,8 @@ def sweep(
 
 def _quality_columns(engine, prompt, rows, generations, text, sampling) -> list[dict]:
     """relevance, perplexity, repetition and fluent of each sweep row (steering/quality.py); the
-    baseline is the coefficient-0 row when there is one, else a generation of its own."""
+    baseline is the coefficient-0 row when there is one, else a generation of its own. Generations
+    past the rows (the prompted reference) are scored the same way, against the same baseline."""
     zero = [i for i, row in enumerate(rows) if row[0][1] == 0]
     if zero:
         baseline = generations[zero[0]]

@@ -167,3 +167,45 @@ def test_bad_prompted_requests_name_the_field(fresh_manager, kwargs, field):
         api.steer(PROMPT, max_new_tokens=4, **kwargs)
     assert caught.value.field == field
     assert fresh_manager.current is None  # refused before the model was loaded: nothing changed
+
+
+def test_sweep_prompted_adds_a_scored_reference_row_and_changes_no_row(fresh_manager):
+    plain = api.sweep(PROMPT, "the ocean", 15, [0.0, 1.0], 12)
+    with_ref = api.sweep(PROMPT, "the ocean", 15, [0.0, 1.0], 12, prompted=True)
+    assert plain["prompted"] is None
+    assert [r["text"] for r in with_ref["rows"]] == [r["text"] for r in plain["rows"]]
+    assert with_ref["rows"] == plain["rows"] and with_ref["recommended"] == plain["recommended"]
+    reference = with_ref["prompted"]
+    assert reference["instruction"] == "In your answer, talk about the ocean."
+    assert reference["text"] and reference["text"] != plain["rows"][0]["text"]
+    assert set(reference) == {"text", "instruction", "relevance", "perplexity", "repetition", "fluent"}
+    assert reference["relevance"] > 0  # asked to talk about the ocean, it moved toward it
+    with pytest.raises(InputError) as caught:
+        api.sweep(PROMPT, "the ocean", 15, [0.0, 1.0], 12, prompted=1)
+    assert caught.value.field == "prompted"
+
+
+def test_chat_prompted_continues_a_third_conversation(fresh_manager):
+    from steering import chat
+
+    vectors = [{"text": "the ocean", "coeff": 1.0, "layer": 15}]
+    plain = chat.chat(PROMPT, [], [], vectors, 12)
+    first = chat.chat(PROMPT, [], [], vectors, 12, prompted=True)
+    assert plain["prompted"] is None and plain["history_prompted"] is None
+    assert (first["steered"], first["baseline"]) == (plain["steered"], plain["baseline"])
+    assert first["instruction"] == "In your answer, talk about the ocean."
+    assert first["history_prompted"][0] == {"role": "user", "content": PROMPT}  # kept without the instruction
+    assert first["history_prompted"][1]["content"] == first["prompted"] != first["baseline"]
+    # the prompted row reads the message with the instruction, as /steer's prompted row does
+    steered = api.steer(PROMPT, vectors, max_new_tokens=12, prompted=True)
+    assert first["prompted"] == steered["prompted"]
+    second = chat.chat(
+        "And after that?", first["history_steered"], first["history_baseline"], vectors, 8,
+        prompted=True, history_prompted=first["history_prompted"],
+    )  # fmt: skip
+    assert len(second["history_prompted"]) == 4 and second["prompted"]
+    wrong = [{"role": "user", "content": "something else"}, first["history_prompted"][1]]
+    with pytest.raises(InputError) as caught:
+        chat.chat("And?", first["history_steered"], first["history_baseline"], vectors, 8, prompted=True,
+                  history_prompted=wrong)  # fmt: skip
+    assert caught.value.field == "history_prompted[0].content"
