@@ -338,8 +338,8 @@ def compare_rows(
 
 
 NO_PROMPT_TEXT = (
-    "has no text to prompt with: a raw direction carries no words (and a vector with coefficient 0 or "
-    "disabled does not steer); give a text or a positive/negative pair, or turn prompted off"
+    "is on, but no vector has words to prompt with: a raw direction carries none, and a disabled vector "
+    "or coefficient 0 does not steer; give a text or a positive/negative pair, or turn prompted off"
 )
 
 
@@ -363,7 +363,7 @@ def prompt_instruction(vectors: Sequence[VectorSpec]) -> str:
             (toward if v.coeff > 0 else away).append(v.text)
     toward, away = list(dict.fromkeys(toward)), [t for t in dict.fromkeys(away) if t not in toward]
     if not toward and not away:
-        raise InputError("prompted", "is on, but no enabled vector " + NO_PROMPT_TEXT)
+        raise InputError("prompted", NO_PROMPT_TEXT)
     parts = []
     if toward:
         parts.append("talk about " + _listed(toward))
