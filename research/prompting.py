@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -123,6 +124,41 @@ def _spearman(x, y):
     return None if len(x) < 3 else round(spearman(x, y), 3)
 
 
+FIT_TOPICS = ("ocean", "music")  # the bins' thresholds are fitted on these topics' labels ...
+# ... and judged on the other labelled topics' (held out)
+
+
+def _proxy(o: dict, what: str):
+    return o["concept"] if what == "concept" else o[what] if o[what] is not None else float("-inf")
+
+
+def fit_bins(outputs: dict, labels: dict, what: str) -> dict:
+    """The (bin 1, bin 2) thresholds of `what` ("concept": relevance; "instruction" or
+    "prompt_after": the two instruction proxies) that agree best with the eye labels of
+    FIT_TOPICS (exact agreement, then 0-vs-nonzero), and their agreement on the held-out topics."""
+    from steering import quality as Q
+
+    target = "concept" if what == "concept" else "instruction"
+    rows = [
+        (outputs[i], lab) for i, lab in labels.items() if not (what == "concept" and outputs[i]["row"] == "baseline")
+    ]
+    fit = [(o, lab) for o, lab in rows if o["topic"] in FIT_TOPICS]
+    held = [(o, lab) for o, lab in rows if o["topic"] not in FIT_TOPICS]
+    values = sorted({round(_proxy(o, what), 2) for o, _ in rows if math.isfinite(_proxy(o, what))})
+    grid = [(a, b) for a in values for b in values if a <= b]
+
+    def score(pairs, edges):
+        agreed = [(Q._bin(_proxy(o, what), edges), lab[target]) for o, lab in pairs]
+        return (sum(a == b for a, b in agreed), sum((a == 0) == (b == 0) for a, b in agreed))
+
+    best = max(grid, key=lambda e: (score(fit, e), -e[0]))
+
+    def agreement(pairs, edges):
+        return _agreement([(Q._bin(_proxy(o, what), edges), lab[target]) for o, lab in pairs]) if pairs else None
+
+    return {"fitted": list(best), "fit": agreement(fit, best), "held_out": agreement(held, best)}
+
+
 def report() -> dict:
     from steering import quality as Q
 
@@ -143,6 +179,9 @@ def report() -> dict:
         "zero_vs_nonzero": round(sum((a == 0) == (b == 0) for a, b in agg_pairs) / len(agg_pairs), 3),
         "mean_proxy": round(sum(a for a, _ in agg_pairs) / len(agg_pairs), 3),
         "mean_eye": round(sum(b for _, b in agg_pairs) / len(agg_pairs), 3),
+    }
+    agree["fitted_bins"] = {
+        what: fit_bins(outputs, labels, what) for what in ("concept", "instruction", "prompt_after")
     }
     ids = list(labels)
     agree["rank"] = {
