@@ -200,6 +200,8 @@ def report() -> dict:
     for set_name in list(SETS) + ["all"]:
         for row in ROWS:
             rows = [o for o in outputs.values() if o["row"] == row and set_name in ("all", o["set"])]
+            if not rows:  # a set not generated (yet)
+                continue
             good = [o["on_topic"] and Q.is_fluent(o["perplexity"], o["repetition"], o["n"]) for o in rows]
             aggs = [Q.aggregate(list(_bins(o).values())) for o in rows]
             table.setdefault(set_name, {})[row] = {

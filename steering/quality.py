@@ -136,8 +136,11 @@ def relevance_logprob(engine, context, generations, baseline, **texts) -> list[f
 # Each of the three is binned 0/1/2 and the aggregate is their harmonic mean, 0 when any is 0, as
 # in the published comparison of steering methods (AxBench). The bins' thresholds were chosen
 # against outputs labelled by eye (research/prompting.py, docs/quality.md "Prompting beside steering").
-CONCEPT_BINS = (0.1, 0.5)  # relevance (nats/token over the baseline) >= these: bin 1, bin 2
-INSTRUCTION_BINS = (0.5, 1.0)  # prompt-vs-neutral log-prob gain of the output (nats/token): bin 1, 2
+# Fitted on the labels of two topics (ocean, music; 36 outputs) and judged on two held out (space,
+# baking): concept agrees with the eye's bin on 0.83 of held-out outputs (0 vs not 0: 1.00), but
+# relevance cannot tell "mentions it" from "is about it", so bin 1 is rare; instruction 0.75 (0.81).
+CONCEPT_BINS = (0.5, 1.0)  # relevance (nats/token over the baseline) >= these: bin 1, bin 2
+INSTRUCTION_BINS = (0.1, 0.25)  # prompt-vs-neutral log-prob gain of the output (nats/token): bin 1, 2
 NEAR_FLUENT = 2.0  # fluency bin 1: not fluent, but within this factor of each threshold
 
 
