@@ -3,6 +3,7 @@
     python research/prompting.py --stage generate   # outputs + scores of every prompt, all three sets
     python research/prompting.py --sample 72        # print a seeded sample to label by eye
     python research/prompting.py --stage report     # agreement with the eye labels + the table
+    python research/prompting.py --stage away       # steering away vs asking not to, where the prompt asks
 
 Stage generate: for every prompt of `research/data/quality_set.json`, `quality_fresh.json` and
 `quality_fresh2.json` (16 topics x 6 prompts), the app's own `/steer(prompted=True)` rows as one
@@ -88,6 +89,54 @@ def generate_all(coeff: float = limits.DEFAULT_COEFF) -> dict:
     return out
 
 
+AWAY = Path(__file__).resolve().parent / "results" / "prompting_away.json"
+AWAY_COEFFS = (-1.0, -2.0)
+
+
+def steer_away() -> dict:
+    """Where the prompt asks for the topic ("Tell me about {topic}."), steer away from it (negative
+    coefficients) or ask not to talk about it ("In your answer, do not talk about {topic}."):
+    the on-topic rate (word list) and fluency of each row, one batch per topic of the labelled set."""
+    from steering import generate as G
+    from steering import quality as Q
+    from steering.engine import parse_vector
+
+    engine = load_engine()
+    sampling = G.Sampling(max_new_tokens=TOKENS)
+    names = ["baseline", "prompted_away"] + [f"steered_{c:g}" for c in AWAY_COEFFS]
+    rows_out: dict = {name: [] for name in names}
+    for topic in json.loads((DATA / SETS["labelled"]).read_text())["topics"]:
+        text = topic.get("text") or topic["positive"]
+        prompt = f"Tell me about {text}."
+        spec = parse_vector({"text": text, "coeff": -1.0, "layer": LAYER, "positions": "prompt"}, 0, engine.n_layers)
+        instruction = G.prompt_instruction([spec])  # "In your answer, do not talk about {text}."
+        rows = [[], []] + [[(spec, c)] for c in AWAY_COEFFS]
+        ids = G.prompt_ids(engine.tokenizer, prompt)
+        row_ids = [ids, G.prompt_ids(engine.tokenizer, G.prompted_prompt(prompt, instruction))] + [ids] * len(
+            AWAY_COEFFS
+        )
+        final = G.run_rows(engine, prompt, rows, sampling, row_ids=row_ids)
+        ppl = G.context_perplexities(engine, ids, final.token_ids)
+        for name, out, tok, p in zip(names, final.texts, final.token_ids, ppl):
+            fluent = Q.is_fluent(p, Q.repetition(tok), len(tok))
+            rows_out[name].append({"topic": topic["name"], "prompt": prompt, "text": out,
+                                   "on_topic": on_topic(out, topic["words"]), "fluent": fluent})  # fmt: skip
+        print(f"  away {topic['name']}", flush=True)
+    summary = {
+        name: {
+            "on_topic": round(sum(r["on_topic"] for r in rows) / len(rows), 3),
+            "fluent": round(sum(r["fluent"] for r in rows) / len(rows), 3),
+            "off_topic_and_fluent": round(sum((not r["on_topic"]) and r["fluent"] for r in rows) / len(rows), 3),
+            "n": len(rows),
+        }
+        for name, rows in rows_out.items()
+    }
+    result = {"summary": summary, "instruction": "In your answer, do not talk about {text}.", "rows": rows_out}
+    AWAY.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return result
+
+
 def print_sample(n: int, seed: int) -> None:
     outputs = json.loads(OUTPUTS.read_text())["outputs"]
     prompts = sorted({o["id"].rsplit("|", 1)[0] for o in outputs})
@@ -156,7 +205,11 @@ def fit_bins(outputs: dict, labels: dict, what: str) -> dict:
     def agreement(pairs, edges):
         return _agreement([(Q._bin(_proxy(o, what), edges), lab[target]) for o, lab in pairs]) if pairs else None
 
-    return {"fitted": list(best), "fit": agreement(fit, best), "held_out": agreement(held, best)}
+    chosen = {"concept": Q.CONCEPT_BINS, "instruction": Q.INSTRUCTION_BINS}.get(what)
+    out = {"fitted": list(best), "fit": agreement(fit, best), "held_out": agreement(held, best)}
+    if chosen is not None:  # the thresholds steering/quality.py uses (rounded from, or tied with, the fit)
+        out["app"] = {"bins": list(chosen), "fit": agreement(fit, chosen), "held_out": agreement(held, chosen)}
+    return out
 
 
 def report() -> dict:
@@ -234,13 +287,16 @@ def _eye_mean(labels, row, set_name, outputs):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("generate", "report"), default=None)
+    parser.add_argument("--stage", choices=("generate", "report", "away"), default=None)
     parser.add_argument("--sample", type=int, default=0, help="print N outputs (N/3 prompts x 3 rows) and stop")
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--coeff", type=float, default=limits.DEFAULT_COEFF)
     args = parser.parse_args()
     if args.sample:
         return print_sample(args.sample, args.seed)
+    if args.stage == "away":
+        steer_away()
+        return
     if args.stage in (None, "generate"):
         generate_all(args.coeff)
     if args.stage in (None, "report"):
