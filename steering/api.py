@@ -218,35 +218,65 @@ def steer_stream(
     stop: Event | None = None,
     capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
     raw_prompt: bool = False,
+    prompted: bool = False,
 ) -> Iterator[dict]:
-    """Streaming form of `steer`: yields the result dict with the texts so far, then the final one."""
+    """Streaming form of `steer`: yields the result dict with the texts so far, then the final one
+    (the final one, with `done`, also carries the rows' `scores`)."""
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
     compare, raw_prompt = limits.check_bool(compare, "compare"), limits.check_bool(raw_prompt, "raw_prompt")
+    prompted = limits.check_bool(prompted, "prompted")
     specs = _parse_vectors(vectors)
     capture_mode = _check_capture_mode(capture_mode)
+    instruction = _instruction(specs, compare, prompted)
 
     def work(attempt: Attempt) -> Iterator[dict]:
         mapped, base = _on_model(attempt, specs)
+        engine = eng.engine_for(attempt.loaded)
+        rows = generate.compare_rows(mapped, compare, prompted)
+        row_ids = generate.compare_row_ids(engine.tokenizer, prompt, instruction, len(rows), raw=raw_prompt)
+        base = {**base, "instruction": instruction}
         for update in generate.generate_rows(
-            eng.engine_for(attempt.loaded),
-            prompt,
-            generate.compare_rows(mapped, compare),
-            sampling,
-            one_row=attempt.one_row,
-            stop=stop,
-            raw_prompt=raw_prompt,
-            capture_mode=capture_mode,
-        ):
-            baseline = update.texts[1] if compare else None
+            engine, prompt, rows, sampling, one_row=attempt.one_row, stop=stop, raw_prompt=raw_prompt,
+            capture_mode=capture_mode, row_ids=row_ids,
+        ):  # fmt: skip
+            texts = update.texts + [None] * (3 - len(update.texts))
             tokens = [len(ids) for ids in update.token_ids]  # generated so far, per row
-            yield {**base, "steered": update.texts[0], "baseline": baseline, "tokens": tokens, "done": update.done}
+            out = {**base, "steered": texts[0], "baseline": texts[1], "prompted": texts[2], "tokens": tokens}
+            if update.done:
+                stopped = stop is not None and stop.is_set()
+                out["scores"] = (
+                    None
+                    if not compare or stopped
+                    else _row_scores(engine, prompt, mapped, update, raw_prompt, sampling)
+                )
+            yield {**out, "done": update.done}
 
     layers, sizes = _vector_checks(specs)
+    longest = prompt if instruction is None else generate.prompted_prompt(prompt, instruction)
     fits = _token_fits(
-        "compare", prompt=prompt, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
+        "compare", prompt=longest, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
     )
     yield from _stream("generation", layers, work, sizes, fits)
+
+
+def _instruction(specs: Sequence[eng.VectorSpec], compare: bool, prompted: bool) -> str | None:
+    """The prompted row's instruction (None without `prompted`); refusals name "prompted"."""
+    if not prompted:
+        return None
+    if not compare:
+        raise InputError("prompted", "needs compare: the prompted row is scored against the unsteered baseline")
+    return generate.prompt_instruction(specs)
+
+
+ROW_NAMES = ("steered", "baseline", "prompted")
+
+
+def _row_scores(engine, prompt: str, specs, update, raw_prompt: bool, sampling: generate.Sampling) -> dict:
+    """`quality.compare_scores` of the rows, by name ("steered", "baseline"[, "prompted"])."""
+    context = generate.prompt_ids(engine.tokenizer, prompt, raw=raw_prompt)
+    scored = quality.compare_scores(engine, context, update.token_ids, specs, sampling.max_new_tokens)
+    return dict(zip(ROW_NAMES, scored))
 
 
 def steer(
@@ -259,6 +289,7 @@ def steer(
     compare: bool = True,
     capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
     raw_prompt: bool = False,
+    prompted: bool = False,
 ) -> dict:
     """Generate with steering vectors, and (by default) the unsteered baseline beside it.
 
@@ -285,15 +316,31 @@ def steer(
             token), or "stock" (llm-steer's own capture; comparison only, it does not carry the
             text's meaning).
         raw_prompt: send the prompt as it is, without the model's chat template.
+        prompted: also generate a third row, unsteered, whose prompt is the prompt followed by an
+            instruction to bring in the steering text ("In your answer, talk about {text}."; a pair:
+            talk about the positive and not the negative; a negative coefficient: do not talk
+            about it), in the same batch with the same seed and decoding: the prompting baseline
+            steering has to beat. Needs compare, and at least one enabled text or pair vector with
+            a non-zero coefficient (a raw direction has no words to prompt with). Adding the row
+            changes neither steered nor baseline.
 
     Returns:
-        {"steered", "baseline" (None without compare), "model", "quant", "device", "layers",
-        "tokens" (new tokens per row: [steered, baseline]), "fallback" (None, or the downgrade
-        event when this request ran out of memory)}.
+        {"steered", "baseline" (None without compare), "prompted" (None without prompted),
+        "instruction" (the prompted row's added instruction, or None), "model", "quant", "device",
+        "layers", "tokens" (new tokens per row: [steered, baseline(, prompted)]), "scores" (with
+        compare: {"steered", "baseline"(, "prompted")}, each {"concept", "instruction",
+        "perplexity", "repetition", "fluent", "bins": {"concept", "instruction", "fluency"} (0, 1
+        or 2 each), "aggregate"}; None without compare), "fallback" (None, or the downgrade
+        event when this request ran out of memory)}. concept: how much more likely the unsteered
+        model finds the steering text after the row's output than after the baseline's (nats per
+        token; toward a negative coefficient's text counts as away; 0 for the baseline);
+        instruction: how much more likely the output is after the prompt than after a neutral
+        prompt (nats per token: does it still answer the prompt); aggregate: the harmonic mean
+        of the three bins, 0 when any is 0 (docs/quality.md).
     """
     stream = steer_stream(
         prompt, vectors, max_new_tokens, temperature, top_p, seed, compare,
-        capture_mode=capture_mode, raw_prompt=raw_prompt,
+        capture_mode=capture_mode, raw_prompt=raw_prompt, prompted=prompted,
     )  # fmt: skip
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
@@ -308,6 +355,7 @@ def sweep_stream(
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
     positions: str = eng.DEFAULT_POSITIONS,
+    prompted: bool = False,
     *,
     stop: Event | None = None,
 ) -> Iterator[dict]:
@@ -318,31 +366,43 @@ def sweep_stream(
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
     layer = limits.check_layer(layer, "layer", _known_layers())
     generate.sweep_rows(text, layer, coeffs, positions)  # validate text, coefficients and positions first
+    prompted = limits.check_bool(prompted, "prompted")
+    instruction = generate.prompt_instruction([eng.VectorSpec(layer=0, coeff=1.0, text=text)]) if prompted else None
     stop = lifecycle.stop_flag(stop)
 
     def work(attempt: Attempt) -> Iterator[dict]:
         rows = generate.sweep_rows(text, attempt.layer(layer), coeffs, positions)
+        n = len(rows)
         engine = eng.engine_for(attempt.loaded)
         base = {
             "model": attempt.loaded.model_id, "layer": attempt.layer(layer), "positions": positions,
             "recommended": None,
         }  # fmt: skip
+        batch = rows + [[]] * prompted  # the prompted reference row last, unsteered, its own prompt
+        row_ids = generate.compare_row_ids(engine.tokenizer, prompt, instruction, len(batch))
         final = None
-        for final in generate.generate_rows(engine, prompt, rows, sampling, one_row=attempt.one_row, stop=stop):
+        for final in generate.generate_rows(
+            engine, prompt, batch, sampling, one_row=attempt.one_row, stop=stop, row_ids=row_ids
+        ):
             texts = [{"coeff": float(row[0][1]), "text": out} for row, out in zip(rows, final.texts)]
+            reference = {"text": final.texts[n], "instruction": instruction} if prompted else None
             if not final.done:
-                yield {**base, "rows": texts, "done": False}
+                yield {**base, "rows": texts, "prompted": reference, "done": False}
         if stop.is_set():
-            yield {**base, "rows": texts, "done": True, "stopped": True}
+            yield {**base, "rows": texts, "prompted": reference, "done": True, "stopped": True}
             return
         effects = generate.effect_scores(engine, rows, text, one_row=attempt.one_row)
         scored = _quality_columns(engine, prompt, rows, final.token_ids, text, sampling)
         out = [{**row, "effect": eff, **cols} for row, eff, cols in zip(texts, effects, scored)]
+        if prompted:
+            reference.update(scored[n])
         fluent = [r for r in out if r["fluent"] and r["relevance"] > 0]
         best = max(fluent, key=lambda r: r["relevance"]) if fluent else None
-        yield {**base, "rows": out, "recommended": None if best is None else best["coeff"], "done": True}
+        recommended = None if best is None else best["coeff"]
+        yield {**base, "rows": out, "prompted": reference, "recommended": recommended, "done": True}
 
-    fits = _token_fits("sweep", prompt=prompt, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
+    longest = prompt if instruction is None else generate.prompted_prompt(prompt, instruction)
+    fits = _token_fits("sweep", prompt=longest, new_tokens=sampling.max_new_tokens, texts=[("text", text)])
     yield from _stream("sweep", [("layer", layer)], work, fits=fits)
 
 
@@ -354,6 +414,7 @@ def sweep(
     max_new_tokens: int = _D["sweep_max_new_tokens"],
     seed: int = _D["seed"],
     positions: str = eng.DEFAULT_POSITIONS,
+    prompted: bool = False,
 ) -> dict:
     """Generate once per coefficient of one steering text, all as rows of one batch, with scores.
 
@@ -366,17 +427,22 @@ def sweep(
         seed: random seed for the rows (greedy decoding is used, so it only matters for ties).
         positions: where the vector is added: "prompt" (the default; the prompt's positions only,
             ActAdd-style) or "all" (the prompt and every generated token, as llm-steer does).
+        prompted: also generate a reference row, unsteered, whose prompt is the prompt followed by
+            "In your answer, talk about {text}." (as /steer's prompted row), in the same batch, and
+            score it like the rows: what asking achieves, to compare the sweep against.
 
     Returns:
         {"rows": [{"coeff", "text", "relevance", "perplexity", "repetition", "fluent", "effect"}],
         "recommended" (the coefficient of the most relevant fluent row, or None), "model", "layer",
-        "positions", "fallback"}. relevance: how much more likely the unsteered model finds the steering text
-        after this output than after the baseline's (nats per token): the score to pick by.
+        "positions", "prompted" (None without prompted, else {"text", "instruction", "relevance",
+        "perplexity", "repetition", "fluent"}: the reference row, never recommended), "fallback"}.
+        relevance: how much more likely the unsteered model finds the steering text after this
+        output than after the baseline's (nats per token): the score to pick by.
         fluent: repetition (1 - distinct-2) <= 0.2, perplexity (under the unsteered model) <= 30
         and at least 8 tokens. effect: the steering text's log-prob after a neutral prompt, steered
         minus unsteered; it keeps rising where the output has degenerated, so do not pick by it.
     """
-    stream = sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed, positions)
+    stream = sweep_stream(prompt, text, layer, coeffs, max_new_tokens, seed, positions, prompted)
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result
@@ -384,7 +450,8 @@ def sweep(
 
 def _quality_columns(engine, prompt, rows, generations, text, sampling) -> list[dict]:
     """relevance, perplexity, repetition and fluent of each sweep row (steering/quality.py); the
-    baseline is the coefficient-0 row when there is one, else a generation of its own."""
+    baseline is the coefficient-0 row when there is one, else a generation of its own. Generations
+    past the rows (the prompted reference) are scored the same way, against the same baseline."""
     zero = [i for i, row in enumerate(rows) if row[0][1] == 0]
     if zero:
         baseline = generations[zero[0]]

@@ -24,7 +24,7 @@ from steering.loaded import LoadedModel
 from steering.loader import Attempt
 
 _D = {name: limit.default for name, limit in limits.LIMITS.items()}
-HISTORIES = ("history_steered", "history_baseline")  # the fields, in batch-row order
+HISTORIES = ("history_steered", "history_baseline", "history_prompted")  # the fields, in batch-row order
 MAX_TURNS = int(limits.LIMITS["chat_turns"].maximum)
 MAX_CHARS = int(limits.LIMITS["chat_chars"].maximum)
 
@@ -78,17 +78,26 @@ def _check_unicode(text: str, field: str) -> None:
         raise InputError(field, "contains a character that is not valid Unicode (a lone surrogate)") from None
 
 
-def _check_side_by_side(steered: Sequence[dict], baseline: Sequence[dict]) -> None:
+def _check_side_by_side(steered: Sequence[dict], baseline: Sequence[dict], field: str = "history_baseline") -> None:
     """Both histories hold the same user messages: they are one chat seen twice."""
     if len(steered) != len(baseline):
         raise InputError(
-            "history_baseline",
-            f"holds {len(baseline)} messages and history_steered {len(steered)}; the two conversations "
+            field,
+            f"holds {len(baseline)} messages and history_steered {len(steered)}; the conversations "
             "continue side by side, with the same user messages",
         )
     for i in range(0, len(steered), 2):
         if steered[i]["content"] != baseline[i]["content"]:
-            raise InputError(f"history_baseline[{i}].content", "differs from history_steered's user message")
+            raise InputError(f"{field}[{i}].content", "differs from history_steered's user message")
+
+
+def _with_instruction(conversation: Sequence[dict], instruction: str) -> list[dict]:
+    """The prompted conversation as the model reads it: every user message followed by the
+    instruction (`generate.prompted_prompt`); its history keeps the plain messages."""
+    return [
+        {**m, "content": generate.prompted_prompt(m["content"], instruction)} if m["role"] == "user" else m
+        for m in conversation
+    ]
 
 
 def _conversation_fits(conversations: Sequence[list[dict]], new_tokens: int, texts) -> api.Fits:
@@ -123,6 +132,8 @@ def chat_stream(
     top_p: float = _D["top_p"],
     seed: int = _D["seed"],
     capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
+    prompted: bool = False,
+    history_prompted: list[dict] | None = None,
     *,
     stop: Event | None = None,
 ) -> Iterator[dict]:
@@ -137,29 +148,41 @@ def chat_stream(
     capture_mode = api._check_capture_mode(capture_mode)
     asked = {"role": "user", "content": message}
     conversations = [steered_history + [asked], baseline_history + [asked]]
+    instruction = None
+    if limits.check_bool(prompted, "prompted"):
+        prompted_history = check_history(history_prompted or [], "history_prompted", message)
+        _check_side_by_side(steered_history, prompted_history, "history_prompted")
+        instruction = generate.prompt_instruction(specs)
+        conversations.append(prompted_history + [asked])
 
     def work(attempt: Attempt) -> Iterator[dict]:
         loaded = attempt.loaded
         mapped, base = api._on_model(attempt, specs)
-        row_ids = [generate.conversation_ids(loaded.tokenizer, c) for c in conversations]
-        rows = generate.compare_rows(mapped, True)
+        read = conversations[:2] + [_with_instruction(c, instruction) for c in conversations[2:]]
+        row_ids = [generate.conversation_ids(loaded.tokenizer, c) for c in read]
+        rows = generate.compare_rows(mapped, True, instruction is not None)
         for update in generate.generate_rows(
             eng.engine_for(loaded), "", rows, sampling, one_row=attempt.one_row, stop=stop,
             capture_mode=capture_mode, row_ids=row_ids,
         ):  # fmt: skip
             replies = [{"role": "assistant", "content": text} for text in update.texts]
+            third = {"prompted": None, "history_prompted": None, "instruction": instruction}
+            if instruction is not None:
+                third.update(prompted=update.texts[2], history_prompted=conversations[2] + [replies[2]])
             yield {
                 **base,
                 "steered": update.texts[0],
                 "baseline": update.texts[1],
                 "history_steered": conversations[0] + [replies[0]],
                 "history_baseline": conversations[1] + [replies[1]],
+                **third,
                 "tokens": [len(ids) for ids in update.token_ids],  # generated so far, per row
                 "done": update.done,
             }
 
     layers, sizes = api._vector_checks(specs)
-    fits = _conversation_fits(conversations, sampling.max_new_tokens, api._texts(specs))
+    read = conversations[:2] + [_with_instruction(c, instruction) for c in conversations[2:]]
+    fits = _conversation_fits(read, sampling.max_new_tokens, api._texts(specs))
     yield from api._stream("chat", layers, work, sizes, fits)
 
 
@@ -173,6 +196,8 @@ def chat(
     top_p: float = _D["top_p"],
     seed: int = _D["seed"],
     capture_mode: str = eng.DEFAULT_CAPTURE_MODE,
+    prompted: bool = False,
+    history_prompted: list[dict] | None = None,
 ) -> dict:
     """Continue a steered and an unsteered conversation side by side by one message.
 
@@ -193,16 +218,25 @@ def chat(
         seed: random seed (0 to 2**31-1); each conversation samples with its own generator.
         capture_mode: how text vectors are captured: contexts (default), bos-neutral, bos, or stock
             (comparison only).
+        prompted: also continue a third, unsteered conversation whose user messages are each read
+            with an instruction to bring in the steering text appended (as /steer's prompted row:
+            "In your answer, talk about {text}."), as a third row of the batch. Needs an enabled
+            text or pair vector with a non-zero coefficient.
+        history_prompted: with prompted, that conversation so far (the previous answer's
+            history_prompted; None or [] starts it): the same user messages as history_steered,
+            kept without the instruction, and its own replies.
 
     Returns:
         {"steered", "baseline" (the two new replies), "history_steered", "history_baseline" (each
         history with the new message and its reply), "model", "quant", "device", "layers", "tokens"
-        (new tokens per reply: [steered, baseline]), "fallback" (None, or the downgrade event when
-        this request ran out of memory)}.
+        (new tokens per reply: [steered, baseline(, prompted)]), "prompted", "history_prompted" and
+        "instruction" (None without prompted), "fallback" (None, or the downgrade event when this
+        request ran out of memory)}.
     """
     stream = chat_stream(
-        message, history_steered, history_baseline, vectors, max_new_tokens, temperature, top_p, seed, capture_mode
-    )
+        message, history_steered, history_baseline, vectors, max_new_tokens, temperature, top_p, seed, capture_mode,
+        prompted, history_prompted,
+    )  # fmt: skip
     result = collections.deque(stream, maxlen=1)[0]
     result.pop("done", None)
     return result

@@ -328,10 +328,81 @@ def stream_rows_apart(engine, prompt, rows, sampling, **kwargs) -> Iterator[Rows
     yield RowsUpdate(list(texts), [""] * len(rows), [list(i) for i in ids], done=True)
 
 
-def compare_rows(vectors: Sequence[VectorSpec], compare: bool) -> list[list[tuple[VectorSpec, float]]]:
-    """Row 0 steered with every enabled vector; row 1 (when comparing) the unsteered baseline."""
+def compare_rows(
+    vectors: Sequence[VectorSpec], compare: bool, prompted: bool = False
+) -> list[list[tuple[VectorSpec, float]]]:
+    """Row 0 steered with every enabled vector; row 1 (when comparing) the unsteered baseline;
+    row 2 (with `prompted`) unsteered too: the prompted row, whose prompt is `prompted_prompt`."""
     steered = [(v, v.coeff) for v in vectors if v.enabled]
-    return [steered, []] if compare else [steered]
+    return [steered, []] + [[]] * bool(prompted) if compare else [steered]
+
+
+NO_PROMPT_TEXT = (
+    "is on, but no vector has words to prompt with: a raw direction carries none, and a disabled vector "
+    "or coefficient 0 does not steer; give a text or a positive/negative pair, or turn prompted off"
+)
+
+
+def prompt_instruction(vectors: Sequence[VectorSpec]) -> str:
+    """The instruction the prompted row adds to the prompt: bring in what the steering does, in words.
+
+    A text with a positive coefficient: "talk about {text}"; a negative one: "do not talk about
+    {text}"; a pair: toward the positive and away from the negative (swapped when the coefficient is
+    negative). A raw direction has words only when it was named by them (a trained vector's name:
+    "ocean", or "happy − sad" for two words); directions without a name (or with the name made
+    from examples), disabled vectors and coefficient 0 add nothing; when nothing is left,
+    InputError on "prompted". Each text once, in the order of the vectors."""
+    toward: list[str] = []
+    away: list[str] = []
+    for v in vectors:
+        named = _named_words(v.name) if v.direction else None
+        if not v.enabled or v.coeff == 0 or (v.direction and named is None):
+            continue
+        if named is not None or v.contrastive:
+            pos, neg = named or (v.positive, v.negative)
+            pos, neg = (pos, neg) if v.coeff > 0 else (neg, pos)
+            toward += [pos] if pos else []
+            away += [neg] if neg else []
+        else:
+            (toward if v.coeff > 0 else away).append(v.text)
+    toward, away = list(dict.fromkeys(toward)), [t for t in dict.fromkeys(away) if t not in toward]
+    if not toward and not away:
+        raise InputError("prompted", NO_PROMPT_TEXT)
+    parts = []
+    if toward:
+        parts.append("talk about " + _listed(toward))
+    if away:
+        parts.append(("and do not talk about " if toward else "do not talk about ") + _listed(away))
+    return "In your answer, " + " ".join(parts) + "."
+
+
+def _named_words(name: str) -> tuple[str, str] | None:
+    """(toward, away) words of a direction's name ("happy − sad" -> ("happy", "sad"), "ocean" ->
+    ("ocean", "")); None for no name or one made from examples ("mean_diff: The waves… vs …")."""
+    if not name or name.split(":", 1)[0] in ("mean_diff", "pca", "probe"):
+        return None
+    positive, _, negative = (part.strip() for part in name.partition(" − "))
+    return positive, negative
+
+
+def _listed(texts: Sequence[str]) -> str:
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
+
+
+def prompted_prompt(prompt: str, instruction: str) -> str:
+    """The prompted row's prompt: the user's prompt, then the instruction, in one user message."""
+    return f"{prompt}\n\n{instruction}"
+
+
+def compare_row_ids(
+    tokenizer, prompt: str, instruction: str | None, n_rows: int, *, raw: bool = False
+) -> list[list[int]] | None:
+    """`row_ids` of a compare: None (one prompt for every row) without an instruction, else the
+    prompt for every row but the last, which gets `prompted_prompt` (rows left-padded)."""
+    if instruction is None:
+        return None
+    ids = prompt_ids(tokenizer, prompt, raw=raw)
+    return [ids] * (n_rows - 1) + [prompt_ids(tokenizer, prompted_prompt(prompt, instruction), raw=raw)]
 
 
 def sweep_rows(

@@ -132,6 +132,126 @@ def relevance_logprob(engine, context, generations, baseline, **texts) -> list[f
     return logprob_scores(engine, context, generations, baseline, **texts)[0]
 
 
+# -- one score per row: concept, instruction, fluency, aggregate (the benchmark's form) ------------
+# Each of the three is binned 0/1/2 and the aggregate is their harmonic mean, 0 when any is 0, as
+# in the published comparison of steering methods (AxBench). The bins' thresholds were chosen
+# against outputs labelled by eye (research/prompting.py, docs/quality.md "Prompting beside steering").
+# Fitted on the labels of two topics (ocean, music; 36 outputs) and judged on two held out (space,
+# baking): concept agrees with the eye's bin on 0.83 of held-out outputs (0 vs not 0: 1.00), but
+# relevance cannot tell "mentions it" from "is about it", so bin 1 is rare; instruction 0.75 (0.81).
+CONCEPT_BINS = (0.5, 1.0)  # relevance (nats/token over the baseline) >= these: bin 1, bin 2
+INSTRUCTION_BINS = (0.1, 0.25)  # prompt-vs-neutral log-prob gain of the output (nats/token): bin 1, 2
+NEAR_FLUENT = 2.0  # fluency bin 1: not fluent, but within this factor of each threshold
+
+
+def concept_targets(specs: Sequence[VectorSpec]) -> list[tuple[dict, float]]:
+    """(texts for `logprob_scores`, sign) of each enabled, steering vector with words: a negative
+    coefficient's text is a text to move away from (sign -1). Raw directions have none."""
+    out: list[tuple[dict, float]] = []
+    for v in specs:
+        if v.enabled and v.coeff != 0 and not v.direction:
+            texts = dict(positive=v.positive, negative=v.negative) if v.contrastive else dict(text=v.text)
+            if (texts, math.copysign(1.0, v.coeff)) not in out:
+                out.append((texts, math.copysign(1.0, v.coeff)))
+    return out
+
+
+def instruction_scores(engine, context, generations, perplexities) -> list[float | None]:
+    """Per output: mean log-prob per token after the prompt (from `perplexities`, after `context`)
+    minus after a neutral prompt, under the unsteered model: how much the output depends on the
+    prompt, i.e. whether it still answers it (a pointwise mutual information; None when empty)."""
+    neutral = generate.context_perplexities(
+        engine, generate.prompt_ids(engine.tokenizer, generate.NEUTRAL_PROMPT), generations
+    )
+    return [None if p is None or n is None else math.log(n) - math.log(p) for p, n in zip(perplexities, neutral)]
+
+
+def _bin(value: float | None, edges: tuple[float, float]) -> int:
+    return 0 if value is None or not math.isfinite(value) else (value >= edges[0]) + (value >= edges[1])
+
+
+def fluency_bin(perplexity: float | None, rep: float, n_tokens: int, max_new_tokens: int | None = None) -> int:
+    """2 fluent (`is_fluent`); 1 not fluent but within NEAR_FLUENT of the perplexity and repetition
+    thresholds and not a fragment; 0 otherwise."""
+    if is_fluent(perplexity, rep, n_tokens, max_new_tokens):
+        return 2
+    floor = MIN_TOKENS if max_new_tokens is None else min(MIN_TOKENS, max_new_tokens)
+    near = perplexity is not None and perplexity <= NEAR_FLUENT * MAX_PERPLEXITY and rep <= NEAR_FLUENT * MAX_REPETITION
+    return 1 if near and n_tokens >= floor else 0
+
+
+def aggregate(bins: Sequence[int | None]) -> float | None:
+    """The harmonic mean of the bins, 0 when any is 0 (None when one is unknown)."""
+    if any(b is None for b in bins):
+        return None
+    return 0.0 if min(bins) == 0 else round(len(bins) / sum(1 / b for b in bins), 4)
+
+
+def compare_scores(
+    engine: SteeringEngine,
+    context: Sequence[int],
+    generations: Sequence[Sequence[int]],
+    specs: Sequence[VectorSpec],
+    max_new_tokens: int | None = None,
+) -> list[dict]:
+    """One score dict per row of a compare (row 1 is the unsteered baseline): {"concept",
+    "instruction", "perplexity", "repetition", "fluent", "bins": {"concept", "instruction",
+    "fluency"}, "aggregate"}. Every row is read by the unsteered model after the same `context`
+    (the user's prompt, also for the prompted row), so the numbers compare across rows.
+
+    concept: `relevance_logprob` over the baseline row (so 0 for the baseline), averaged over the
+    request's texts, sign-flipped for a negative coefficient (None for raw directions only)."""
+    targets = concept_targets(specs)
+    rows = [list(g) for g in generations]
+    concept: list[float | None] = [None] * len(rows)
+    ppl: list[float | None] | None = None
+    if targets:
+        total = [0.0] * len(rows)
+        for texts, sign in targets:
+            rel, p = logprob_scores(engine, context, rows, rows[1], **texts)
+            ppl = ppl or p
+            total = [t + sign * r for t, r in zip(total, rel)]
+        concept = [t / len(targets) for t in total]
+        concept[1] = 0.0  # by construction (the same row read twice)
+    if ppl is None:
+        ppl = generate.context_perplexities(engine, context, rows)
+    follows = instruction_scores(engine, context, rows, ppl)
+    out = []
+    for c, f, p, ids in zip(concept, follows, ppl, rows):
+        rep = repetition(ids)
+        bins = {
+            "concept": None if c is None else _bin(c, CONCEPT_BINS),
+            "instruction": _bin(f, INSTRUCTION_BINS),
+            "fluency": fluency_bin(p, rep, len(ids), max_new_tokens),
+        }
+        out.append(
+            {
+                "concept": None if c is None else round(c, 4),
+                "instruction": None if f is None else round(f, 4),
+                "perplexity": None if p is None else round(p, 2),
+                "repetition": round(rep, 3),
+                "fluent": is_fluent(p, rep, len(ids), max_new_tokens),
+                "bins": bins,
+                "aggregate": aggregate(list(bins.values())),
+            }
+        )
+    return out
+
+
+def best_row(scores: dict) -> tuple[str | None, str]:
+    """(name of the row with the highest aggregate, a line saying so); ties and unknowns said."""
+    known = {name: s["aggregate"] for name, s in scores.items() if s and s.get("aggregate") is not None}
+    if not known:
+        return None, "no aggregate score (a raw direction has no text to score against)"
+    top = max(known.values())
+    winners = [name for name, value in known.items() if value == top]
+    if top == 0:
+        return None, "no row scored above 0 (each needs concept, instruction and fluency all above 0)"
+    if len(winners) > 1:
+        return None, f"{' and '.join(winners)} tied at {top:.2f} of 2"
+    return winners[0], f"{winners[0]} scored highest: {top:.2f} of 2"
+
+
 # -- the score autotune uses -----------------------------------------------------------------------
 # Relevance is `relevance_logprob`: of the measures tried against word-list labels (the others,
 # hidden-state and embedding cosines, live in research/metrics.py), it agreed best (docs/quality.md).

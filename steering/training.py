@@ -457,6 +457,7 @@ def train_vector(
         raise InputError("positive", "give example texts (positives, negatives) or two words, not both")
     if words:
         positives, negatives = pairs_from_words(positive, negative)
+        name = name or " − ".join(w.strip() for w in (positive, negative) if w and w.strip())
     positives = check_examples(positives, "positives")
     negatives = check_examples(negatives, "negatives", allow_empty=True)
     method = _check_choice(method, "method", METHODS)

@@ -66,6 +66,7 @@ def test_named_endpoints_are_exactly_the_public_api(api):
         "compare",
         "capture_mode",
         "raw_prompt",
+        "prompted",
     ]
     sweep_params = info["named_endpoints"]["/sweep"]["parameters"]
     assert [(p["parameter_name"], p["python_type"]["type"]) for p in sweep_params][:4] == [
@@ -244,6 +245,11 @@ def test_load_model_reloads_and_reports_status(api):
             r"^vectors\[0\]: give exactly one of",
         ),
         ("/steer", (PROMPT, [], 8, 0.0, 1.0, 0, "false"), r"^compare: must be true or false; got 'false'"),
+        (
+            "/steer",
+            (PROMPT, [{"direction": [0.1] * 576, "layer": LAYER}], 8, 0.0, 1.0, 0, True, "contexts", False, True),
+            r"^prompted: is on, but no vector has words to prompt with",
+        ),
         ("/steer", (PROMPT, [], True), r"^max_new_tokens: must be a number; got True"),
         ("/steer", (PROMPT, [], 8, 0.0, 1.0, "7"), r"^seed: must be a number; got '7'"),
         ("/steer", (PROMPT, [], 8, 0.0, 1.0, 10**400), r"^seed: must be a number"),
@@ -274,6 +280,7 @@ def test_load_model_reloads_and_reports_status(api):
         "unknown-key",
         "text-and-pair",
         "string-compare",
+        "prompted-direction",
         "bool-tokens",
         "string-seed",
         "huge-seed",
@@ -309,7 +316,7 @@ def test_stop_ends_generation_within_a_step_and_frees_the_model(api):
 
     rows = [["dogs", "", "", 0.5, LAYER, True]]
     stream = generate_outputs(PROMPT, rows, LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
-    steered, baseline, info = next(stream)
+    steered, baseline, info, *_ = next(stream)
     assert isinstance(steered, str) and "generating" in info
     started = time.perf_counter()
     stream.close()
@@ -326,7 +333,7 @@ def test_stop_before_the_first_token_ends_the_prefill_too(api):
     long_prompt = "Tell me everything about the history of the world. " * 200  # ~2,000 tokens of prefill
     stream = generate_outputs(long_prompt[:3990], [], LAYER, 200, 0.0, 1.0, 0, engine.DEFAULT_CAPTURE_MODE, False)
     started = time.perf_counter()
-    steered, baseline, info = next(stream)  # a heartbeat: no token yet
+    steered, baseline, info, *_ = next(stream)  # a heartbeat: no token yet
     assert time.perf_counter() - started < 5.0
     started = time.perf_counter()
     stream.close()
@@ -388,3 +395,13 @@ def test_autotune_stops_at_once_and_its_stop_flag_is_not_an_endpoint_parameter(a
     info = api.view_api(print_info=False, return_format="dict")
     params = [p["parameter_name"] for p in info["named_endpoints"]["/autotune"]["parameters"]]
     assert params == ["prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed", "positions"]
+
+
+def test_steer_prompted_through_the_client_adds_a_row_and_scores(api, baseline):
+    zero = [{"text": "dogs", "coeff": 0.0, "layer": LAYER}, {"text": "the ocean", "coeff": 1.0, "layer": LAYER}]
+    plain = steer(api, zero)
+    result = steer(api, zero, prompted=True)
+    assert result["baseline"] == baseline["baseline"] and result["steered"] == plain["steered"]
+    assert result["instruction"] == "In your answer, talk about the ocean."  # coefficient 0: not mentioned
+    assert result["prompted"] and len(result["tokens"]) == 3
+    assert set(result["scores"]) == {"steered", "baseline", "prompted"}

@@ -196,6 +196,8 @@ def test_chat_is_documented_like_the_other_endpoints(api):
         "top_p",
         "seed",
         "capture_mode",
+        "prompted",
+        "history_prompted",
     ]
     for parameter in info["parameters"]:
         assert parameter["label"] == parameter["parameter_name"] and parameter["python_type"]["description"]

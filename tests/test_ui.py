@@ -82,14 +82,18 @@ def test_coefficients_text():
 def test_recipe_round_trip_and_rejects(tmp_path, embedded_dir):
     ensure_embedded_loaded()
     rows = [["dogs", "", "", 0.5, 15, True, "all"]]
-    path, saved = ui_recipes.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True)
+    path, saved = ui_recipes.save_recipe("Hi there", rows, 15, 32, 0.7, 0.9, 3, "stock", True, True)
     assert saved.startswith("Saved 1 vector(s)")
     recipe = json.loads(open(path).read())
     assert recipe["format"] == views.RECIPE_FORMAT and recipe["vectors"][0]["text"] == "dogs"
     assert recipe["model"] == {"id": "SmolLM2-135M-Instruct", "quant": "fp32"}
     *fields, directions, message = ui_recipes.load_recipe(path, 15)
-    assert fields == ["Hi there", rows, 32, 0.7, 0.9, 3, "stock", True]
-    assert directions == {} and "capture mode stock, raw prompt on" in message and "⚠️" not in message
+    assert fields == ["Hi there", rows, 32, 0.7, 0.9, 3, "stock", True, True]  # ..., raw prompt, prompted
+    assert directions == {} and "capture mode stock, raw prompt on, prompted on" in message and "⚠️" not in message
+    assert recipe["settings"]["prompted"] is True
+    assert views.parse_recipe(json.dumps(dict(recipe, settings={})))["settings"]["prompted"] is False  # older files
+    with pytest.raises(InputError, match="^recipe.settings.prompted: "):
+        views.parse_recipe(json.dumps(dict(recipe, settings={"prompted": "yes"})))
     other = dict(recipe, model={"id": "Qwen/Qwen2.5-7B-Instruct", "quant": "4bit"})
     (tmp_path / "other.json").write_text(json.dumps(other))
     *_, message = ui_recipes.load_recipe(str(tmp_path / "other.json"), 15)
@@ -273,7 +277,7 @@ def test_builtin_example_fills_the_form_and_asks_before_overwriting(embedded_dir
     ensure_embedded_loaded()
     prompt, rows, *settings, directions, _, _ = ui_recipes.confirm_example("Golden Gate Bridge")
     assert prompt and rows == [["the Golden Gate Bridge", "", "", 1.0, 15, True, "prompt"]]  # the middle of 30 layers
-    assert settings == [64, 0.0, 1.0, 0, "contexts", False] and directions == {}
+    assert settings == [64, 0.0, 1.0, 0, "contexts", False, False] and directions == {}
     assert _refusal(ui_recipes.confirm_example("nope")).startswith("example: ")
     *fields, confirm, message = ui_recipes.use_example("Dogs", [])  # an empty table: opens at once
     assert fields[1][0][0] == "dogs" and message.startswith("Opened")
@@ -335,6 +339,7 @@ def test_recipe_defaults_and_sweep_default_come_from_the_limits():
         **{name: limits.LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
         "capture_mode": engine.DEFAULT_CAPTURE_MODE,
         "raw_prompt": False,
+        "prompted": False,
     }
     assert set(views.CAPTURE_MODES) == set(engine.CAPTURE_MODES)
     assert views.CAPTURE_MODES[0] == engine.DEFAULT_CAPTURE_MODE
@@ -498,7 +503,7 @@ def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_button
     stale = list(ui_steer.generate_run(*args, first, request))
     assert all(_skipped(v) for out in stale for v in out)  # no model work, no line, the new run's buttons kept
     outputs = list(ui_steer.generate_run(*args, second, request))
-    steered, baseline, line, generate_btn, stop_btn = outputs[-2]
+    steered, baseline, line, *_, generate_btn, stop_btn = outputs[-2]
     assert steered and line.endswith("seed 0") and "4 tokens" in line
     *_, generate_btn, stop_btn = outputs[-1]
     assert generate_btn.interactive and stop_btn.interactive is False  # the latest run ends its own chain
@@ -532,3 +537,51 @@ def test_model_advice_gives_an_offload_models_speed_and_load_takes_allow_offload
     assert labels[-1] == "Allow offload (layers in CPU RAM: much slower)"
     view = ui_model.load_selected_model(catalog.EMBEDDED_ID, "auto", False, True)  # a model that fits: loads as usual
     assert view[-1] == "" and get_manager().status()["model"] == catalog.EMBEDDED_ID
+
+
+def test_prompted_run_shows_three_rows_scored_and_the_best_row_and_is_kept(embedded_dir):
+    from steering import history
+
+    ensure_embedded_loaded()
+    session = "prompted-test"
+    request = type("Request", (), {"session_hash": session})()
+    history.clear(session)
+    rows = [["the ocean", "", "", 1.0, 15, True, "prompt"]]
+    args = ("What should I do this weekend?", rows, 15, 12, 0.0, 1.0, 0, "contexts", False, None)
+    outputs = list(ui_steer.generate_run(*args, ui_steer.runs.begin(session), request, prompted=True))
+    steered, baseline, line, prompted, *badges, best, _, _ = outputs[-2]
+    assert steered and baseline and prompted and prompted != baseline
+    assert all("concept" in b and "instruction" in b and "fluency" in b and "score " in b for b in badges)
+    assert "concept 0 (+0.00)" in badges[1]  # the baseline's concept is 0 by construction
+    assert re.search(r"(scored highest|tied at|no row scored above 0)", best)
+    assert "prompted with “In your answer, talk about the ocean.”" in best
+    (entry,) = history.entries(session)
+    assert entry["request"]["prompted"] is True and entry["result"]["prompted"] == prompted
+    _, result, note = ui_history.rerun_entry(1, request)
+    assert result["prompted"] == prompted and note.endswith("the output is the same.")
+    # without the option: no prompted row, but the two rows are still scored
+    outputs = list(ui_steer.generate_run(*args, ui_steer.runs.begin(session), request))
+    steered_again, _, _, prompted_off, *badges_off, best_off, _, _ = outputs[-2]
+    assert steered_again == steered and prompted_off is None and badges_off[2] == "" and badges_off[0]
+    assert "prompted with" not in best_off
+    assert ui_steer.show_prompted(True).visible is True and ui_steer.show_prompted(False).visible is False
+
+
+def test_score_badges_show_bins_and_the_best_row_line():
+    def score(concept, bins, aggregate):
+        return {"concept": concept, "instruction": 1.2, "perplexity": 6.0, "repetition": 0.0, "fluent": True,
+                "bins": dict(zip(("concept", "instruction", "fluency"), bins)), "aggregate": aggregate}  # fmt: skip
+
+    result = {
+        "instruction": "In your answer, talk about cats.",
+        "scores": {
+            "steered": score(0.3, (1, 2, 2), 1.5),
+            "baseline": score(0.0, (0, 2, 2), 0.0),
+            "prompted": score(0.9, (2, 2, 2), 2.0),
+        },
+    }
+    steered, baseline, prompted, line = views.steer_scores(result)
+    assert "concept 1 (+0.30)" in steered and "score 1.50/2" in steered and "<table" not in steered
+    assert "score 0.00/2" in baseline and "score 2.00/2" in prompted
+    assert line.startswith("prompted scored highest: 2.00 of 2")
+    assert views.steer_scores({"scores": None}) == ("", "", "", "")

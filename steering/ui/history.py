@@ -52,7 +52,7 @@ def rerun_entry(number, request: gr.Request = None) -> tuple:
 
 
 def _same_output(old: dict, new: dict) -> bool:
-    keys = ("steered", "baseline", "rows", "layer", "coeff")
+    keys = ("steered", "baseline", "prompted", "rows", "layer", "coeff")
     return all(old["result"].get(k) == new["result"].get(k) for k in keys)
 
 

@@ -7,7 +7,7 @@ once when the table is empty, and asks first when it would overwrite vectors.
 
 The recipe fields, in this order, are the outputs of `load_recipe`, `use_example` and
 `confirm_example`: prompt, table, max new tokens, temperature, top-p, seed, capture mode,
-raw prompt, direction store.
+raw prompt, prompted, direction store.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from steering.loader import get_manager
 from steering.ui import views
 from steering.ui.common import INFO, PRIVATE, UI_ONLY, bounded_rows, inline, notices
 
-N_FIELDS = 9  # the recipe fields above
+N_FIELDS = 10  # the recipe fields above
 
 
 def _loaded() -> dict | None:
@@ -41,6 +41,7 @@ def save_recipe(
     seed,
     capture_mode=views.CAPTURE_MODES[0],
     raw_prompt=False,
+    prompted=False,
     directions=None,
 ) -> tuple:
     """Write the form (vectors, decoding, capture mode, raw prompt) and the loaded model to a JSON
@@ -48,7 +49,7 @@ def save_recipe(
     Outputs (file, message)."""
     sampling = generate.check_sampling(max_new_tokens, temperature, top_p, seed)
     vectors = views.rows_to_vectors(bounded_rows(rows), limits.check_layer(layer, "layer", None), directions)
-    settings = {**asdict(sampling), "capture_mode": capture_mode, "raw_prompt": raw_prompt}
+    settings = {**asdict(sampling), "capture_mode": capture_mode, "raw_prompt": raw_prompt, "prompted": bool(prompted)}
     loaded = _loaded()
     model = None if loaded is None else {"id": loaded["model"], "quant": loaded["quant"]}
     recipe = views.make_recipe(prompt or "", vectors, settings, model)
@@ -72,6 +73,7 @@ def _fields(recipe: dict, default_layer: int) -> tuple:
         s["seed"],
         s["capture_mode"],
         s["raw_prompt"],
+        s["prompted"],
         directions,
     )
 
@@ -155,7 +157,7 @@ def recipes_tab() -> SimpleNamespace:
 def wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
     form, decoding = steer.form, steer.decoding
     form_fields = [decoding.max_tokens, decoding.temperature, decoding.top_p, decoding.seed]
-    form_fields += [decoding.capture, decoding.raw_prompt]
+    form_fields += [decoding.capture, decoding.raw_prompt, steer.prompted]
     recipe_fields = [prompt, form.table, *form_fields, form.directions]
     recipes.save_btn.click(
         save_recipe,

@@ -124,7 +124,7 @@ def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request 
     return (table, "", "", "", note, *busy, run_id)
 
 
-@notices(3, at=2)
+@notices(8, at=2)
 def generate_outputs(
     prompt,
     rows,
@@ -138,20 +138,23 @@ def generate_outputs(
     directions=None,
     run_id: str | None = None,
     request: gr.Request = None,
+    prompted=False,
 ):
     """Stream steered and baseline text side by side (both rows of one batch); outputs
-    (steered, baseline, run line). Stop (or a closed page) sets the stop flag: generation ends
-    within one decoding step, or one layer of the prefill, and the model lock is released."""
+    (steered, baseline, run line, prompted, the three rows' score badges, the best-row line).
+    With `prompted` the prompted row is a third row of the batch. Stop (or a closed page) sets
+    the stop flag: generation ends within one decoding step, or one layer of the prefill, and the
+    model lock is released."""
     session = session_of(request)
     run = runs.start(run_id, session)
     if run is None:  # stopped while it waited in the queue: Stop has said so already
-        yield gr.skip(), gr.skip(), gr.skip()
+        yield (gr.skip(),) * 8
         return
     rows = bounded_rows(rows)
     vectors = views.rows_to_vectors(rows, int(layer), directions)
     arguments = dict(
         prompt=prompt, vectors=vectors, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        seed=seed, capture_mode=capture_mode, raw_prompt=bool(raw_prompt),
+        seed=seed, capture_mode=capture_mode, raw_prompt=bool(raw_prompt), prompted=bool(prompted),
     )  # fmt: skip
     started = time.perf_counter()
     stream = api.steer_stream(stop=run.stop, compare=True, **arguments)
@@ -164,7 +167,9 @@ def generate_outputs(
             notice = views.fallback_notice(run.result.get("fallback"))
             if not runs.is_latest(run_id, session):  # a newer run was begun: its line shows
                 line, notice = gr.skip(), ""
-            yield run.result["steered"], run.result["baseline"], line if not notice else line + f"  \n{notice}"
+            line = line if not notice else line + f"  \n{notice}"
+            badges = views.steer_scores(run.result)
+            yield run.result["steered"], run.result["baseline"], line, run.result["prompted"], *badges
     finally:
         stopped = not (run.result or {}).get("done") or run.stop.is_set()
         run.stop.set()
@@ -186,7 +191,7 @@ def stop_run(request: gr.Request = None) -> tuple:
     return line or "Stopped before the model started: stopped after 0 tokens", *end_run()
 
 
-generate_run = with_buttons(generate_outputs, runs, 3)  # the Generate chain's step: outputs + the two buttons
+generate_run = with_buttons(generate_outputs, runs, 8)  # the Generate chain's step: outputs + the two buttons
 
 
 # -- handlers: vector files --------------------------------------------------------------------
@@ -332,11 +337,27 @@ def steer_tab(n_layers: int) -> SimpleNamespace:
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
         with gr.Column(scale=1, elem_id="steer-outputs"):
+            prompted = gr.Checkbox(
+                False,
+                label="Prompted: also ask in words (a third, unsteered row; scores every row)",
+                elem_id="prompted",
+            )
             with gr.Row():
-                steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
-                baseline = gr.Textbox(
-                    label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
-                )
+                with gr.Column(min_width=160):
+                    steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
+                    steered_scores = gr.HTML("", elem_id="steered-scores", padding=False)
+                with gr.Column(min_width=160):
+                    baseline = gr.Textbox(
+                        label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
+                    )
+                    baseline_scores = gr.HTML("", elem_id="baseline-scores", padding=False)
+                with gr.Column(min_width=160, visible=False, elem_id="prompted-column") as prompted_column:
+                    prompted_out = gr.Textbox(
+                        label="Prompted (unsteered, asked in words)", lines=12, interactive=False,
+                        elem_id="prompted-output",
+                    )  # fmt: skip
+                    prompted_scores = gr.HTML("", elem_id="prompted-scores", padding=False)
+            best = gr.Markdown("", elem_id="best-row")
             run_info = gr.Markdown("", elem_id="run-info")
         with gr.Column(scale=1, elem_id="steer-table"):
             rows = vector_table()
@@ -350,6 +371,10 @@ def steer_tab(n_layers: int) -> SimpleNamespace:
         steered=steered,
         baseline=baseline,
         run_info=run_info,
+        prompted=prompted,
+        prompted_column=prompted_column,
+        prompted_out=prompted_out,
+        scores=[steered_scores, baseline_scores, prompted_scores, best],
     )
 
 
@@ -395,11 +420,18 @@ def wire_steer(prompt: gr.Textbox, steer) -> None:
     # instead of being dropped (Gradio drops a second trigger of a pending event by default).
     begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
         generate_run,
-        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions, run_id],
-        [steer.steered, steer.baseline, steer.run_info, *buttons],
+        [prompt, form.table, form.layer, *settings, decoding.capture, decoding.raw_prompt, form.directions, run_id]
+        + [steer.prompted],
+        [steer.steered, steer.baseline, steer.run_info, steer.prompted_out, *steer.scores, *buttons],
         show_progress="minimal",
         trigger_mode="multiple",
         **PRIVATE,
         **MODEL,
     )
     steer.stop_btn.click(stop_run, None, [steer.run_info, *buttons], **UI_ONLY)  # no cancels: see Runs
+    steer.prompted.change(show_prompted, steer.prompted, steer.prompted_column, **UI_ONLY)
+
+
+def show_prompted(on) -> gr.Column:
+    """The Prompted box (and its scores) beside Steered and Baseline while the option is on."""
+    return gr.Column(visible=bool(on))

@@ -140,8 +140,6 @@ def train_from_form(
     if not words and not examples["positives"]:
         raise gr.Error("positives: paste example texts, one per line (or give two words)")
     given = {"positive": word_positive or "", "negative": word_negative or ""} if words else examples
-    if words and not (name or "").strip():
-        name = f"{(word_positive or '').strip()} − {(word_negative or '').strip()}"
 
     def report(fraction, text="") -> None:
         if progress is not None:  # None for callers by name outside a request

@@ -28,6 +28,7 @@ from steering.limits import (
     check_text,
     shorten,
 )
+from steering.quality import best_row
 from steering.ui.plots import colour_scale
 from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS
 
@@ -45,6 +46,7 @@ DEFAULT_SETTINGS = {
     **{name: LIMITS[name].default for name in ("max_new_tokens", "temperature", "top_p", "seed")},
     "capture_mode": DEFAULT_CAPTURE_MODE,
     "raw_prompt": False,
+    "prompted": False,
 }
 
 # Built-in recipes on the embedded SmolLM2-135M (30 layers, greedy, capture "contexts", positions
@@ -102,9 +104,15 @@ def _truthy(value) -> bool:
     return bool(value) if not _blank(value) else True  # an empty cell means "on"
 
 
-def direction_label(number: int, size: int) -> str:
-    """What the table's text cell shows for a raw direction vector (its numbers live in a State)."""
-    return f"⟨direction {number}: {size} numbers⟩"
+def direction_label(number: int, size: int, name: str = "") -> str:
+    """What the table's text cell shows for a raw direction vector (its numbers live in a State);
+    a named one (a trained vector) shows its name first, and keeps it when the row is read back."""
+    return f"⟨{name} · direction {number}: {size} numbers⟩" if name else f"⟨direction {number}: {size} numbers⟩"
+
+
+def _direction_name(label: str) -> str:
+    """The name in a `direction_label` ("" when it has none)."""
+    return label[1:].split(" · direction ", 1)[0] if " · direction " in label else ""
 
 
 def rows_to_vectors(
@@ -125,7 +133,7 @@ def rows_to_vectors(
         if all(_blank(v) for v in (text, positive, negative)):
             continue
         if directions and isinstance(text, str) and text in directions:
-            vector = {"direction": directions[text]}
+            vector = {"direction": directions[text], **({"name": n} if (n := _direction_name(text)) else {})}
         elif _blank(positive) and _blank(negative):
             vector = {"text": str(text)}
         else:
@@ -159,7 +167,7 @@ def vectors_to_rows(
         if "direction" in vector:
             if directions is None:
                 raise InputError("vectors", "raw direction vectors need the vectors table's direction store")
-            text = direction_label(len(directions) + 1, len(vector["direction"]))
+            text = direction_label(len(directions) + 1, len(vector["direction"]), str(vector.get("name") or "")[:60])
             directions[text] = list(vector["direction"])
         rows.append(
             [
@@ -293,6 +301,59 @@ def run_line(result: dict, *, elapsed_s: float, seed: int, stopped: bool = False
     return " · ".join(parts)
 
 
+# -- scores of the steer rows: small badges under each output box ------------------------------
+_BADGE = (
+    'style="display:inline-block;margin:2px 4px 2px 0;padding:1px 7px;border-radius:9px;font-size:0.8em;'
+    'border:1px solid var(--border-color-primary);background:{bg}" title="{title}"'
+)
+_BIN_BACKGROUND = {0: "rgba(220,38,38,0.15)", 1: "rgba(234,179,8,0.18)", 2: "rgba(22,163,74,0.18)", None: "none"}
+_BADGE_TITLES = {
+    "concept": "concept: moved toward the steering text, over the baseline (nats/token); bins 0/1/2",
+    "instruction": "instruction: how much more likely the output is after the prompt than after a neutral one "
+    "(nats/token): does it still answer the prompt; bins 0/1/2",
+    "fluency": "fluency: 2 fluent (perplexity <= 30, repetition <= 0.2, >= 8 tokens), 1 near it, 0 not",
+    "aggregate": "aggregate: harmonic mean of the three bins, 0 when any is 0 (out of 2)",
+}
+
+
+def _badge(name: str, shown: str, level) -> str:
+    style = _BADGE.format(bg=_BIN_BACKGROUND.get(level, "none"), title=html.escape(_BADGE_TITLES[name]))
+    return f"<span {style}>{html.escape(shown)}</span>"
+
+
+def score_badges(score: dict | None) -> str:
+    """One row's scores as small badges (HTML): concept, instruction, fluency, aggregate."""
+    if not score:
+        return ""
+    bins = score["bins"]
+    concept = "–" if score["concept"] is None else f"{score['concept']:+.2f}"
+    follows = "–" if score["instruction"] is None else f"{score['instruction']:+.2f}"
+    ppl = "–" if score["perplexity"] is None else f"ppl {score['perplexity']:.0f}"
+    aggregate = "–" if score["aggregate"] is None else f"{score['aggregate']:.2f}"
+    level = None if score["aggregate"] is None else min(2, round(score["aggregate"]))
+    return "".join(
+        [
+            _badge("concept", f"concept {bins['concept'] if bins['concept'] is not None else '–'} ({concept})",
+                   bins["concept"]),
+            _badge("instruction", f"instruction {bins['instruction']} ({follows})", bins["instruction"]),
+            _badge("fluency", f"fluency {bins['fluency']} ({ppl})", bins["fluency"]),
+            _badge("aggregate", f"score {aggregate}/2", level),
+        ]
+    )  # fmt: skip
+
+
+def steer_scores(result: dict | None) -> tuple[str, str, str, str]:
+    """(steered badges, baseline badges, prompted badges, the line saying which row scored
+    highest) of a `/steer` answer; blank while it streams."""
+    scores = (result or {}).get("scores")
+    if not scores:
+        return "", "", "", ""
+    _, line = best_row(scores)
+    if result.get("instruction"):
+        line += f" · prompted with “{result['instruction']}”"
+    return (*(score_badges(scores.get(name)) for name in ("steered", "baseline", "prompted")), line)
+
+
 def similarity_items(vectors: Sequence[dict]) -> list:
     """The distinct items of the enabled vectors for the heatmap, in order: a text, or a pair as
     {"positive", "negative"} (its difference vector steers, so that is what is compared)."""
@@ -341,8 +402,9 @@ def make_recipe(prompt: str, vectors: list[dict], settings: dict, model: dict | 
     merged = {**DEFAULT_SETTINGS, **known}
     if merged["capture_mode"] not in CAPTURE_MODES:
         raise InputError("recipe.settings.capture_mode", f"must be one of {', '.join(CAPTURE_MODES)}")
-    if not isinstance(merged["raw_prompt"], bool):
-        raise InputError("recipe.settings.raw_prompt", "must be true or false")
+    for flag in ("raw_prompt", "prompted"):
+        if not isinstance(merged[flag], bool):
+            raise InputError(f"recipe.settings.{flag}", "must be true or false")
     recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "prompt": prompt, "vectors": vectors}
     recipe["settings"] = merged
     if model is not None:
@@ -359,7 +421,8 @@ def recipe_summary(recipe: dict, loaded: dict | None) -> str:
     text = (
         f"Loaded the recipe: prompt, {n} vector{'s' if n != 1 else ''}, {s['max_new_tokens']} new tokens, "
         f"temperature {s['temperature']:g}, top-p {s['top_p']:g}, seed {s['seed']}, capture mode "
-        f"{s['capture_mode']}, raw prompt {'on' if s['raw_prompt'] else 'off'}."
+        f"{s['capture_mode']}, raw prompt {'on' if s['raw_prompt'] else 'off'}, "
+        f"prompted {'on' if s['prompted'] else 'off'}."
     )
     made = recipe.get("model")
     if made and loaded and (made["id"], made["quant"]) != (loaded.get("model"), loaded.get("quant")):
