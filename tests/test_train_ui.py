@@ -43,11 +43,12 @@ def test_add_to_table_puts_the_direction_in_the_steer_table(trained):
     rows, directions, note = ui_train.add_trained(state, [["dogs", "", "", 1.0, LAYER, True, "prompt"]], {})
     assert len(rows) == 2 and rows[0][0] == "dogs" and rows[1][0] in directions and "row 2" in note
     assert directions[rows[1][0]] == state["vector"]["direction"] and rows[1][4] == state["layer"]
-    # ... and Generate steers with it: the table's row is the trained vector.
+    # ... and Generate steers with it; the prompted row takes its words from the vector's name.
     stream = ui_steer.generate_outputs("Tell me about your weekend.", rows[1:], LAYER, 8, 0.0, 1.0, 0, "contexts",
-                                       False, directions)  # fmt: skip
-    *_, (steered, baseline, line) = list(stream)
-    assert steered and baseline and steered != baseline
+                                       False, directions, prompted=True)  # fmt: skip
+    steered, baseline, line, prompted, *badges, best = list(stream)[-1]
+    assert steered and baseline and steered != baseline and prompted
+    assert "talk about ocean" in best, best
 
 
 def test_read_highlights_tokens_and_draws_the_two_groups(trained):
