@@ -313,3 +313,37 @@ def test_chat_stop_then_send_again_is_not_dropped_and_keeps_both_conversations(p
     for chat in ("#chat-steered", "#chat-baseline"):  # each conversation holds both messages
         assert page.locator(chat).get_by_text("Tell me a long story about the sea.").count() >= 1
         assert page.locator(chat).get_by_text("And then?").count() >= 1
+
+
+def _autotune_at_rest(page) -> None:
+    """Auto-tune enabled again and its Stop hidden."""
+    page.wait_for_function(
+        "() => !document.querySelector('#autotune').disabled && !document.querySelector('#stop-autotune')"
+        " || (!document.querySelector('#autotune').disabled"
+        " && document.querySelector('#stop-autotune').offsetParent === null)"
+    )
+
+
+def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
+    page.locator("#new-text textarea").fill("the ocean")
+    page.locator("#autotune").click()
+    page.wait_for_function("() => document.querySelector('#autotune').disabled")
+    assert page.locator("#stop-autotune").is_visible()
+    page.wait_for_function(
+        "() => /Auto-tune set layer|found no setting/.test(document.querySelector('#vector-message').innerText)",
+        timeout=300_000,
+    )
+    _autotune_at_rest(page)
+    assert not page.locator("#stop-autotune").is_visible()
+    # A refusal (no text) gives the button back too.
+    page.locator("#new-text textarea").fill("")
+    page.locator("#autotune").click()
+    page.wait_for_function(
+        "() => document.querySelector('#vector-message').innerText.includes('type the steering text')"
+    )
+    _autotune_at_rest(page)
+    assert not page.locator("#stop-autotune").is_visible()
+    # The finished search is in the session's history.
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('autotune')")
+    assert "the ocean" in _text(page, "history-table")
