@@ -347,3 +347,33 @@ def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
     page.get_by_role("tab", name="History").click()
     page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('autotune')")
     assert "the ocean" in _text(page, "history-table")
+
+
+def _edit_cell(page, row: int, column: int, value: str) -> None:
+    """Type `value` into the vectors table's cell (row, column), both from 0, and press Enter."""
+    cell = page.locator(f"#vectors-table [data-testid=cell-{row}-{column}]")
+    cell.dblclick()
+    box = cell.locator("input, textarea").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
+    page.locator("#new-text textarea").fill("dogs")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    for column, value, expected, reset in (
+        (3, "abc", "row 1, coeff: must be a number; got 'abc' (reset to 1)", "1"),
+        (4, "99", "row 1, layer: must be an integer from 0 to 29; got 99 (set to 29)", "29"),
+        (3, "1000", "row 1, coeff: must be a number from -20 to 20", "1"),
+        (6, "everywhere", "row 1, positions: must be one of prompt, all (reset to prompt)", "prompt"),
+    ):
+        _edit_cell(page, 0, column, value)
+        page.wait_for_function(
+            "expected => document.querySelector('#vector-message').innerText.includes(expected)", arg=expected
+        )
+        cell = page.locator(f"#vectors-table [data-testid=cell-0-{column}]")
+        page.wait_for_function("([e, v]) => e.innerText.replace('⋮', '').trim() === v", arg=[cell.element_handle(), reset])
+        page.wait_for_timeout(1500)  # the reset's own .change has come and gone
+        assert expected in _text(page, "vector-message")
+        assert page.locator(".toast-body", has_text=expected).count() == 1

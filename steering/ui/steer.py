@@ -104,6 +104,25 @@ def check_table(rows: list, layer: int, message: str = "") -> tuple:
     return table, "" if was_ours else gr.skip()
 
 
+def check_edit(rows: list, layer: int, message: str = "", last: dict | None = None) -> tuple:
+    """`check_table` for the table's `.change`: outputs (table, message line, last). `last` holds
+    the rows of the previous check and the table it wrote back; the `.change` that writing it
+    back fires (and a repeat of the same edit, as Enter sends) is ignored, so the sentence that
+    said what was reset stays and its notice shows once."""
+    try:
+        seen = bounded_rows(rows)
+    except gr.Error as exc:
+        return (*refused(message_of(exc), 2, at=1), None)
+    last = last if isinstance(last, dict) else {}
+    if seen and seen in (last.get("rows"), last.get("wrote")):
+        # the echo of our own reset (then forgotten, so the same bad edit typed again is checked)
+        return gr.skip(), gr.skip(), (last if seen == last.get("rows") else None)
+    table, line = check_table(rows, layer, message)
+    if isinstance(table, list):
+        return table, line, {"rows": seen, "wrote": table}
+    return table, line, None
+
+
 # -- Generate and Stop ---------------------------------------------------------------------------
 def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request = None) -> tuple:
     """Before a run: a vector typed into the form but not added is added now (and said so), then
@@ -366,7 +385,14 @@ def wire_steer(prompt: gr.Textbox, steer) -> None:
     )
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
-    form.table.change(check_table, [form.table, form.layer, form.message], [form.table, form.message], **UI_ONLY)
+    last_check = gr.State(None)  # what `check_edit` saw and wrote back: its own echo is ignored
+    form.table.change(
+        check_edit,
+        [form.table, form.layer, form.message, last_check],
+        [form.table, form.message, last_check],
+        show_progress="hidden",
+        **UI_ONLY,
+    )
     form.export_btn.click(
         export_table_shown,
         [form.table, form.layer, form.export_format, decoding.capture, form.directions],
