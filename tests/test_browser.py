@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -373,7 +374,57 @@ def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
             "expected => document.querySelector('#vector-message').innerText.includes(expected)", arg=expected
         )
         cell = page.locator(f"#vectors-table [data-testid=cell-0-{column}]")
-        page.wait_for_function("([e, v]) => e.innerText.replace('⋮', '').trim() === v", arg=[cell.element_handle(), reset])
+        page.wait_for_function(
+            "([e, v]) => e.innerText.replace('⋮', '').trim() === v", arg=[cell.element_handle(), reset]
+        )
         page.wait_for_timeout(1500)  # the reset's own .change has come and gone
         assert expected in _text(page, "vector-message")
         assert page.locator(".toast-body", has_text=expected).count() == 1
+
+
+def test_sweep_plot_and_table_read_at_a_glance(page):
+    """The plot fills its column, the fluency boundary lies on the perplexity panel (not where
+    relevance is drawn), perplexity ticks are plain round values, the ★ is clear of the legend;
+    the table shows each output beside its coefficient, wrapped, with whole-word headers."""
+    page.set_viewport_size({"width": 1366, "height": 900})
+    try:
+        page.reload()
+        page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+        page.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-coeffs textarea").fill("0, 0.5, 1")
+        _fill_slider(page, "sweep-tokens", 40)
+        page.locator("#run-sweep").click()
+        page.wait_for_function("() => /recommended|no fluent/.test(document.querySelector('#sweep-info').innerText)")
+        plot = page.locator("#sweep-plot")
+        svg_width, column_width = plot.evaluate(
+            "e => [e.querySelector('svg').getBoundingClientRect().width, e.getBoundingClientRect().width]"
+        )
+        assert svg_width >= 0.95 * column_width and column_width > 1000, (svg_width, column_width)
+        box = "e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom]; }"
+        boundary = plot.locator("line.boundary").evaluate(box)[0]  # a horizontal line: no bounding box
+        (rel_top, rel_bottom), (ppl_top, ppl_bottom) = (
+            plot.locator(f"rect.panel-{n}").evaluate(box) for n in ("rel", "ppl")
+        )
+        assert ppl_top <= boundary <= ppl_bottom and not rel_top <= boundary <= rel_bottom
+        ticks = [float(t) for t in plot.locator("text.ppl-tick").all_text_contents()]
+        assert ticks and all(t / 10 ** math.floor(math.log10(t)) in (1, 2, 5) for t in ticks), ticks
+        if plot.locator("text.recommended").count():
+            star, legend = plot.locator("text.recommended").bounding_box(), plot.locator("g.legend").bounding_box()
+            assert star["y"] >= legend["y"] + legend["height"] or star["x"] >= legend["x"] + legend["width"]
+        table = page.locator("#sweep-table")
+        header = "e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; }"
+        left, right = table.locator(".table-wrap").first.evaluate(header)
+        text_left, text_right = table.locator("[data-testid=header-2]").evaluate(header)
+        assert "text" in table.locator("[data-testid=header-2]").inner_text()
+        assert left <= text_left and text_right <= right + 1, (left, right, text_left, text_right)
+        lines = table.evaluate(
+            "e => [...e.querySelectorAll('th span.header')].filter(s => s.offsetParent).map(s => {"
+            " const r = document.createRange(); r.selectNodeContents(s); return r.getClientRects().length; })"
+        )
+        assert lines and max(lines) == 1, lines  # every header on one line, none broken mid-word
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(500)
+        text_left = table.locator("[data-testid=header-2]").evaluate(header)[0]
+        assert text_left < 200  # on a phone the outputs start on screen
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})

@@ -118,6 +118,7 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
         info = gr.Markdown("", elem_id="sweep-info", elem_classes=["field-message"])
         table = gr.Dataframe(
             headers=list(views.SWEEP_COLUMNS),
+            column_widths=list(views.SWEEP_WIDTHS),
             type="array",
             interactive=False,
             wrap=True,
