@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -330,12 +331,25 @@ def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
     page.locator("#autotune").click()
     page.wait_for_function("() => document.querySelector('#autotune').disabled")
     assert page.locator("#stop-autotune").is_visible()
+    # While it runs: a clear status, no progress stuck at 0.0 % (api.autotune reports no progress).
+    page.wait_for_function("() => document.querySelector('#vector-message').innerText.includes('is searching')")
+    for _ in range(6):
+        assert "0.0%" not in page.locator("body").inner_text()
+        page.wait_for_timeout(500)
     page.wait_for_function(
-        "() => /Auto-tune set layer|found no setting/.test(document.querySelector('#vector-message').innerText)",
-        timeout=300_000,
+        "() => /Auto-tune set layer|⚠️/.test(document.querySelector('#vector-message').innerText)", timeout=300_000
     )
     _autotune_at_rest(page)
     assert not page.locator("#stop-autotune").is_visible()
+    # One number: the message quotes the outlined cell's score; the grid says what it is (one layer);
+    # every sentence starts with a capital.
+    message = _text(page, "vector-message")
+    assert not re.search(r"[.;] [a-z]", message.replace("e.g.", "")), message
+    page.locator("#autotune-result").get_by_text("Auto-tune: the search").first.click()  # open the accordion
+    grid = page.locator("#autotune-picture")
+    assert "Score per coefficient at layer 15" in grid.text_content()
+    chosen = grid.locator("td.chosen").text_content().strip()
+    assert f"(score {chosen} on your prompt" in message or f"({chosen} on your prompt" in message, (chosen, message)
     # A refusal (no text) gives the button back too.
     page.locator("#new-text textarea").fill("")
     page.locator("#autotune").click()
@@ -428,3 +442,47 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
         assert text_left < 200  # on a phone the outputs start on screen
     finally:
         page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_path):
+    page.locator("#new-text textarea").fill("the ocean")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('the ocean')")
+    page.locator("#vector-files").get_by_text("Export / import").first.click()
+    page.locator("#export-vectors").click()
+    with page.expect_download() as download:
+        page.locator("#vector-files a[download]").first.click()
+    good = tmp_path / "good.gguf"
+    download.value.save_as(good)
+    upload = page.locator("#import-vectors input[type=file]")
+    upload.set_input_files(str(good))
+    page.wait_for_function("() => document.querySelector('#import-info').innerText.includes('Imported 1 vector')")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a control vector" * 10)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for bad in (garbage, text):
+        upload.set_input_files(str(bad))
+        page.wait_for_function("name => document.querySelector('#import-info').innerText.includes(name)", arg=bad.name)
+        line = _text(page, "import-info")
+        assert "Imported" not in line and "⚠️" in line, line
+        assert "GGUF" in line if bad.suffix == ".gguf" else ".gguf or .safetensors" in line, line
+
+    page.get_by_role("tab", name="Recipes").click()
+    page.locator("#save-recipe").click()
+    with page.expect_download() as download:
+        page.locator("#recipe-file a").first.click()
+    recipe = tmp_path / "recipe.json"
+    download.value.save_as(recipe)
+    recipe_upload = page.locator("#load-recipe input[type=file]")
+    recipe_upload.set_input_files(str(recipe))
+    page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for bad in (broken, text):
+        recipe_upload.set_input_files(str(bad))
+        page.wait_for_function(
+            "name => document.querySelector('#recipe-message').innerText.includes(name)", arg=bad.name
+        )
+        line = _text(page, "recipe-message")
+        assert "Loaded the recipe" not in line and "⚠️" in line, line

@@ -417,7 +417,9 @@ def test_autotune_picture_and_cosine_scale():
     }
     grid = plots.autotune_html(result)
     assert grid.count('class="chosen"') == 1 and "not fluent" in grid and "colour-scale" in grid
-    assert "layer 18" in grid and "most relevant fluent row" in grid
+    assert "layer 18" in grid and "Most relevant fluent row" in grid and "Score per layer × coefficient" in grid
+    one_layer = plots.autotune_html({**result, "rows": result["rows"][:2]})
+    assert "Score per coefficient at layer 15" in one_layer and "layer \\ coeff" not in one_layer
     assert "colour-scale" in views.heatmap_html(["a", "b"], [[1.0, 0.2], [0.2, 1.0]], 3)
 
 

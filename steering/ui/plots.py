@@ -229,10 +229,15 @@ def autotune_html(result: dict) -> str:
         + [("#d9d9d9", "not fluent")],
         "score (relevance of a fluent row, nats/token)",
     )
+    what = f"per coefficient at layer {layers[0]}" if len(layers) == 1 else "per layer × coefficient"
+    title = f"Score {what} on your prompt (the outlined cell: the setting chosen)"
+    corner = "layer \\ coeff" if len(layers) > 1 else "coeff"
+    reason = str(result.get("reason") or "").strip()
     return (
-        '<div class="autotune-grid"><table style="border-collapse:collapse">'
-        f"<tr><th>layer \\ coeff</th>{head}</tr>{''.join(body)}</table>{scale}"
-        f"<p style='font-size:12px'>{html.escape(str(result.get('reason') or ''))}</p></div>"
+        f'<div class="autotune-grid"><p class="autotune-title"><b>{html.escape(title)}</b></p>'
+        f'<table style="border-collapse:collapse"><tr><th>{corner}</th>'
+        f"{head}</tr>{''.join(body)}</table>{scale}"
+        f"<p style='font-size:12px'>{html.escape(reason[:1].upper() + reason[1:])}</p></div>"
     )
 
 

@@ -250,7 +250,7 @@ def vector_form(n_layers: int) -> SimpleNamespace:
         autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
         autotune_stop = gr.Button("Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune")
     message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
-    with gr.Accordion("Auto-tune: score per layer × coefficient", open=False, elem_id="autotune-result"):
+    with gr.Accordion("Auto-tune: the search", open=False, elem_id="autotune-result"):
         autotune_picture = gr.HTML(
             "<p>Auto-tune searches layers × coefficients for the typed vector on the prompt "
             "and fills the layer and coefficient above.</p>",
