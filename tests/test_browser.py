@@ -230,7 +230,9 @@ def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
     page.reload()  # a fresh form: contexts capture, raw prompt off, empty table
     page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
     page.get_by_role("tab", name="Recipes").click()
-    page.locator("input[type=file][accept*=json]").set_input_files(str(saved))
+    with page.expect_file_chooser() as chooser:
+        page.locator("#load-recipe").click()
+    chooser.value.set_files(str(saved))
     page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
     assert "capture mode stock, raw prompt on" in _text(page, "recipe-message")
     page.get_by_role("tab", name="Steer").click()
@@ -454,15 +456,20 @@ def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_pa
         page.locator("#vector-files a[download]").first.click()
     good = tmp_path / "good.gguf"
     download.value.save_as(good)
-    upload = page.locator("#import-vectors input[type=file]")
-    upload.set_input_files(str(good))
+
+    def upload(path) -> None:
+        with page.expect_file_chooser() as chooser:
+            page.locator("#import-vectors").click()
+        chooser.value.set_files(str(path))
+
+    upload(good)
     page.wait_for_function("() => document.querySelector('#import-info').innerText.includes('Imported 1 vector')")
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"this is not a control vector" * 10)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     for bad in (garbage, text):
-        upload.set_input_files(str(bad))
+        upload(bad)
         page.wait_for_function("name => document.querySelector('#import-info').innerText.includes(name)", arg=bad.name)
         line = _text(page, "import-info")
         assert "Imported" not in line and "⚠️" in line, line
@@ -474,13 +481,18 @@ def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_pa
         page.locator("#recipe-file a").first.click()
     recipe = tmp_path / "recipe.json"
     download.value.save_as(recipe)
-    recipe_upload = page.locator("#load-recipe input[type=file]")
-    recipe_upload.set_input_files(str(recipe))
+
+    def recipe_upload(path) -> None:
+        with page.expect_file_chooser() as chooser:
+            page.locator("#load-recipe").click()
+        chooser.value.set_files(str(path))
+
+    recipe_upload(recipe)
     page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     for bad in (broken, text):
-        recipe_upload.set_input_files(str(bad))
+        recipe_upload(bad)
         page.wait_for_function(
             "name => document.querySelector('#recipe-message').innerText.includes(name)", arg=bad.name
         )

@@ -29,6 +29,7 @@ from steering.ui.common import (
     layer_slider,
     message_of,
     n_layers_now,
+    named_upload,
     notices,
     number_box,
     people_errors,
@@ -38,6 +39,7 @@ from steering.ui.common import (
     slider,
     user_errors,
     with_buttons,
+    with_file_name,
 )
 
 runs = registry()  # each session's Generate runs, from the click on: what Stop reaches
@@ -224,8 +226,16 @@ def export_table_shown(rows, layer, fmt, capture_mode, directions) -> tuple:
 
 @notices(3, at=2)  # a refused file: a notice and the import line; the table stays
 def import_into_table(file_path, rows, directions, layer) -> tuple:
-    """Append the vectors of an uploaded control vector file to the table (editable rows)."""
-    result = api.import_vectors(file_path)
+    """Append the vectors of an uploaded control vector file to the table (editable rows); a
+    refusal names the file."""
+    name = named_upload(file_path, (".gguf", ".safetensors"), "import")
+    try:
+        result = api.import_vectors(file_path)
+    except SteeringError as exc:
+        message = str(exc)
+        if name.lower().endswith(".gguf") and "readable safetensors" in message:  # no GGUF header at all
+            message = "is not a readable GGUF control vector (it does not start with the GGUF header)"
+        raise with_file_name(name, gr.Error(message)) from None
     directions = dict(directions or {})
     kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0, directions)]
     added = views.vectors_to_rows(result["vectors"], int(layer), directions)
@@ -302,7 +312,7 @@ def vector_table() -> SimpleNamespace:
             export_format = gr.Radio(list(vector_io.FORMATS), value="gguf", label="Format", scale=2)
             export_btn = gr.Button("Export table", elem_id="export-vectors", scale=1)
             import_btn = gr.UploadButton(
-                "Import file", file_types=[".gguf", ".safetensors"], type="filepath", elem_id="import-vectors", scale=1
+                "Import file (.gguf, .safetensors)", type="filepath", elem_id="import-vectors", scale=1
             )
         export_file = gr.File(label="Exported vectors", interactive=False)
         import_info = gr.Markdown("", elem_id="import-info")
