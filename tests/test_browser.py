@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -118,7 +119,7 @@ def _wait_run_ended(page) -> str:
     page.wait_for_function(
         """() => {
             const line = (document.querySelector("#run-info") || {}).innerText || "";
-            return /tokens\\/s, seed|stopped after/.test(line);
+            return /tokens\\/s, seed|stopped after|Stopped before the model/.test(line);
         }"""
     )
     return _text(page, "run-info")
@@ -155,7 +156,7 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     page.locator("#stop").click()
     started = time.monotonic()
     line = _wait_run_ended(page)
-    assert "stopped after 0 tokens" in line, line
+    assert re.search(r"stopped after 0 tokens|Stopped before the model started \(no tokens", line), line
     assert time.monotonic() - started < 10
     assert _value(page, "steered-output") == "" and _value(page, "baseline-output") == ""
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
@@ -163,7 +164,9 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     page.locator("#generate").click()
     page.wait_for_function("() => !document.querySelector('#stop').disabled")
     page.locator("#stop").click()
-    page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('stopped after 0 tokens')")
+    page.wait_for_function(
+        "() => /stopped after 0 tokens|Stopped before the model/.test(document.querySelector('#run-info').innerText)"
+    )
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     # The model is free at once: a short run finishes (it would wait behind 512 x 2 tokens otherwise).
     page.locator("#prompt-box textarea").fill("Hi")
@@ -498,3 +501,41 @@ def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_pa
         )
         line = _text(page, "recipe-message")
         assert "Loaded the recipe" not in line and "⚠️" in line, line
+
+
+def test_polish_one_sweep_per_double_click_one_log_line_per_request_plain_toasts(page, caplog):
+    caplog.set_level(logging.INFO, logger="steering")
+    page.locator("#decoding").get_by_text("Decoding").first.click()
+    assert "an integer from 0 to 2147483647" in _text(page, "seed")  # not "2.14748e+09"
+    # A model that cannot be found: the toast says `hf download` without raw backticks.
+    model_box = page.locator("#model-panel input[role=listbox], #model-panel input").first
+    model_box.fill("nobody/no-such-model")
+    model_box.press("Enter")
+    page.locator("#model-panel").get_by_role("button", name="Load").click()
+    toast = page.locator(".toast-body", has_text="hf download")
+    toast.first.wait_for()
+    assert "`" not in toast.first.inner_text()
+    assert "SmolLM2-135M-Instruct" in _text(page, "status-line")
+    # A double-click on Run sweep runs one sweep (the server also refuses a second begin while the
+    # session's sweep is on); the sweep and a Generate log one line each.
+    caplog.clear()
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-coeffs textarea").fill("0, 1")
+    _fill_slider(page, "sweep-tokens", 4)
+    page.locator("#run-sweep").dblclick()
+    page.wait_for_function("() => /recommended|no fluent/.test(document.querySelector('#sweep-info').innerText)")
+    page.wait_for_function("() => !document.querySelector('#run-sweep').disabled")
+    page.wait_for_timeout(2000)  # a second sweep would have begun by now
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('sweep')")
+    kinds = page.locator("#history-table").evaluate(
+        "e => [...e.querySelectorAll('[role=gridcell], td')].filter(c => c.offsetParent).map(c => c.innerText.trim())"
+    )
+    assert kinds.count("sweep") == 1, kinds
+    assert caplog.text.count("request sweep (page)") == 1, caplog.text
+    page.get_by_role("tab", name="Steer").click()
+    _fill_slider(page, "max-tokens", 4)
+    page.locator("#generate").click()
+    _wait_run_ended(page)
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    assert caplog.text.count("request generate (page)") == 1, caplog.text

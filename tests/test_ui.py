@@ -497,7 +497,11 @@ def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_button
     args = ("Hi", [], 15, 4, 0.0, 1.0, 0, "bos-neutral", False, None)
     first = ui_steer.runs.begin(session)  # clicked, still queued
     line, generate_btn, stop_btn = ui_steer.stop_run(request)
-    assert line.endswith("stopped after 0 tokens") and generate_btn.interactive and not stop_btn.interactive
+    assert (
+        line == "Stopped before the model started (no tokens generated)."
+        and generate_btn.interactive
+        and not stop_btn.interactive
+    )
     second = ui_steer.runs.begin(session)  # Generate clicked again before the stopped run got its turn
     stale = list(ui_steer.generate_run(*args, first, request))
     assert all(_skipped(v) for out in stale for v in out)  # no model work, no line, the new run's buttons kept

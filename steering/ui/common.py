@@ -50,8 +50,9 @@ def message_of(exc: Exception) -> str:
 
 
 def refused(message: str, n_outputs: int, at: int) -> tuple:
-    """A toast with `message`, the inline message at output `at`, every other output unchanged."""
-    gr.Warning(message)
+    """A toast with `message` (plain: a toast shows no Markdown, so no raw backticks), the inline
+    message at output `at`, every other output unchanged."""
+    gr.Warning(message.replace("`", ""))
     outputs = [gr.skip()] * n_outputs
     outputs[at] = inline(message)
     return tuple(outputs)

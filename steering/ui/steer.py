@@ -10,6 +10,7 @@ steering/ui/common.py: a notice and the message line, previous results kept.
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -42,6 +43,7 @@ from steering.ui.common import (
     with_file_name,
 )
 
+logger = logging.getLogger(__name__)
 runs = registry()  # each session's Generate runs, from the click on: what Stop reaches
 
 
@@ -191,6 +193,9 @@ def generate_outputs(
         run.stop.set()
         stream.close()
         runs.end(run)
+        logger.info(
+            "request generate (page) %s %.2f s", "stopped" if stopped else "done", time.perf_counter() - started
+        )  # one line per request, never the prompt
         if run.result is not None:
             context = {"stopped": True} if stopped else None
             history.record(session, "steer", arguments, run.result, context=context)
@@ -204,7 +209,7 @@ def stop_run(request: gr.Request = None) -> tuple:
         run.stop.set()
         result = run.result
         line = views.run_line(result, elapsed_s=0, seed=0, stopped=True) if result else None
-    return line or "Stopped before the model started: stopped after 0 tokens", *end_run()
+    return line or "Stopped before the model started (no tokens generated).", *end_run()
 
 
 generate_run = with_buttons(generate_outputs, runs, 3)  # the Generate chain's step: outputs + the two buttons
