@@ -539,3 +539,18 @@ def test_polish_one_sweep_per_double_click_one_log_line_per_request_plain_toasts
     _wait_run_ended(page)
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     assert caplog.text.count("request generate (page)") == 1, caplog.text
+
+
+def test_heatmap_numbers_are_readable_on_dark_cells(page):
+    for text in ("dogs", "cats"):
+        page.locator("#new-text textarea").fill(text)
+        page.locator("#add-vector").click()
+        page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
+    page.get_by_role("tab", name="Vectors").click()
+    page.locator("#show-similarity").click()
+    page.locator("#heatmap td").first.wait_for()
+    colours = page.locator("#heatmap td").evaluate_all(
+        "cells => cells.map(c => [c.innerText.trim(), getComputedStyle(c).color])"
+    )
+    diagonal = [colour for value, colour in colours if value == "1.00"]
+    assert diagonal and all(colour == "rgb(255, 255, 255)" for colour in diagonal), colours  # white on pure blue

@@ -697,7 +697,8 @@ def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer:
     body = []
     for text, row in zip(texts, matrix, strict=True):
         cells = "".join(
-            f'<td style="background:{_cosine_colour(v)};color:#000;text-align:center;padding:4px 8px">{v:.2f}</td>'
+            f'<td style="background:{_cosine_colour(v)};color:{"#fff" if abs(v) > 0.6 else "#000"};'
+            f'text-align:center;padding:4px 8px">{v:.2f}</td>'
             for v in row
         )
         body.append(f"<tr><th style='text-align:right'>{html.escape(text)}</th>{cells}</tr>")
