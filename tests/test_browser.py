@@ -554,3 +554,18 @@ def test_heatmap_numbers_are_readable_on_dark_cells(page):
     )
     diagonal = [colour for value, colour in colours if value == "1.00"]
     assert diagonal and all(colour == "rgb(255, 255, 255)" for colour in diagonal), colours  # white on pure blue
+
+
+def test_history_rows_show_the_prompt_under_whole_headers(page):
+    page.locator("#prompt-box textarea").fill("Hi there, history")
+    _set_tokens(page, 4)
+    page.locator("#generate").click()
+    _wait_run_ended(page)
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('Hi there, history')")
+    lines = page.locator("#history-table").evaluate(
+        "e => [...e.querySelectorAll('th span.header')].filter(s => s.offsetParent).map(s => {"
+        " const r = document.createRange(); r.selectNodeContents(s);"
+        " return [s.innerText, r.getClientRects().length]; })"
+    )
+    assert lines and all(n == 1 for _, n in lines), lines  # "seed", not "se ed"
