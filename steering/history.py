@@ -26,7 +26,7 @@ MAX_TEXT_CHARS = 20_000  # any longer text in an entry is cut (a 512-token outpu
 MAX_LIST_ITEMS = 1024  # a longer list (a raw direction) is replaced by a note: re-running it is refused
 KINDS = ("steer", "sweep", "autotune", "chat")
 PACKAGES = ("steering-lab", "llm-steer", "torch", "transformers", "gradio")
-HISTORY_COLUMNS = ("#", "time", "kind", "model", "quant", "capture", "seed", "vectors", "summary")
+HISTORY_COLUMNS = ("#", "time", "kind", "model", "quant", "capture", "seed", "vectors", "prompt", "summary")
 
 _lock = threading.Lock()
 _sessions: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
@@ -143,7 +143,11 @@ def _summary(entry: dict) -> str:
         text = result.get("steered") or result.get("reply") or ""
     if entry.get("stopped"):
         text = "(stopped) " + text
-    return text if len(text) <= 80 else text[:79] + "…"
+    return _shortened(text)
+
+
+def _shortened(text: str, at: int = 80) -> str:
+    return text if len(text) <= at else text[: at - 1] + "…"
 
 
 def _vector_label(vector: dict) -> str:
@@ -173,6 +177,7 @@ def table_rows(session: str | None) -> list[list]:
                 entry.get("capture_mode") or "",
                 entry.get("seed"),
                 vectors,
+                _shortened(str((entry.get("request") or {}).get("prompt") or "")),
                 _summary(entry),
             ]
         )

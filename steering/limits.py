@@ -31,7 +31,7 @@ class Limit:
     def range_text(self, maximum: float | None = None) -> str:
         high = self.maximum if maximum is None else maximum
         if self.integer:
-            return f"an integer from {self.minimum:g} to {high:g}"
+            return f"an integer from {int(self.minimum)} to {int(high)}"  # never 2.14748e+09
         if self.min_exclusive:
             return f"a number in ({self.minimum:g}, {high:g}]"
         return f"a number from {self.minimum:g} to {high:g}"

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -116,7 +119,7 @@ def _wait_run_ended(page) -> str:
     page.wait_for_function(
         """() => {
             const line = (document.querySelector("#run-info") || {}).innerText || "";
-            return /tokens\\/s, seed|stopped after/.test(line);
+            return /tokens\\/s, seed|stopped after|Stopped before the model/.test(line);
         }"""
     )
     return _text(page, "run-info")
@@ -153,7 +156,7 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     page.locator("#stop").click()
     started = time.monotonic()
     line = _wait_run_ended(page)
-    assert "stopped after 0 tokens" in line, line
+    assert re.search(r"stopped after 0 tokens|Stopped before the model started \(no tokens", line), line
     assert time.monotonic() - started < 10
     assert _value(page, "steered-output") == "" and _value(page, "baseline-output") == ""
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
@@ -161,7 +164,9 @@ def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):
     page.locator("#generate").click()
     page.wait_for_function("() => !document.querySelector('#stop').disabled")
     page.locator("#stop").click()
-    page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('stopped after 0 tokens')")
+    page.wait_for_function(
+        "() => /stopped after 0 tokens|Stopped before the model/.test(document.querySelector('#run-info').innerText)"
+    )
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     # The model is free at once: a short run finishes (it would wait behind 512 x 2 tokens otherwise).
     page.locator("#prompt-box textarea").fill("Hi")
@@ -228,7 +233,9 @@ def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
     page.reload()  # a fresh form: contexts capture, raw prompt off, empty table
     page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
     page.get_by_role("tab", name="Recipes").click()
-    page.locator("input[type=file][accept*=json]").set_input_files(str(saved))
+    with page.expect_file_chooser() as chooser:
+        page.locator("#load-recipe").click()
+    chooser.value.set_files(str(saved))
     page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
     assert "capture mode stock, raw prompt on" in _text(page, "recipe-message")
     page.get_by_role("tab", name="Steer").click()
@@ -313,3 +320,252 @@ def test_chat_stop_then_send_again_is_not_dropped_and_keeps_both_conversations(p
     for chat in ("#chat-steered", "#chat-baseline"):  # each conversation holds both messages
         assert page.locator(chat).get_by_text("Tell me a long story about the sea.").count() >= 1
         assert page.locator(chat).get_by_text("And then?").count() >= 1
+
+
+def _autotune_at_rest(page) -> None:
+    """Auto-tune enabled again and its Stop hidden."""
+    page.wait_for_function(
+        "() => !document.querySelector('#autotune').disabled && !document.querySelector('#stop-autotune')"
+        " || (!document.querySelector('#autotune').disabled"
+        " && document.querySelector('#stop-autotune').offsetParent === null)"
+    )
+
+
+def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
+    page.locator("#new-text textarea").fill("the ocean")
+    page.locator("#autotune").click()
+    page.wait_for_function("() => document.querySelector('#autotune').disabled")
+    assert page.locator("#stop-autotune").is_visible()
+    # While it runs: a clear status, no progress stuck at 0.0 % (api.autotune reports no progress).
+    page.wait_for_function("() => document.querySelector('#vector-message').innerText.includes('is searching')")
+    for _ in range(6):
+        assert "0.0%" not in page.locator("body").inner_text()
+        page.wait_for_timeout(500)
+    page.wait_for_function(
+        "() => /Auto-tune set layer|⚠️/.test(document.querySelector('#vector-message').innerText)", timeout=300_000
+    )
+    _autotune_at_rest(page)
+    assert not page.locator("#stop-autotune").is_visible()
+    # One number: the message quotes the outlined cell's score; the grid says what it is (one layer);
+    # every sentence starts with a capital.
+    message = _text(page, "vector-message")
+    assert not re.search(r"[.;] [a-z]", message.replace("e.g.", "")), message
+    page.locator("#autotune-result").get_by_text("Auto-tune: the search").first.click()  # open the accordion
+    grid = page.locator("#autotune-picture")
+    assert "Score per coefficient at layer 15" in grid.text_content()
+    chosen = grid.locator("td.chosen").text_content().strip()
+    assert f"(score {chosen} on your prompt" in message or f"({chosen} on your prompt" in message, (chosen, message)
+    # A refusal (no text) gives the button back too.
+    page.locator("#new-text textarea").fill("")
+    page.locator("#autotune").click()
+    page.wait_for_function(
+        "() => document.querySelector('#vector-message').innerText.includes('type the steering text')"
+    )
+    _autotune_at_rest(page)
+    assert not page.locator("#stop-autotune").is_visible()
+    # The finished search is in the session's history.
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('autotune')")
+    assert "the ocean" in _text(page, "history-table")
+
+
+def _edit_cell(page, row: int, column: int, value: str) -> None:
+    """Type `value` into the vectors table's cell (row, column), both from 0, and press Enter."""
+    cell = page.locator(f"#vectors-table [data-testid=cell-{row}-{column}]")
+    cell.dblclick()
+    box = cell.locator("input, textarea").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
+    page.locator("#new-text textarea").fill("dogs")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    for column, value, expected, reset in (
+        (3, "abc", "row 1, coeff: must be a number; got 'abc' (reset to 1)", "1"),
+        (4, "99", "row 1, layer: must be an integer from 0 to 29; got 99 (set to 29)", "29"),
+        (3, "1000", "row 1, coeff: must be a number from -20 to 20", "1"),
+        (6, "everywhere", "row 1, positions: must be one of prompt, all (reset to prompt)", "prompt"),
+    ):
+        _edit_cell(page, 0, column, value)
+        page.wait_for_function(
+            "expected => document.querySelector('#vector-message').innerText.includes(expected)", arg=expected
+        )
+        cell = page.locator(f"#vectors-table [data-testid=cell-0-{column}]")
+        page.wait_for_function(
+            "([e, v]) => e.innerText.replace('⋮', '').trim() === v", arg=[cell.element_handle(), reset]
+        )
+        page.wait_for_timeout(1500)  # the reset's own .change has come and gone
+        assert expected in _text(page, "vector-message")
+        assert page.locator(".toast-body", has_text=expected).count() == 1
+
+
+def test_sweep_plot_and_table_read_at_a_glance(page):
+    """The plot fills its column, the fluency boundary lies on the perplexity panel (not where
+    relevance is drawn), perplexity ticks are plain round values, the ★ is clear of the legend;
+    the table shows each output beside its coefficient, wrapped, with whole-word headers."""
+    page.set_viewport_size({"width": 1366, "height": 900})
+    try:
+        page.reload()
+        page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
+        page.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-coeffs textarea").fill("0, 0.5, 1")
+        _fill_slider(page, "sweep-tokens", 40)
+        page.locator("#run-sweep").click()
+        page.wait_for_function("() => /recommended|no fluent/.test(document.querySelector('#sweep-info').innerText)")
+        plot = page.locator("#sweep-plot")
+        svg_width, column_width = plot.evaluate(
+            "e => [e.querySelector('svg').getBoundingClientRect().width, e.getBoundingClientRect().width]"
+        )
+        assert svg_width >= 0.95 * column_width and column_width > 1000, (svg_width, column_width)
+        box = "e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom]; }"
+        boundary = plot.locator("line.boundary").evaluate(box)[0]  # a horizontal line: no bounding box
+        (rel_top, rel_bottom), (ppl_top, ppl_bottom) = (
+            plot.locator(f"rect.panel-{n}").evaluate(box) for n in ("rel", "ppl")
+        )
+        assert ppl_top <= boundary <= ppl_bottom and not rel_top <= boundary <= rel_bottom
+        ticks = [float(t) for t in plot.locator("text.ppl-tick").all_text_contents()]
+        assert ticks and all(t / 10 ** math.floor(math.log10(t)) in (1, 2, 5) for t in ticks), ticks
+        if plot.locator("text.recommended").count():
+            star, legend = plot.locator("text.recommended").bounding_box(), plot.locator("g.legend").bounding_box()
+            assert star["y"] >= legend["y"] + legend["height"] or star["x"] >= legend["x"] + legend["width"]
+        table = page.locator("#sweep-table")
+        header = "e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; }"
+        left, right = table.locator(".table-wrap").first.evaluate(header)
+        text_left, text_right = table.locator("[data-testid=header-2]").evaluate(header)
+        assert "text" in table.locator("[data-testid=header-2]").inner_text()
+        assert left <= text_left and text_right <= right + 1, (left, right, text_left, text_right)
+        lines = table.evaluate(
+            "e => [...e.querySelectorAll('th span.header')].filter(s => s.offsetParent).map(s => {"
+            " const r = document.createRange(); r.selectNodeContents(s); return r.getClientRects().length; })"
+        )
+        assert lines and max(lines) == 1, lines  # every header on one line, none broken mid-word
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(500)
+        text_left = table.locator("[data-testid=header-2]").evaluate(header)[0]
+        assert text_left < 200  # on a phone the outputs start on screen
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_path):
+    page.locator("#new-text textarea").fill("the ocean")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('the ocean')")
+    page.locator("#vector-files").get_by_text("Export / import").first.click()
+    page.locator("#export-vectors").click()
+    with page.expect_download() as download:
+        page.locator("#vector-files a[download]").first.click()
+    good = tmp_path / "good.gguf"
+    download.value.save_as(good)
+
+    def upload(path) -> None:
+        with page.expect_file_chooser() as chooser:
+            page.locator("#import-vectors").click()
+        chooser.value.set_files(str(path))
+
+    upload(good)
+    page.wait_for_function("() => document.querySelector('#import-info').innerText.includes('Imported 1 vector')")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a control vector" * 10)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for bad in (garbage, text):
+        upload(bad)
+        page.wait_for_function("name => document.querySelector('#import-info').innerText.includes(name)", arg=bad.name)
+        line = _text(page, "import-info")
+        assert "Imported" not in line and "⚠️" in line, line
+        assert "GGUF" in line if bad.suffix == ".gguf" else ".gguf or .safetensors" in line, line
+
+    page.get_by_role("tab", name="Recipes").click()
+    page.locator("#save-recipe").click()
+    with page.expect_download() as download:
+        page.locator("#recipe-file a").first.click()
+    recipe = tmp_path / "recipe.json"
+    download.value.save_as(recipe)
+
+    def recipe_upload(path) -> None:
+        with page.expect_file_chooser() as chooser:
+            page.locator("#load-recipe").click()
+        chooser.value.set_files(str(path))
+
+    recipe_upload(recipe)
+    page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for bad in (broken, text):
+        recipe_upload(bad)
+        page.wait_for_function(
+            "name => document.querySelector('#recipe-message').innerText.includes(name)", arg=bad.name
+        )
+        line = _text(page, "recipe-message")
+        assert "Loaded the recipe" not in line and "⚠️" in line, line
+
+
+def test_polish_one_sweep_per_double_click_one_log_line_per_request_plain_toasts(page, caplog):
+    caplog.set_level(logging.INFO, logger="steering")
+    page.locator("#decoding").get_by_text("Decoding").first.click()
+    assert "an integer from 0 to 2147483647" in _text(page, "seed")  # not "2.14748e+09"
+    # A model that cannot be found: the toast says `hf download` without raw backticks.
+    model_box = page.locator("#model-panel input[role=listbox], #model-panel input").first
+    model_box.fill("nobody/no-such-model")
+    model_box.press("Enter")
+    page.locator("#model-panel").get_by_role("button", name="Load").click()
+    toast = page.locator(".toast-body", has_text="hf download")
+    toast.first.wait_for()
+    assert "`" not in toast.first.inner_text()
+    assert "SmolLM2-135M-Instruct" in _text(page, "status-line")
+    # A double-click on Run sweep runs one sweep (the server also refuses a second begin while the
+    # session's sweep is on); the sweep and a Generate log one line each.
+    caplog.clear()
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-coeffs textarea").fill("0, 1")
+    _fill_slider(page, "sweep-tokens", 4)
+    page.locator("#run-sweep").dblclick()
+    page.wait_for_function("() => /recommended|no fluent/.test(document.querySelector('#sweep-info').innerText)")
+    page.wait_for_function("() => !document.querySelector('#run-sweep').disabled")
+    page.wait_for_timeout(2000)  # a second sweep would have begun by now
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('sweep')")
+    kinds = page.locator("#history-table").evaluate(
+        "e => [...e.querySelectorAll('[role=gridcell], td')].filter(c => c.offsetParent).map(c => c.innerText.trim())"
+    )
+    assert kinds.count("sweep") == 1, kinds
+    assert caplog.text.count("request sweep (page)") == 1, caplog.text
+    page.get_by_role("tab", name="Steer").click()
+    _fill_slider(page, "max-tokens", 4)
+    page.locator("#generate").click()
+    _wait_run_ended(page)
+    page.wait_for_function("() => !document.querySelector('#generate').disabled")
+    assert caplog.text.count("request generate (page)") == 1, caplog.text
+
+
+def test_heatmap_numbers_are_readable_on_dark_cells(page):
+    for text in ("dogs", "cats"):
+        page.locator("#new-text textarea").fill(text)
+        page.locator("#add-vector").click()
+        page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
+    page.get_by_role("tab", name="Vectors").click()
+    page.locator("#show-similarity").click()
+    page.locator("#heatmap td").first.wait_for()
+    colours = page.locator("#heatmap td").evaluate_all(
+        "cells => cells.map(c => [c.innerText.trim(), getComputedStyle(c).color])"
+    )
+    diagonal = [colour for value, colour in colours if value == "1.00"]
+    assert diagonal and all(colour == "rgb(255, 255, 255)" for colour in diagonal), colours  # white on pure blue
+
+
+def test_history_rows_show_the_prompt_under_whole_headers(page):
+    page.locator("#prompt-box textarea").fill("Hi there, history")
+    _set_tokens(page, 4)
+    page.locator("#generate").click()
+    _wait_run_ended(page)
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("() => document.querySelector('#history-table').innerText.includes('Hi there, history')")
+    lines = page.locator("#history-table").evaluate(
+        "e => [...e.querySelectorAll('th span.header')].filter(s => s.offsetParent).map(s => {"
+        " const r = document.createRange(); r.selectNodeContents(s);"
+        " return [s.innerText, r.getClientRects().length]; })"
+    )
+    assert lines and all(n == 1 for _, n in lines), lines  # "seed", not "se ed"

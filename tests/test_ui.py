@@ -242,7 +242,7 @@ def test_heatmap_and_sweep_views():
         "fluent": True,
     }
     result = {"rows": [row], "recommended": 0.5}
-    assert views.sweep_table(result) == [[0.5, "★", 0.25, "yes", 2.72, 0.1, 0.3, "a"]]
+    assert views.sweep_table(result) == [[0.5, "★", "a", 0.25, "yes", 2.72, 0.1, 0.3]]
 
 
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
@@ -401,7 +401,9 @@ def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
     assert svg.count('class="marker"') == 8  # every measured point of both series
     assert 'class="recommended"' in svg and "fluency boundary (perplexity 30)" in svg
     assert len(re.findall(r'class="x-tick"', svg)) == 4
-    assert ">30<" not in svg and "perplexity</text>" in svg  # the right axis names perplexity at e^y heights
+    ppl_ticks = re.findall(r'class="ppl-tick"[^>]*>([^<]*)<', svg)
+    assert ppl_ticks == ["2", "5", "10", "20", "50", "100"]  # plain perplexities on a log scale, 30 and 90 inside
+    assert plots.log_ticks(1.2, 30) == [1, 2, 5, 10, 20, 50] and plots.log_ticks(3, 4e4)[-1] == 1e5
     assert "The plot appears" in plots.sweep_svg({"rows": [{"coeff": 0.5, "text": "partial"}]})  # streaming rows
 
 
@@ -420,7 +422,9 @@ def test_autotune_picture_and_cosine_scale():
     }
     grid = plots.autotune_html(result)
     assert grid.count('class="chosen"') == 1 and "not fluent" in grid and "colour-scale" in grid
-    assert "layer 18" in grid and "most relevant fluent row" in grid
+    assert "layer 18" in grid and "Most relevant fluent row" in grid and "Score per layer × coefficient" in grid
+    one_layer = plots.autotune_html({**result, "rows": result["rows"][:2]})
+    assert "Score per coefficient at layer 15" in one_layer and "layer \\ coeff" not in one_layer
     assert "colour-scale" in views.heatmap_html(["a", "b"], [[1.0, 0.2], [0.2, 1.0]], 3)
 
 
@@ -456,13 +460,13 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
     updates = list(ui_sweep.run_sweep("Tell me about your weekend.", "dogs", 15, "0, 0.45", 4, 0))
     assert any("generating" in info for _, _, info in updates[:-1])  # rows streamed before the scores
     table, plot, info = updates[-1]
-    assert [row[0] for row in table] == [0.0, 0.45] and all(row[3] in ("yes", "no") for row in table)
+    assert [row[0] for row in table] == [0.0, 0.45] and all(row[4] in ("yes", "no") for row in table)
     assert plot.count('class="marker"') >= 3 and "layer 15" in info
     (entry,) = history.entries(None)
     assert entry["kind"] == "sweep" and entry["model"] == "SmolLM2-135M-Instruct" and entry["request"]["coeffs"]
     assert (entry["quant"], entry["capture_mode"], entry["seed"]) == ("fp32", "contexts", 0)
     rows, result, message = ui_history.rerun_entry(1)
-    assert "the output is the same" in message and [r["text"] for r in result["rows"]] == [r[7] for r in table]
+    assert "the output is the same" in message and [r["text"] for r in result["rows"]] == [r[2] for r in table]
     assert rows[0][0] == 2 and rows[0][2] == "sweep"
     assert _refusal(ui_history.rerun_entry(7)).startswith("entry: give an entry number from 1 to 2")
     updates = list(ui_sweep.run_sweep("Hi", "dogs", 15, "0, lots", 6, 0))
@@ -498,7 +502,11 @@ def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_button
     args = ("Hi", [], 15, 4, 0.0, 1.0, 0, "bos-neutral", False, None)
     first = ui_steer.runs.begin(session)  # clicked, still queued
     line, generate_btn, stop_btn = ui_steer.stop_run(request)
-    assert line.endswith("stopped after 0 tokens") and generate_btn.interactive and not stop_btn.interactive
+    assert (
+        line == "Stopped before the model started (no tokens generated)."
+        and generate_btn.interactive
+        and not stop_btn.interactive
+    )
     second = ui_steer.runs.begin(session)  # Generate clicked again before the stopped run got its turn
     stale = list(ui_steer.generate_run(*args, first, request))
     assert all(_skipped(v) for out in stale for v in out)  # no model work, no line, the new run's buttons kept

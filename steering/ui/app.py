@@ -59,6 +59,7 @@ LAYOUT_CSS = """
 .scroll-table .table-wrap, .scroll-table .virtual-table-viewport { overflow-x: auto !important; }
 .scroll-table table { min-width: 560px; }
 #vectors-table { position: relative; z-index: 1000; }  /* its cell menu ("Add row below") over the blocks below */
+#sweep-table .header, #history-table .header { white-space: nowrap; word-break: keep-all; }  /* never "se ed" */
 .field-message p { color: #b45309; margin: 0; }
 footer .show-api, footer .api-docs, footer a[href*="view=api"] { display: inline-flex !important; }
 """

@@ -30,10 +30,11 @@ tunes = registry()  # each session's searches, from the click on: what Stop reac
 
 
 def begin_search(request: gr.Request = None) -> tuple:
-    """Before an auto-tune: its button disabled, its Stop shown, the message cleared; outputs
+    """Before an auto-tune: its button disabled, its Stop shown, the message saying it searches; outputs
     (buttons, message, run id)."""
     run_id = tunes.begin(session_of(request))
-    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), "", run_id
+    searching = "Auto-tune is searching: three coefficients on your prompt and four probe prompts (Stop ends it)…"
+    return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), searching, run_id
 
 
 def end_search() -> tuple:
@@ -41,13 +42,27 @@ def end_search() -> tuple:
     return gr.Button(interactive=True), gr.Button(visible=False)
 
 
+def sentence(text: str) -> str:
+    """`text` as a sentence: stripped, its first letter a capital."""
+    text = (text or "").strip()
+    return text[:1].upper() + text[1:]
+
+
 def _message(result: dict, layer: int) -> str:
-    score = result.get("score")
-    reason = (result.get("reason") or "").strip()
-    message = f"Auto-tune set layer {layer} and coefficient {result['coeff']:g}" + (
-        f" (score {score:.3f} nats/token)" if score is not None else ""
+    """What the search set, with the number the grid's outlined cell shows (the score of the
+    chosen setting on the prompt), then why it won."""
+    chosen = next(
+        (r for r in result.get("rows") or [] if (r.get("layer"), r.get("coeff")) == (result["layer"], result["coeff"])),
+        {},
     )
-    message += "." + (f" {reason[0].upper()}{reason[1:]}" if reason else "") + " Click **Add vector** to add it."
+    score = chosen.get("score")
+    message = f"Auto-tune set layer {layer} and coefficient {result['coeff']:g}"
+    if chosen:
+        message += f" (score {score:.3f} on your prompt" if score is not None else " (not fluent on your prompt"
+        message += ": the outlined cell)"
+    reason = sentence(result.get("reason") or "")
+    message += "." + (f" {reason}." if reason and not reason.endswith(".") else f" {reason}" if reason else "")
+    message += " Click **Add vector** to add it."
     decay = result.get("decay")
     if isinstance(decay, (int, float)) and decay != 1:  # the table has no decay column
         message += f" ⚠️ It was found with a decay of {decay:g} per token, which the table cannot hold; /steer can."
@@ -69,7 +84,8 @@ def autotune_form(
     run = tunes.start(run_id, session)
     if run is None:  # stopped while it waited in the queue
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    progress(0, desc="Auto-tune: searching layers × coefficients")
+    # api.autotune reports no progress: an indeterminate status (no percentage stuck at 0.0 %)
+    progress(None, desc="Auto-tune is searching (about half a minute on a CPU)…")
     try:
         result = api.autotune(**arguments, stop=run.stop)
     finally:
@@ -78,7 +94,12 @@ def autotune_form(
     history.record(session, "autotune", arguments, result, context=context)
     picture = plots.autotune_html(result)
     if result.get("layer") is None or result.get("coeff") is None:
-        return gr.skip(), gr.skip(), picture, inline(str(result.get("reason") or "auto-tune found no setting"))
+        return (
+            gr.skip(),
+            gr.skip(),
+            picture,
+            inline(sentence(str(result.get("reason") or "auto-tune found no setting"))),
+        )
     n_layers = n_layers_now()
     layer = result["layer"] if n_layers is None else min(result["layer"], n_layers - 1)
     gr.Info(f"Auto-tune: layer {layer}, coefficient {result['coeff']:g}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import threading
 import time
 import uuid
@@ -49,8 +50,9 @@ def message_of(exc: Exception) -> str:
 
 
 def refused(message: str, n_outputs: int, at: int) -> tuple:
-    """A toast with `message`, the inline message at output `at`, every other output unchanged."""
-    gr.Warning(message)
+    """A toast with `message` (plain: a toast shows no Markdown, so no raw backticks), the inline
+    message at output `at`, every other output unchanged."""
+    gr.Warning(message.replace("`", ""))
     outputs = [gr.skip()] * n_outputs
     outputs[at] = inline(message)
     return tuple(outputs)
@@ -128,6 +130,24 @@ def user_errors(fn):
             logger.info("request %s %.2f s", fn.__name__, time.perf_counter() - started)
 
     return call
+
+
+def named_upload(file_path, suffixes: tuple[str, ...], what: str) -> str:
+    """For an upload handler: the file's name, and a refusal when it does not end
+    in one of `suffixes` (the upload buttons take any file, so a wrong one reaches the handler and
+    its message line says so, instead of Gradio's own toast leaving the line as it was)."""
+    name = os.path.basename(str(file_path or "")) or "the file"
+    if not name.lower().endswith(suffixes):
+        raise gr.Error(f"{name}: {what} takes a {' or '.join(suffixes)} file")
+    return name
+
+
+def with_file_name(name: str, exc: Exception) -> gr.Error:
+    """A refusal about the uploaded file `name`, which it names ("file: ..." becomes "NAME: ...";
+    another field's message keeps its field and gets the name after it)."""
+    message = message_of(exc)
+    named = f"{name}: {message.removeprefix('file: ')}" if message.startswith("file: ") else f"{message} ({name})"
+    return gr.Error(named, print_exception=False)
 
 
 # -- the session and the loaded model, as handlers see them ----------------------------------------

@@ -65,6 +65,7 @@ def history_tab() -> SimpleNamespace:
         )
         table = gr.Dataframe(
             headers=list(history.HISTORY_COLUMNS),
+            column_widths=["48px", "104px", "80px", "200px", "64px", "96px", "64px", "160px", "220px", "320px"],
             type="array",
             interactive=False,
             wrap=True,

@@ -1,11 +1,11 @@
 """Pictures drawn as plain SVG/HTML (no plotting library, no gradio): the sweep plot, the
 auto-tune grid and the colour scale of the cosine heatmap.
 
-Drawing them ourselves gives what the issue asked of the sweep plot and that Gradio's LinePlot
-did not: a marker on every measured point, a few round ticks, one scale (relevance and
-ln(perplexity) are both nats per token; the right axis labels the same heights as perplexity, so
-the table's perplexity column reads straight off the plot), the fluency boundary, and the
-recommended row marked.
+Drawing them ourselves gives what Gradio's LinePlot did not: a marker on every measured point
+(hollow where the row is not fluent), a few round ticks, relevance and perplexity each on its
+own panel over one coefficient axis (perplexity on a log scale with plain perplexity ticks, so
+the table's perplexity column reads straight off it), the fluency boundary on the perplexity
+panel, and the recommended row marked.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 from steering.vocab import MAX_PERPLEXITY
 
-SERIES = {"relevance": "#1f77b4", "ln(perplexity)": "#d62728"}
-WIDTH, HEIGHT = 640, 320
-LEFT, RIGHT, TOP, BOTTOM = 56, 64, 28, 44  # margins, px
+SERIES = {"relevance": "#1f77b4", "perplexity": "#d62728"}
+WIDTH, HEIGHT = 1000, 424  # the sweep plot's viewBox; it is drawn at the column's full width
+LEFT, RIGHT = 64, 16  # margins, px
+REL_TOP, PPL_TOP, PANEL = 30, 214, 160  # the relevance panel, the perplexity panel below it, their height
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -42,97 +43,146 @@ def _fmt(value: float) -> str:
     return f"{value:g}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
 
 
+def _covering(ticks: list[float], values: list[float]) -> list[float]:
+    """`ticks` extended by one step at either end until they enclose every value (the frame then
+    ends at a labelled tick)."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    while ticks[0] > min(values) + 1e-9:
+        ticks = [round(ticks[0] - step, 10), *ticks]
+    while ticks[-1] < max(values) - 1e-9:
+        ticks = [*ticks, round(ticks[-1] + step, 10)]
+    return ticks
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round perplexity ticks (1, 2, 5 x 10^k; one per decade when that is too many) from the
+    largest at or below `low` to the smallest at or above `high` (both > 0)."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for steps in ((1, 2, 5), (1,)):
+        series = [m * 10.0**k for k in range(first, last + 1) for m in steps]
+        below = max([v for v in series if v <= low * (1 + 1e-9)], default=series[0])
+        above = min([v for v in series if v >= high * (1 - 1e-9)], default=series[-1])
+        ticks = [round(v, 10) for v in series if below <= v <= above]
+        if len(ticks) <= 7:
+            break
+    return ticks if len(ticks) > 1 else [ticks[0], ticks[0] * 10]
+
+
+def _panel(top: float, height: float, ticks, py, tick_class: str, label: str) -> str:
+    """One panel's frame, grid lines and left-axis ticks, and its axis title."""
+    out = [
+        f'<rect class="panel-{tick_class.split("-")[0]}" x="{LEFT}" y="{top}" width="{WIDTH - LEFT - RIGHT}" '
+        f'height="{height}" fill="none" stroke="#999"/>'
+    ]
+    for y in ticks:
+        out.append(
+            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
+            f'<text class="{tick_class}" x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end" '
+            f'font-size="12">{_fmt(y)}</text>'
+        )
+    middle = top + height / 2
+    out.append(
+        f'<text x="16" y="{middle}" font-size="12" text-anchor="middle" transform="rotate(-90 16 {middle})">'
+        f"{html.escape(label)}</text>"
+    )
+    return "".join(out)
+
+
+def _series(points, px, py, colour: str, name: str, unit: str) -> str:
+    """A line through the points and a marker on each: filled where the row is fluent, hollow where not."""
+    path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in points)
+    out = [f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>']
+    out += [
+        f'<circle class="marker" cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{colour if fluent else "#fff"}" '
+        f'stroke="{colour}" stroke-width="2"><title>{html.escape(name)} at coeff {_fmt(x)}: {y:.3g}{unit}'
+        f"{'' if fluent else ' (not fluent)'}</title></circle>"
+        for x, y, fluent in points
+    ]
+    return "".join(out)
+
+
 def sweep_svg(result: dict) -> str:
-    """The sweep as an SVG line plot: relevance and ln(perplexity) per coefficient, with markers,
-    the fluency boundary ln(30) dashed, and the recommended coefficient starred. Rows without
-    scores yet (still generating) are left out; with none, a one-line placeholder."""
+    """The sweep as two panels over one coefficient axis, full width: relevance (nats/token) on
+    top, perplexity below on a log scale with plain perplexity ticks and the fluency boundary
+    (perplexity 30) dashed on it. Markers are hollow on rows that are not fluent; the recommended
+    coefficient is starred and marked across both panels. Rows without scores yet (still
+    generating) are left out; with none, a one-line placeholder."""
     rows = [r for r in result.get("rows") or [] if r.get("perplexity") is not None]
     if not rows:
         return '<div class="sweep-plot"><p>The plot appears when the rows are scored.</p></div>'
-    series = {
-        "relevance": [(r["coeff"], r.get("relevance")) for r in rows],
-        "ln(perplexity)": [(r["coeff"], math.log(r["perplexity"])) for r in rows if r["perplexity"] > 0],
-    }
-    boundary = math.log(MAX_PERPLEXITY)
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points if y is not None] + [boundary, 0.0]
+    relevance = sorted(
+        (r["coeff"], r["relevance"], bool(r.get("fluent"))) for r in rows if r.get("relevance") is not None
+    )
+    perplexity = sorted(
+        (r["coeff"], r["perplexity"], bool(r.get("fluent")))
+        for r in rows if r["perplexity"] > 0 and math.isfinite(r["perplexity"])
+    )  # fmt: skip
+    xs = [r["coeff"] for r in rows]
     x_ticks = nice_ticks(min(xs), max(xs))
-    y_ticks = nice_ticks(min(ys), max(ys))
     x_low, x_high = min(x_ticks + xs), max(x_ticks + xs)
-    y_low, y_high = min(y_ticks + ys), max(y_ticks + ys)
     x_high = x_high if x_high > x_low else x_low + 1
-    y_high = y_high if y_high > y_low else y_low + 1
+    rel_values = [y for _, y, _ in relevance] + [0.0]
+    rel_ticks = _covering(nice_ticks(min(rel_values), max(rel_values), 4), rel_values)
+    rel_low, rel_high = min(rel_ticks + rel_values), max(rel_ticks + rel_values)
+    ppl_values = [y for _, y, _ in perplexity] + [MAX_PERPLEXITY]
+    ppl_ticks = log_ticks(min(ppl_values), max(ppl_values))
+    log_low, log_high = math.log(ppl_ticks[0]), math.log(ppl_ticks[-1])
 
     def px(x: float) -> float:
         return LEFT + (x - x_low) / (x_high - x_low) * (WIDTH - LEFT - RIGHT)
 
-    def py(y: float) -> float:
-        return HEIGHT - BOTTOM - (y - y_low) / (y_high - y_low) * (HEIGHT - TOP - BOTTOM)
+    def py_rel(y: float) -> float:
+        return REL_TOP + PANEL - (y - rel_low) / ((rel_high - rel_low) or 1) * PANEL
 
-    parts = [_axes(x_ticks, y_ticks, px, py)]
+    def py_ppl(y: float) -> float:
+        return PPL_TOP + PANEL - (math.log(y) - log_low) / ((log_high - log_low) or 1) * PANEL
+
+    parts = [
+        _panel(REL_TOP, PANEL, rel_ticks, py_rel, "rel-tick", "relevance (nats/token)"),
+        _panel(PPL_TOP, PANEL, ppl_ticks, py_ppl, "ppl-tick", "perplexity (log scale)"),
+    ]
+    bottom = PPL_TOP + PANEL
+    for x in x_ticks:
+        parts.append(
+            f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{bottom}" y2="{bottom + 5}" stroke="#999"/>'
+            f'<text class="x-tick" x="{px(x):.1f}" y="{bottom + 19}" text-anchor="middle" font-size="12">'
+            f"{_fmt(x)}</text>"
+        )
     parts.append(
-        f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py(boundary):.1f}" y2="{py(boundary):.1f}" '
+        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{bottom + 38}" text-anchor="middle" font-size="12">'
+        "coefficient</text>"
+    )
+    line = py_ppl(MAX_PERPLEXITY)
+    parts.append(
+        f'<line class="boundary" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{line:.1f}" y2="{line:.1f}" '
         'stroke="#555" stroke-dasharray="6 4"/>'
-        f'<text x="{WIDTH - RIGHT - 4}" y="{py(boundary) - 5:.1f}" text-anchor="end" font-size="11" fill="#555">'
+        f'<text x="{LEFT + 6}" y="{line - 5:.1f}" font-size="12" fill="#555">'
         f"fluency boundary (perplexity {MAX_PERPLEXITY:g}): above it, not fluent</text>"
     )
-    for name, points in series.items():
-        drawn = [(x, y) for x, y in sorted(points) if y is not None]
-        colour = SERIES[name]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in drawn)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        parts += [
-            f'<circle class="marker" cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{colour}">'
-            f"<title>{html.escape(name)} at coeff {_fmt(x)}: {y:.3f}</title></circle>"
-            for x, y in drawn
-        ]
     best = result.get("recommended")
-    star = [r for r in rows if r["coeff"] == best and r.get("relevance") is not None]
+    star = [(x, y) for x, y, _ in relevance if x == best]
     if star:
-        x, y = px(star[0]["coeff"]), py(star[0]["relevance"])
+        x, y = px(star[0][0]), max(REL_TOP + 16, py_rel(star[0][1]) - 10)  # inside its panel, below the legend
         parts.append(
-            f'<text class="recommended" x="{x:.1f}" y="{y - 9:.1f}" text-anchor="middle" font-size="18" '
-            f'fill="#e6a700">★</text>'
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{REL_TOP}" y2="{bottom}" stroke="#e6a700" stroke-dasharray="2 3"/>'
+            f'<text class="recommended" x="{x:.1f}" y="{y:.1f}" text-anchor="middle" font-size="18" '
+            'fill="#e6a700">★</text>'
         )
-    legend = "".join(
-        f'<rect x="{LEFT + 10 + i * 150}" y="8" width="12" height="12" fill="{c}"/>'
-        f'<text x="{LEFT + 27 + i * 150}" y="18" font-size="12">{html.escape(n)}</text>'
-        for i, (n, c) in enumerate(SERIES.items())
+    parts.append(_series(relevance, px, py_rel, SERIES["relevance"], "relevance", " nats/token"))
+    parts.append(_series(perplexity, px, py_ppl, SERIES["perplexity"], "perplexity", ""))
+    legend = (
+        f'<g class="legend" font-size="12"><rect x="{LEFT}" y="6" width="12" height="12" fill="{SERIES["relevance"]}"/>'
+        f'<text x="{LEFT + 17}" y="16">relevance</text>'
+        f'<rect x="{LEFT + 100}" y="6" width="12" height="12" fill="{SERIES["perplexity"]}"/>'
+        f'<text x="{LEFT + 117}" y="16">perplexity</text>'
+        f'<circle cx="{LEFT + 212}" cy="12" r="5" fill="#fff" stroke="#555" stroke-width="2"/>'
+        f'<text x="{LEFT + 222}" y="16">not fluent</text>'
+        f'<text x="{LEFT + 310}" y="16" fill="#e6a700">★ recommended</text></g>'
     )
-    legend += f'<text x="{LEFT + 310}" y="18" font-size="12" fill="#e6a700">★ recommended</text>'
     return (
-        f'<div class="sweep-plot"><svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" '
-        f'style="max-width:{WIDTH}px" role="img" aria-label="sweep plot">{legend}{"".join(parts)}</svg></div>'
+        f'<div class="sweep-plot" style="overflow-x:auto"><svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" '
+        f'style="min-width:560px;display:block" role="img" aria-label="sweep plot">{legend}{"".join(parts)}</svg></div>'
     )
-
-
-def _axes(x_ticks, y_ticks, px, py) -> str:
-    """Frame, ticks and labels; the right axis labels each height as a perplexity (e^y)."""
-    out = [
-        f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
-        'fill="none" stroke="#999"/>'
-    ]
-    for x in x_ticks:
-        out.append(
-            f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{HEIGHT - BOTTOM}" y2="{HEIGHT - BOTTOM + 5}" stroke="#999"/>'
-            f'<text class="x-tick" x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle" '
-            f'font-size="11">{_fmt(x)}</text>'
-        )
-    for y in y_ticks:
-        out.append(
-            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
-            f'<text class="y-tick" x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(y)}</text>'
-            f'<text x="{WIDTH - RIGHT + 6}" y="{py(y) + 4:.1f}" font-size="11" fill="#d62728">{math.exp(y):.3g}</text>'
-        )
-    out.append(
-        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle" font-size="12">'
-        "coefficient</text>"
-        f'<text x="14" y="{(TOP + HEIGHT - BOTTOM) / 2}" font-size="12" text-anchor="middle" '
-        f'transform="rotate(-90 14 {(TOP + HEIGHT - BOTTOM) / 2})">nats per token</text>'
-        f'<text x="{WIDTH - 10}" y="{(TOP + HEIGHT - BOTTOM) / 2}" font-size="12" text-anchor="middle" fill="#d62728" '
-        f'transform="rotate(90 {WIDTH - 10} {(TOP + HEIGHT - BOTTOM) / 2})">perplexity</text>'
-    )
-    return "".join(out)
 
 
 def _score_colour(value: float | None, top: float) -> str:
@@ -179,10 +229,15 @@ def autotune_html(result: dict) -> str:
         + [("#d9d9d9", "not fluent")],
         "score (relevance of a fluent row, nats/token)",
     )
+    what = f"per coefficient at layer {layers[0]}" if len(layers) == 1 else "per layer × coefficient"
+    title = f"Score {what} on your prompt (the outlined cell: the setting chosen)"
+    corner = "layer \\ coeff" if len(layers) > 1 else "coeff"
+    reason = str(result.get("reason") or "").strip()
     return (
-        '<div class="autotune-grid"><table style="border-collapse:collapse">'
-        f"<tr><th>layer \\ coeff</th>{head}</tr>{''.join(body)}</table>{scale}"
-        f"<p style='font-size:12px'>{html.escape(str(result.get('reason') or ''))}</p></div>"
+        f'<div class="autotune-grid"><p class="autotune-title"><b>{html.escape(title)}</b></p>'
+        f'<table style="border-collapse:collapse"><tr><th>{corner}</th>'
+        f"{head}</tr>{''.join(body)}</table>{scale}"
+        f"<p style='font-size:12px'>{html.escape(reason[:1].upper() + reason[1:])}</p></div>"
     )
 
 

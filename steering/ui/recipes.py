@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from steering import api, files, generate, limits
+from steering.errors import SteeringError
 from steering.loader import get_manager
 from steering.ui import views
-from steering.ui.common import INFO, PRIVATE, UI_ONLY, bounded_rows, inline, notices
+from steering.ui.common import INFO, PRIVATE, UI_ONLY, bounded_rows, inline, named_upload, notices, with_file_name
 
 N_FIELDS = 10  # the recipe fields above
 
@@ -82,12 +83,16 @@ def _fields(recipe: dict, default_layer: int) -> tuple:
 def load_recipe(file_path, layer) -> tuple:
     """Fill the form from an uploaded recipe; outputs the recipe fields and a message that says
     what was set (and warns when the recipe was made with another model)."""
+    name = named_upload(file_path, (".json",), "Load recipe")
     try:
         with open(file_path, encoding="utf-8") as handle:
             text = handle.read(views.MAX_RECIPE_BYTES + 1)  # never more than the limit into memory
     except (OSError, UnicodeDecodeError, TypeError) as exc:
-        raise gr.Error(f"recipe: cannot read the uploaded file ({type(exc).__name__})") from None
-    recipe = views.parse_recipe(text)
+        raise gr.Error(f"recipe: cannot read {name} ({type(exc).__name__})") from None
+    try:
+        recipe = views.parse_recipe(text)
+    except SteeringError as exc:
+        raise with_file_name(name, exc) from None
     fields = _fields(recipe, limits.check_layer(layer, "layer", None))
     summary = views.recipe_summary(recipe, _loaded())
     (gr.Warning if "⚠️" in summary else gr.Info)(summary)
@@ -138,7 +143,7 @@ def recipes_tab() -> SimpleNamespace:
             cancel_btn = gr.Button("Cancel", elem_id="example-cancel")
         with gr.Row():
             save_btn = gr.Button("Save recipe (JSON)", elem_id="save-recipe")
-            upload_btn = gr.UploadButton("Load recipe", file_types=[".json"], type="filepath", elem_id="load-recipe")
+            upload_btn = gr.UploadButton("Load recipe (.json)", type="filepath", elem_id="load-recipe")
         message = gr.Markdown("", elem_id="recipe-message", elem_classes=["field-message"])
         file = gr.File(label="Recipe download", interactive=False, elem_id="recipe-file")
     return SimpleNamespace(

@@ -10,6 +10,7 @@ steering/ui/common.py: a notice and the message line, previous results kept.
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ from steering.ui.common import (
     layer_slider,
     message_of,
     n_layers_now,
+    named_upload,
     notices,
     number_box,
     people_errors,
@@ -38,8 +40,10 @@ from steering.ui.common import (
     slider,
     user_errors,
     with_buttons,
+    with_file_name,
 )
 
+logger = logging.getLogger(__name__)
 runs = registry()  # each session's Generate runs, from the click on: what Stop reaches
 
 
@@ -102,6 +106,25 @@ def check_table(rows: list, layer: int, message: str = "") -> tuple:
         return table, inline("; ".join(problems))
     was_ours = isinstance(message, str) and message.startswith(inline("row "))
     return table, "" if was_ours else gr.skip()
+
+
+def check_edit(rows: list, layer: int, message: str = "", last: dict | None = None) -> tuple:
+    """`check_table` for the table's `.change`: outputs (table, message line, last). `last` holds
+    the rows of the previous check and the table it wrote back; the `.change` that writing it
+    back fires (and a repeat of the same edit, as Enter sends) is ignored, so the sentence that
+    said what was reset stays and its notice shows once."""
+    try:
+        seen = bounded_rows(rows)
+    except gr.Error as exc:
+        return (*refused(message_of(exc), 2, at=1), None)
+    last = last if isinstance(last, dict) else {}
+    if seen and seen in (last.get("rows"), last.get("wrote")):
+        # the echo of our own reset (then forgotten, so the same bad edit typed again is checked)
+        return gr.skip(), gr.skip(), (last if seen == last.get("rows") else None)
+    table, line = check_table(rows, layer, message)
+    if isinstance(table, list):
+        return table, line, {"rows": seen, "wrote": table}
+    return table, line, None
 
 
 # -- Generate and Stop ---------------------------------------------------------------------------
@@ -175,6 +198,9 @@ def generate_outputs(
         run.stop.set()
         stream.close()
         runs.end(run)
+        logger.info(
+            "request generate (page) %s %.2f s", "stopped" if stopped else "done", time.perf_counter() - started
+        )  # one line per request, never the prompt
         if run.result is not None:
             context = {"stopped": True} if stopped else None
             history.record(session, "steer", arguments, run.result, context=context)
@@ -188,7 +214,7 @@ def stop_run(request: gr.Request = None) -> tuple:
         run.stop.set()
         result = run.result
         line = views.run_line(result, elapsed_s=0, seed=0, stopped=True) if result else None
-    return line or "Stopped before the model started: stopped after 0 tokens", *end_run()
+    return line or "Stopped before the model started (no tokens generated).", *end_run()
 
 
 generate_run = with_buttons(generate_outputs, runs, 8)  # the Generate chain's step: outputs + the two buttons
@@ -210,8 +236,16 @@ def export_table_shown(rows, layer, fmt, capture_mode, directions) -> tuple:
 
 @notices(3, at=2)  # a refused file: a notice and the import line; the table stays
 def import_into_table(file_path, rows, directions, layer) -> tuple:
-    """Append the vectors of an uploaded control vector file to the table (editable rows)."""
-    result = api.import_vectors(file_path)
+    """Append the vectors of an uploaded control vector file to the table (editable rows); a
+    refusal names the file."""
+    name = named_upload(file_path, (".gguf", ".safetensors"), "import")
+    try:
+        result = api.import_vectors(file_path)
+    except SteeringError as exc:
+        message = str(exc)
+        if name.lower().endswith(".gguf") and "readable safetensors" in message:  # no GGUF header at all
+            message = "is not a readable GGUF control vector (it does not start with the GGUF header)"
+        raise with_file_name(name, gr.Error(message)) from None
     directions = dict(directions or {})
     kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0, directions)]
     added = views.vectors_to_rows(result["vectors"], int(layer), directions)
@@ -236,7 +270,7 @@ def vector_form(n_layers: int) -> SimpleNamespace:
         autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
         autotune_stop = gr.Button("Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune")
     message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
-    with gr.Accordion("Auto-tune: score per layer × coefficient", open=False, elem_id="autotune-result"):
+    with gr.Accordion("Auto-tune: the search", open=False, elem_id="autotune-result"):
         autotune_picture = gr.HTML(
             "<p>Auto-tune searches layers × coefficients for the typed vector on the prompt "
             "and fills the layer and coefficient above.</p>",
@@ -288,7 +322,7 @@ def vector_table() -> SimpleNamespace:
             export_format = gr.Radio(list(vector_io.FORMATS), value="gguf", label="Format", scale=2)
             export_btn = gr.Button("Export table", elem_id="export-vectors", scale=1)
             import_btn = gr.UploadButton(
-                "Import file", file_types=[".gguf", ".safetensors"], type="filepath", elem_id="import-vectors", scale=1
+                "Import file (.gguf, .safetensors)", type="filepath", elem_id="import-vectors", scale=1
             )
         export_file = gr.File(label="Exported vectors", interactive=False)
         import_info = gr.Markdown("", elem_id="import-info")
@@ -391,7 +425,14 @@ def wire_steer(prompt: gr.Textbox, steer) -> None:
     )
     form.remove_btn.click(remove_vector_row, [form.table, form.remove_number], [form.table, form.message], **UI_ONLY)
     form.clear_btn.click(clear_vector_rows, None, [form.table, form.message], **UI_ONLY)
-    form.table.change(check_table, [form.table, form.layer, form.message], [form.table, form.message], **UI_ONLY)
+    last_check = gr.State(None)  # what `check_edit` saw and wrote back: its own echo is ignored
+    form.table.change(
+        check_edit,
+        [form.table, form.layer, form.message, last_check],
+        [form.table, form.message, last_check],
+        show_progress="hidden",
+        **UI_ONLY,
+    )
     form.export_btn.click(
         export_table_shown,
         [form.table, form.layer, form.export_format, decoding.capture, form.directions],

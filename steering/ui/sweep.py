@@ -6,6 +6,8 @@ session's history.
 
 from __future__ import annotations
 
+import logging
+import time
 from types import SimpleNamespace
 
 import gradio as gr
@@ -17,6 +19,7 @@ from steering.ui.common import (
     PRIVATE,
     UI_ONLY,
     end_run,
+    gate,
     layer_slider,
     loaded_quant,
     notices,
@@ -26,12 +29,19 @@ from steering.ui.common import (
     with_buttons,
 )
 
+logger = logging.getLogger(__name__)
 sweeps = registry()  # each session's sweeps, from the click on: what Stop reaches
 
 
 def begin_sweep(request: gr.Request = None) -> tuple:
-    """Run disabled, Stop enabled, the message line set; outputs (buttons, info, run id)."""
-    run_id = sweeps.begin(session_of(request))
+    """Run disabled, Stop enabled, the message line set; outputs (buttons, info, run id). While
+    this session's sweep is still on (the second click of a double-click) nothing is begun: an
+    empty run id, and `gate` ends that chain."""
+    session = session_of(request)
+    current = sweeps.latest(session)
+    if current is not None and not current.stop.is_set():
+        return gr.skip(), gr.skip(), gr.skip(), ""
+    run_id = sweeps.begin(session)
     return gr.Button(interactive=False), gr.Button(interactive=True), "Waiting for the model…", run_id
 
 
@@ -51,7 +61,7 @@ def run_sweep(
         prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
         max_new_tokens=max_new_tokens, seed=seed, positions=positions,
     )  # fmt: skip
-    result = None
+    result, started = None, time.perf_counter()
     stream = api.sweep_stream(stop=stop, **arguments)
     try:
         for result in stream:
@@ -71,6 +81,7 @@ def run_sweep(
         stop.set()
         stream.close()
         sweeps.end(run)
+        logger.info("request sweep (page) %d rows %.2f s", len(arguments["coeffs"]), time.perf_counter() - started)
         if result is not None:
             stopped = bool(result.get("stopped")) or not result["done"]
             context = {"quant": loaded_quant(), **({"stopped": True} if stopped else {})}
@@ -118,6 +129,7 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
         info = gr.Markdown("", elem_id="sweep-info", elem_classes=["field-message"])
         table = gr.Dataframe(
             headers=list(views.SWEEP_COLUMNS),
+            column_widths=list(views.SWEEP_WIDTHS),
             type="array",
             interactive=False,
             wrap=True,
@@ -143,7 +155,7 @@ def wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
     buttons = [sweep.run_btn, sweep.stop_btn]
     run_id = gr.State("")
     begun = sweep.run_btn.click(begin_sweep, None, [*buttons, sweep.info, run_id], show_progress="hidden", **UI_ONLY)
-    begun.then(
+    begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
         sweep_run,
         [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
         [sweep.table, sweep.plot, sweep.info, *buttons],

@@ -35,7 +35,8 @@ from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITION
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
 # contrastive pair (CAA-style: mean(positive) - mean(negative)); otherwise `text` is used.
 VECTOR_COLUMNS = ("text", "positive", "negative", "coeff", "layer", "enabled", "positions")
-SWEEP_COLUMNS = ("coeff", "pick", "relevance", "fluent", "perplexity", "repetition", "effect", "text")
+SWEEP_COLUMNS = ("coeff", "pick", "text", "relevance", "fluent", "perplexity", "repetition", "effect")
+SWEEP_WIDTHS = ("64px", "52px", "480px", "96px", "64px", "104px", "104px", "72px")  # the text beside its coeff
 RECIPE_FORMAT = "steering-lab-recipe"
 # 2 added capture_mode, raw_prompt and the model; 3 made vector positions "prompt" the default
 # (older files replay with "all", llm-steer's rule, which they were made with); 1 and 2 still load
@@ -756,12 +757,12 @@ def sweep_table(result: dict) -> list[list]:
         [
             r["coeff"],
             "★" if r["coeff"] == result.get("recommended") else "",
+            r["text"],
             _rounded(r.get("relevance"), 3),
             "…" if "fluent" not in r else "yes" if r["fluent"] else "no",  # "…": still generating, unscored
             _rounded(r.get("perplexity"), 2),
             _rounded(r.get("repetition"), 2),
             _rounded(r.get("effect"), 3),
-            r["text"],
         ]
         for r in result.get("rows", [])
     ]
@@ -780,7 +781,8 @@ def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer:
     body = []
     for text, row in zip(texts, matrix, strict=True):
         cells = "".join(
-            f'<td style="background:{_cosine_colour(v)};color:#000;text-align:center;padding:4px 8px">{v:.2f}</td>'
+            f'<td style="background:{_cosine_colour(v)};color:{"#fff" if abs(v) > 0.6 else "#000"};'
+            f'text-align:center;padding:4px 8px">{v:.2f}</td>'
             for v in row
         )
         body.append(f"<tr><th style='text-align:right'>{html.escape(text)}</th>{cells}</tr>")
