@@ -30,7 +30,9 @@ def test_baseline_rows_are_masked_not_multiplied_by_zero():
     for absolute in (False, True):
         element = _LayerSteer(15, [_Part(direction, coeffs, None, absolute)], "inf")
         element.rms = torch.ones(2, 1, 1)
-        delta = element.steering_method(None, 0, 15)
+        # A relative part's delta comes from llm-steer's steering_method; a raw (absolute) one is
+        # added at its raw magnitude by the pre-hook, from `element.absolute`.
+        delta = element.absolute if absolute else element.steering_method(None, 0, 15)
         assert torch.equal(delta[1], torch.zeros(1, 8)), delta[1]  # before: NaN (0 x inf)
         assert torch.isinf(delta[0]).all()
 
