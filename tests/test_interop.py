@@ -29,16 +29,19 @@ from steering.engine import VectorSpec, parse_vector
 ROOT = Path(__file__).resolve().parent.parent
 REPENG_DIR = ROOT / ".interop" / "repeng"
 LLAMA_BIN = ROOT / ".interop" / "llama-build" / "bin" / "llama-completion"
+# CI installs the repeng half (`make interop ARGS="--part repeng"`) and requires it; the llama.cpp
+# build (3-20 minutes on 2 cores) is required only with STEERING_REQUIRE_LLAMA_CPP=1.
 REQUIRE = os.environ.get("STEERING_REQUIRE_INTEROP") == "1"
+REQUIRE_LLAMA_CPP = os.environ.get("STEERING_REQUIRE_LLAMA_CPP") == "1"
 PROMPT = "Tell me about your weekend."
 TOKENS = 16
 LAYER = 12  # ours: the input of layer 12 = the output of block 11 = repeng's / llama.cpp's 11
 
 
-def _need(path: Path, what: str) -> None:
+def _need(path: Path, what: str, required: bool = REQUIRE) -> None:
     if not path.exists():
-        if REQUIRE:
-            pytest.fail(f"{what} is missing at {path} (STEERING_REQUIRE_INTEROP=1): run `make interop`")
+        if required:
+            pytest.fail(f"{what} is missing at {path} (required here): run `make interop`")
         pytest.skip(f"{what} is not installed here (`make interop` installs it)")
 
 
@@ -235,7 +238,7 @@ def test_a_repeng_vector_steers_here_token_for_token_as_in_repeng(smol, smol_eng
 
 
 def test_llama_cpp_is_steered_by_our_exported_file(smol_engine, tmp_path):
-    _need(LLAMA_BIN, "the llama.cpp build (llama-completion)")
+    _need(LLAMA_BIN, "the llama.cpp build (llama-completion)", REQUIRE_LLAMA_CPP)
     sys.path.insert(0, str(ROOT / "bench"))
     import interop
 

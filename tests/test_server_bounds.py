@@ -196,7 +196,7 @@ def test_state_kept_per_session_is_bounded(embedded_dir, tmp_path):
 # Long runs: 8 rows of 512 tokens, strongly steered (they loop rather than end); 8 texts of 250
 # tokens read at the last layer (130 s on 2 loaded CPU cores).
 LONG_RUNS = {
-    "sweep": ["Tell me a long story about the sea.", "dogs", 15, [8, 10, 12, 14, 16, 18, 19, 20], 512, 0, "all"],
+    "sweep": ["Tell me a long story about the sea.", "dogs", 15, [8, 10, 12, 14, 16, 18, 19, 20], 512, 0, "all", False],
     "similarity": [[" ".join(f"{(i * 31 + j * 7) % 1000}" for j in range(240))[:250] for i in range(8)], 29],
 }
 

@@ -59,6 +59,18 @@ def import_vectors(file: FileData) -> dict:
     return api.import_vectors(path)
 
 
+def read(
+    texts: list[str],
+    vector: dict,
+    pooling: str = training.DEFAULT_POOLING,
+    capture_mode: str = vocab.DEFAULT_CAPTURE_MODE,
+) -> dict:
+    return training.read_texts(texts, vector, pooling, capture_mode)
+
+
+read.__doc__ = training.read_texts.__doc__  # the endpoint is /read; its function is named so for MCP
+
+
 # The client endpoints: function, name, concurrency group.
 ENDPOINTS = (
     (api.steer, "steer", MODEL),
@@ -67,7 +79,7 @@ ENDPOINTS = (
     (api.similarity, "similarity", MODEL),
     (api.autotune, "autotune", MODEL),
     (training.train_vector, "train_vector", MODEL),
-    (training.read_texts, "read", MODEL),
+    (read, "read", MODEL),
     (export_vectors, "export_vectors", MODEL),
     (import_vectors, "import_vectors", MODEL),
     (api.load_model, "load_model", MODEL),
