@@ -240,20 +240,24 @@ def import_into_table(file_path, rows, directions, layer) -> tuple:
     refusal names the file."""
     name = named_upload(file_path, (".gguf", ".safetensors"), "import")
     try:
-        result = api.import_vectors(file_path)
+        result = api.import_vectors(file_path)  # the reader names the format ("not a readable GGUF ...")
     except SteeringError as exc:
-        message = str(exc)
-        if name.lower().endswith(".gguf") and "readable safetensors" in message:  # no GGUF header at all
-            message = "is not a readable GGUF control vector (it does not start with the GGUF header)"
-        raise with_file_name(name, gr.Error(message)) from None
-    directions = dict(directions or {})
-    kept = [list(r) for r in rows or [] if views.rows_to_vectors([r], 0, directions)]
-    added = views.vectors_to_rows(result["vectors"], int(layer), directions)
-    limits.check_count("vectors", kept + added, "vectors")
+        raise with_file_name(name, gr.Error(str(exc))) from None
+    table, directions, added = append_vectors(rows, directions, result["vectors"], int(layer))
     meta = result["metadata"]
     source = "a Steering Lab file" if meta["ours"] else f"a foreign control vector (model hint {meta['model_hint']})"
     note = f"Imported {len(added)} vector(s) from {source}." + (f" ⚠️ {meta['warning']}" if meta.get("warning") else "")
-    return kept + added, directions, note
+    return table, directions, note
+
+
+def append_vectors(rows, directions, vectors: list[dict], layer: int) -> tuple[list[list], dict, list[list]]:
+    """The table's rows that hold a vector plus `vectors` as new rows (raw directions into a copy
+    of the direction store), refused beyond the vector limit: (table, directions, added rows)."""
+    directions = dict(directions or {})
+    kept = [r for r in bounded_rows(rows) if views.rows_to_vectors([r], 0, directions)]
+    added = views.vectors_to_rows(vectors, layer, directions)
+    limits.check_count("vectors", kept + added, "vectors")
+    return kept + added, directions, added
 
 
 # -- layout ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import gradio as gr
 from steering import limits, training
 from steering.ui import views
 from steering.ui.common import MODEL, PRIVATE, UI_ONLY, bounded_rows, layer_slider, notices
+from steering.ui.steer import append_vectors
 
 PLOT_W, PLOT_H = 640, 220
 LEFT, RIGHT, TOP, BOTTOM = 44, 16, 16, 36  # margins, px
@@ -170,15 +171,12 @@ def add_trained(trained, rows, directions) -> tuple:
     """Append the trained vector to the Steer tab's table; outputs (table, directions, message)."""
     if not isinstance(trained, dict) or "vector" not in trained:
         raise gr.Error("vector: train a vector first")
-    directions = dict(directions or {})
-    kept = [r for r in bounded_rows(rows) if views.rows_to_vectors([r], 0, directions)]
-    added = views.vectors_to_rows([trained["vector"]], int(trained["layer"]), directions)
-    limits.check_count("vectors", kept + added, "vectors")
+    table, directions, added = append_vectors(rows, directions, [trained["vector"]], int(trained["layer"]))
     label = added[0][0]
     return (
-        kept + added,
+        table,
         directions,
-        f"Added “{trained['vector'].get('name') or label}” as {label} (row {len(kept) + 1}).",
+        f"Added “{trained['vector'].get('name') or label}” as {label} (row {len(table)}).",
     )
 
 
