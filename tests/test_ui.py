@@ -541,8 +541,8 @@ def test_model_advice_gives_an_offload_models_speed_and_load_takes_allow_offload
     assert fits == ""  # "auto" takes a quantization that fits: nothing to say
     demo = ui.build_demo()
     load = next(fn for fn in demo.fns.values() if fn.fn is not None and fn.name == "load_selected_model")
-    labels = [getattr(block, "label", None) for block in load.inputs]
-    assert labels[-1] == "Allow offload (layers in CPU RAM: much slower)"
+    offload_box = load.inputs[-1]
+    assert (offload_box.label, offload_box.info) == ("Allow offload", "layers in CPU RAM: much slower")
     view = ui_model.load_selected_model(catalog.EMBEDDED_ID, "auto", False, True)  # a model that fits: loads as usual
     assert view[-1] == "" and get_manager().status()["model"] == catalog.EMBEDDED_ID
 
@@ -593,3 +593,19 @@ def test_score_badges_show_bins_and_the_best_row_line():
     assert "score 0.00/2" in baseline and "score 2.00/2" in prompted
     assert line.startswith("prompted scored highest: 2.00 of 2")
     assert views.steer_scores({"scores": None}) == ("", "", "", "")
+
+
+def test_strength_hint_names_a_repeated_vector_and_a_strength_far_above_the_usual():
+    not_fluent = {"scores": {"steered": {"fluent": False}}}
+    twice = [["ocean", "", "", 1, 15, True, "prompt"], ["ocean", "", "", 1, 15, True, "prompt"]]
+    hint = views.strength_hint(twice, 15, not_fluent)
+    assert "rows 1 and 2 are the same vector" in hint and "add up" in hint
+    strong = [["ocean", "", "", 20, 15, True, "prompt"]]
+    hint = views.strength_hint(strong, 15, not_fluent)
+    assert "layer 15 gets strength 20" in hint and "try 1" in hint and "same vector" not in hint
+    assert "try 0.45" in views.strength_hint([["ocean", "", "", 2, 15, True, "all"]], 15, not_fluent)
+    # No hint for a fluent text, a usual strength, a disabled twin, or an answer without scores.
+    assert views.strength_hint(strong, 15, {"scores": {"steered": {"fluent": True}}}) == ""
+    assert views.strength_hint([["ocean", "", "", 1, 15, True, "prompt"]], 15, not_fluent) == ""
+    assert views.strength_hint([twice[0], ["ocean", "", "", 1, 15, False, "prompt"]], 15, not_fluent) == ""
+    assert views.strength_hint(strong, 15, {"steered": "x"}) == ""

@@ -1,6 +1,7 @@
-"""The page: `build_demo(config) -> gr.Blocks`. The model panel and the prompt on top, one tab per
-module below (each module lays its tab out, holds its handlers and wires them), the client
-endpoints, then the queue.
+"""The page: `build_demo(config) -> gr.Blocks`. A one-line title and the model bar on top, one tab
+per module below (each module lays its tab out, holds its handlers and wires them; the prompt
+lives in the tabs that use it: Steer, and Sweep's copy of it), the client endpoints, then the
+queue.
 
 The UI is a thin layer over `steering/api.py`: every handler converts component values
 (steering/ui/views.py does the pure conversions) and calls one api function. No model logic and
@@ -11,6 +12,7 @@ the queue is bounded so a public link cannot pile up work.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -51,16 +53,23 @@ CACHE_SWEEP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, files olde
 # and the tests call): the Steer tab's wide-screen grid, tables that scroll within themselves,
 # message lines, and the footer's "Use via API" link kept on narrow screens.
 LAYOUT_CSS = """
+#page-title { display: flex; flex-wrap: wrap; align-items: baseline; gap: 0 12px; }
+#page-title h1 { font-size: 1.35rem; font-weight: 700; margin: 0; } #page-title p { margin: 0; font-size: 0.9rem; }
+#model-bar { padding: 4px 10px; } #model-bar p { margin: 0; }
+@media (max-width: 640px) { .status-more { display: none; } }
 @media (min-width: 900px) {
-  #steer-layout { display: grid !important; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr);
+  #steer-layout { display: grid !important; grid-template-columns: minmax(0, 5fr) minmax(0, 7fr);
     grid-template-areas: "form outputs" "table outputs"; align-items: start; }
-  #steer-form { grid-area: form; } #steer-outputs { grid-area: outputs; } #steer-table { grid-area: table; }
+  #steer-form { grid-area: form; } #steer-table { grid-area: table; }
+  #steer-outputs { grid-area: outputs; align-self: start; position: sticky; top: 8px; }
+  .toast-wrap { top: auto !important; bottom: var(--size-4) !important; left: var(--size-3) !important;
+    right: auto !important; align-items: start !important; }  /* toasts over the form, never the outputs */
 }
 .scroll-table .table-wrap, .scroll-table .virtual-table-viewport { overflow-x: auto !important; }
 .scroll-table table { min-width: 560px; }
 #vectors-table { position: relative; z-index: 1000; }  /* its cell menu ("Add row below") over the blocks below */
 #sweep-table .header, #history-table .header { white-space: nowrap; word-break: keep-all; }  /* never "se ed" */
-.field-message p { color: #b45309; margin: 0; }
+.field-message p, .clamp-note { color: #b45309; margin: 0; } .clamp-note { font-size: 0.85rem; }
 footer .show-api, footer .api-docs, footer a[href*="view=api"] { display: inline-flex !important; }
 """
 
@@ -77,12 +86,13 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
     # and every file it holds (uploads too) is deleted an hour after it was made.
     files.after_prune(serving.prune_cached_downloads)
     with gr.Blocks(title=config.title, delete_cache=CACHE_SWEEP) as demo:
-        gr.Markdown(
-            f"# {config.title}\nActivation steering (llm-steer) with steered and unsteered output side by side."
+        gr.HTML(
+            f"<style>{LAYOUT_CSS}</style><div id='page-title'><h1>{html.escape(config.title)}</h1>"
+            "<p>Activation steering (llm-steer): steered, unsteered and prompted output side by side.</p></div>",
+            elem_id="layout-css",
+            padding=False,
         )
         panel = model.model_panel(loaded, locked)
-        gr.HTML(f"<style>{LAYOUT_CSS}</style>", elem_id="layout-css", padding=False)
-        prompt = gr.Textbox("Tell me about your weekend.", label="Prompt", lines=2, elem_id="prompt-box")
         with gr.Tabs():
             steering_tab = steer.steer_tab(n_layers)
             chat_tab = chat.chat_tab()
@@ -94,11 +104,13 @@ def build_demo(config: UIConfig | None = None) -> gr.Blocks:
             history_tab = history.history_tab()
         endpoints.register(demo)
         form, decoding = steering_tab.form, steering_tab.decoding
+        prompt = steering_tab.prompt
+        sweep.share_prompt(prompt, sweep_tab.prompt)
         model.wire_model(demo, panel, [form.layer, sweep_tab.layer, train_tab.layer])
         steer.wire_steer(prompt, steering_tab)
         autotune.wire_autotune(prompt, form, decoding)
         chat.wire_chat(chat_tab, form, decoding)
-        sweep.wire_sweep(prompt, sweep_tab, decoding)
+        sweep.wire_sweep(sweep_tab, decoding)
         train.wire_train(train_tab, form)
         vectors.wire_vectors(vectors_tab, form)
         memory.wire_memory(memory_tab)

@@ -37,9 +37,12 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # everything that r
 INFO = {"concurrency_id": "info", "concurrency_limit": 4}  # readings: never wait behind a generation
 UI_ONLY = {"concurrency_limit": None, "api_visibility": "private"}  # table edits: no model, no waiting
 PRIVATE = {"api_visibility": "private"}
+PROMPT = "Tell me about your weekend."  # the prompt box's first text (the Steer tab's and the Sweep tab's)
 
 
 # -- refusals: a notice and an inline message, nothing blanked ----------------------------------
+
+
 def inline(message: str) -> str:
     """The message line's text for a refusal ("" clears it)."""
     return f"⚠️ {message}" if message else ""
@@ -319,6 +322,35 @@ def _limited(name: str) -> dict:
     low = limit.minimum + step if limit.min_exclusive else limit.minimum
     kwargs = {"minimum": low, "maximum": limit.maximum, "value": limit.default, "elem_classes": [f"limit-{name}"]}
     return {**kwargs, "precision": 0} if limit.integer else kwargs
+
+
+# A slider's number box shows what was typed while the slider itself already holds its nearest end
+# (Gradio clamps the slider at once and the box only on blur): Generate would run 512 tokens under a
+# box that says 100000. This page script says so beneath the slider, in words, until the next edit.
+SAY_CLAMPED = """() => {
+    const say = (input) => {
+        const block = input.closest('.block');
+        if (!block) return;
+        let note = block.querySelector(':scope > .clamp-note');
+        const value = parseFloat(input.value), low = parseFloat(input.min), high = parseFloat(input.max);
+        const end = value > high ? high : value < low ? low : null;
+        if (input.value === '' || Number.isNaN(value) || end === null) { if (note) note.remove(); return; }
+        if (!note) {
+            note = document.createElement('p');
+            note.className = 'clamp-note';
+            note.setAttribute('role', 'status');
+            block.appendChild(note);
+        }
+        const name = (input.getAttribute('aria-label') || '').replace('number input for ', '') || 'This value';
+        note.textContent = `${name}: ${input.value} is ${value > high ? 'above the largest' : 'below the smallest'}`
+            + ` value, ${end}; ${end} is used.`;
+    };
+    document.addEventListener('input', (event) => {
+        const input = event.target;
+        if (input instanceof HTMLInputElement && input.type === 'number' && input.closest('.block')
+            && input.closest('.block').querySelector('input[type=range]')) say(input);
+    }, true);
+}"""
 
 
 def number_box(name: str, label: str, **kwargs) -> gr.Number:

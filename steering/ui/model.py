@@ -14,7 +14,7 @@ from steering import api, catalog
 from steering.errors import SteeringError
 from steering.loader import QUANT_CHOICES, get_manager
 from steering.ui import views
-from steering.ui.common import INFO, MODEL, PRIVATE, refused, user_errors
+from steering.ui.common import INFO, MODEL, PRIVATE, SAY_CLAMPED, refused, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,13 @@ def model_advice(model: str, quant: str) -> str:
 
 # -- layout and wiring ------------------------------------------------------------------------------
 def model_panel(loaded, locked: bool) -> SimpleNamespace:
+    """A compact bar: the loaded model's status line (model, quantization, device, layers, memory)
+    and a fallback notice, always in view; "Change model" below it opens the Load controls."""
     model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
-    with gr.Accordion("Model", open=True, elem_id="model-panel"):
+    with gr.Group(elem_id="model-bar"):
+        status_md = gr.Markdown("Loading…", elem_id="status-line")
+        fallback_md = gr.Markdown("", elem_id="fallback-notice")
+    with gr.Accordion("Change model", open=False, elem_id="model-panel"):
         with gr.Row():
             dropdown = gr.Dropdown(
                 model_choices,
@@ -91,19 +96,22 @@ def model_panel(loaded, locked: bool) -> SimpleNamespace:
                 allow_custom_value=True,
                 interactive=not locked,
                 scale=3,
+                min_width=240,
             )
             quant = gr.Radio(list(QUANT_CHOICES), value="auto", label="Quantization", interactive=not locked, scale=3)
-            force = gr.Checkbox(False, label="Force (skip the memory check)", interactive=not locked, scale=1)
-            allow_offload = gr.Checkbox(
-                False, label="Allow offload (layers in CPU RAM: much slower)", interactive=not locked, scale=1
+        with gr.Row():
+            force = gr.Checkbox(
+                False, label="Force", info="skip the memory check", interactive=not locked, min_width=150
             )
-            load_btn = gr.Button("Load", variant="secondary", interactive=not locked, scale=1)
+            allow_offload = gr.Checkbox(
+                False, label="Allow offload", info="layers in CPU RAM: much slower", interactive=not locked,
+                min_width=150,
+            )  # fmt: skip
+            load_btn = gr.Button("Load", variant="secondary", interactive=not locked, min_width=120)
         if locked:
             gr.Markdown("_Model switching is disabled on this server (`--lock-model`)._")
         message = gr.Markdown("", elem_id="model-message", elem_classes=["field-message"])
         advice = gr.Markdown("", elem_id="load-advice")
-        status_md = gr.Markdown("Loading…", elem_id="status-line")
-        fallback_md = gr.Markdown("", elem_id="fallback-notice")
     return SimpleNamespace(
         dropdown=dropdown,
         quant=quant,
@@ -117,20 +125,11 @@ def model_panel(loaded, locked: bool) -> SimpleNamespace:
     )
 
 
-# On a phone the model panel starts folded (its status line stays in the page title's place when
-# opened), so the prompt, the vector form and Generate with its outputs come first.
-FOLD_MODEL_PANEL_ON_PHONES = """() => {
-    if (window.innerWidth >= 640) return;
-    const toggle = document.querySelector('#model-panel .label-wrap');
-    if (toggle && toggle.classList.contains('open')) toggle.click();
-}"""
-
-
 def wire_model(demo: gr.Blocks, model, layer_sliders: list) -> None:
-    """On page load: the model view (and the panel folded on a phone); Load; the plan's advice."""
+    """On page load: the model view; Load; the plan's advice."""
     model_view = [model.status_md, model.fallback_md, *layer_sliders, model.dropdown]
     demo.load(refresh_model_view, None, model_view, **PRIVATE, **INFO)
-    demo.load(None, None, None, js=FOLD_MODEL_PANEL_ON_PHONES)
+    demo.load(None, None, None, js=SAY_CLAMPED)  # a slider never clamps silently
     model.load_btn.click(
         load_selected_model,
         [model.dropdown, model.quant, model.force, model.allow_offload],

@@ -22,6 +22,7 @@ from steering.ui import views
 from steering.ui.common import (
     MODEL,
     PRIVATE,
+    PROMPT,
     UI_ONLY,
     bounded_rows,
     end_run,
@@ -143,8 +144,7 @@ def begin_run(rows, text, positive, negative, coeff, layer, request: gr.Request 
         return (gr.skip(),) * 4 + ("", *busy, run_id)
     added = table[-1]
     note = f"Added the typed vector to the table (row {len(table)}, coefficient {added[3]:g}, layer {added[4]})."
-    gr.Info(note)
-    return (table, "", "", "", note, *busy, run_id)
+    return (table, "", "", "", note, *busy, run_id)  # said on the message line: no toast over the outputs
 
 
 @notices(8, at=2)
@@ -187,6 +187,8 @@ def generate_outputs(
             line = views.run_line(run.result, elapsed_s=0, seed=seed, running=not (run.result["done"] or stopped))
             if run.result["done"] or stopped:
                 line = views.run_line(run.result, elapsed_s=time.perf_counter() - started, seed=seed, stopped=stopped)
+                if hint := views.strength_hint(rows, int(layer), run.result):
+                    line += f"  \n⚠️ {hint}"
             notice = views.fallback_notice(run.result.get("fallback"))
             if not runs.is_latest(run_id, session):  # a newer run was begun: its line shows
                 line, notice = gr.skip(), ""
@@ -262,17 +264,25 @@ def append_vectors(rows, directions, vectors: list[dict], layer: int) -> tuple[l
 
 # -- layout ---------------------------------------------------------------------------------------
 def vector_form(n_layers: int) -> SimpleNamespace:
-    """Layer slider, the new-vector form and its Auto-tune."""
+    """The prompt, the new-vector form (text and strength side by side, or a pair), its layer,
+    Generate and Stop, Add vector and Auto-tune."""
+    prompt = gr.Textbox(PROMPT, label="Prompt", lines=2, elem_id="prompt-box")
+    with gr.Row(equal_height=True):
+        text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text", min_width=160)
+        coeff = slider("coeff", "Strength (× RMS)", elem_id="new-coeff", min_width=160)
+    with gr.Row():
+        positive = gr.Textbox(label="…or positive", placeholder="happy", elem_id="new-positive", min_width=120)
+        negative = gr.Textbox(label="…minus negative", placeholder="sad", elem_id="new-negative", min_width=120)
     layer = layer_slider(n_layers, "Layer (for new vectors and the heatmap)")
     with gr.Row():
-        text = gr.Textbox(label="Steering text", placeholder="dogs", elem_id="new-text")
-        positive = gr.Textbox(label="…or positive", placeholder="happy", elem_id="new-positive")
-        negative = gr.Textbox(label="…minus negative", placeholder="sad", elem_id="new-negative")
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", min_width=100)
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False, min_width=100)
     with gr.Row():
-        coeff = number_box("coeff", "Coefficient (× the hidden state's RMS)", elem_id="new-coeff")
-        add_btn = gr.Button("Add vector", elem_id="add-vector")
-        autotune_btn = gr.Button("Auto-tune", elem_id="autotune")
-        autotune_stop = gr.Button("Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune")
+        add_btn = gr.Button("Add vector", elem_id="add-vector", size="sm", min_width=100)
+        autotune_btn = gr.Button("Auto-tune", elem_id="autotune", size="sm", min_width=100)
+        autotune_stop = gr.Button(
+            "Stop auto-tune", variant="stop", visible=False, elem_id="stop-autotune", size="sm", min_width=100
+        )
     message = gr.Markdown("", elem_id="vector-message", elem_classes=["field-message"])
     with gr.Accordion("Auto-tune: the search", open=False, elem_id="autotune-result"):
         autotune_picture = gr.HTML(
@@ -281,6 +291,9 @@ def vector_form(n_layers: int) -> SimpleNamespace:
             elem_id="autotune-picture",
         )
     return SimpleNamespace(
+        prompt=prompt,
+        generate_btn=generate_btn,
+        stop_btn=stop_btn,
         layer=layer,
         text=text,
         positive=positive,
@@ -365,15 +378,13 @@ def decoding_panel() -> SimpleNamespace:
 
 
 def steer_tab(n_layers: int) -> SimpleNamespace:
-    """Three columns: the form and Generate, the outputs, the table and settings. A wide screen
-    shows them as form | outputs over table | outputs (CSS grid, see `LAYOUT_CSS`); a phone stacks
-    them in that order, so the outputs come right after the controls that produce them."""
+    """Three columns: the prompt, the form and Generate; the outputs; the table and settings. A
+    wide screen shows them as form | outputs over table | outputs, the outputs the larger column
+    and kept in view while the left one scrolls (CSS grid, see app.py's `LAYOUT_CSS`); a phone
+    stacks them in that order, so the outputs come right after the controls that produce them."""
     with gr.Tab("Steer"), gr.Row(elem_id="steer-layout"):
         with gr.Column(scale=1, elem_id="steer-form"):
             new_vector = vector_form(n_layers)
-            with gr.Row():
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
         with gr.Column(scale=1, elem_id="steer-outputs"):
             prompted = gr.Checkbox(
                 False,
@@ -382,16 +393,16 @@ def steer_tab(n_layers: int) -> SimpleNamespace:
             )
             with gr.Row():
                 with gr.Column(min_width=160):
-                    steered = gr.Textbox(label="Steered", lines=12, interactive=False, elem_id="steered-output")
+                    steered = gr.Textbox(label="Steered", lines=14, interactive=False, elem_id="steered-output")
                     steered_scores = gr.HTML("", elem_id="steered-scores", padding=False)
                 with gr.Column(min_width=160):
                     baseline = gr.Textbox(
-                        label="Baseline (unsteered)", lines=12, interactive=False, elem_id="baseline-output"
+                        label="Baseline (unsteered)", lines=14, interactive=False, elem_id="baseline-output"
                     )
                     baseline_scores = gr.HTML("", elem_id="baseline-scores", padding=False)
                 with gr.Column(min_width=160, visible=False, elem_id="prompted-column") as prompted_column:
                     prompted_out = gr.Textbox(
-                        label="Prompted (unsteered, asked in words)", lines=12, interactive=False,
+                        label="Prompted (unsteered, asked in words)", lines=14, interactive=False,
                         elem_id="prompted-output",
                     )  # fmt: skip
                     prompted_scores = gr.HTML("", elem_id="prompted-scores", padding=False)
@@ -404,8 +415,9 @@ def steer_tab(n_layers: int) -> SimpleNamespace:
     return SimpleNamespace(
         form=form,
         decoding=decoding,
-        generate_btn=generate_btn,
-        stop_btn=stop_btn,
+        prompt=new_vector.prompt,
+        generate_btn=new_vector.generate_btn,
+        stop_btn=new_vector.stop_btn,
         steered=steered,
         baseline=baseline,
         run_info=run_info,

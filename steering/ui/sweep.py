@@ -17,6 +17,7 @@ from steering.ui import plots, views
 from steering.ui.common import (
     MODEL,
     PRIVATE,
+    PROMPT,
     UI_ONLY,
     end_run,
     gate,
@@ -110,6 +111,9 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
             f"{vocab.MIN_TOKENS} tokens. `effect` keeps rising where the text "
             "has degenerated: do not pick by it."
         )
+        prompt = gr.Textbox(
+            PROMPT, label="Prompt", lines=2, info="the same prompt as the Steer tab's", elem_id="sweep-prompt"
+        )
         with gr.Row():
             text = gr.Textbox("dogs", label="Steering text", elem_id="sweep-text")
             layer = layer_slider(n_layers, "Layer")
@@ -138,6 +142,7 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
         )
         plot = gr.HTML("", elem_id="sweep-plot")
     return SimpleNamespace(
+        prompt=prompt,
         text=text,
         layer=layer,
         coeffs=coeffs,
@@ -151,13 +156,22 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
     )
 
 
-def wire_sweep(prompt: gr.Textbox, sweep, decoding) -> None:
+def share_prompt(steer_prompt: gr.Textbox, sweep_prompt: gr.Textbox) -> None:
+    """One prompt in two boxes, copied both ways in the page itself (no server round trip that
+    could bring back an older text while someone types). A copy of an equal text is no change, so
+    the two never echo each other; a recipe that sets the Steer tab's prompt sets both."""
+    same = "(text) => text"
+    steer_prompt.change(None, steer_prompt, sweep_prompt, js=same, show_progress="hidden", **UI_ONLY)
+    sweep_prompt.change(None, sweep_prompt, steer_prompt, js=same, show_progress="hidden", **UI_ONLY)
+
+
+def wire_sweep(sweep, decoding) -> None:
     buttons = [sweep.run_btn, sweep.stop_btn]
     run_id = gr.State("")
     begun = sweep.run_btn.click(begin_sweep, None, [*buttons, sweep.info, run_id], show_progress="hidden", **UI_ONLY)
     begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
         sweep_run,
-        [prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
+        [sweep.prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
         [sweep.table, sweep.plot, sweep.info, *buttons],
         show_progress="minimal",
         trigger_mode="multiple",  # see steer.wire_steer

@@ -355,6 +355,61 @@ def steer_scores(result: dict | None) -> tuple[str, str, str, str]:
     return (*(score_badges(scores.get(name)) for name in ("steered", "baseline", "prompted")), line)
 
 
+# Where a steered text that is not fluent most often comes from: a coefficient far above the
+# defaults (1 with positions "prompt", 0.45 with "all"; docs/quality.md), or the same vector twice
+# (a file imported twice), whose coefficients add up. Twice the default is where the hint starts.
+USUAL_COEFF = {"prompt": 1.0, "all": 0.45}
+
+
+def strength_hint(rows, default_layer: int, result: dict | None) -> str:
+    """A sentence for a steered text that is not fluent: which rows repeat one vector (their
+    coefficients add up) and which layer gets a strength far above the usual; "" when the steered
+    text is fluent, has no scores, or neither cause is in the table."""
+    steered = ((result or {}).get("scores") or {}).get("steered") or {}
+    if not steered or steered.get("fluent") is not False:
+        return ""
+    seen: dict[tuple, list[int]] = {}
+    totals: dict[tuple, float] = {}
+    for number, row in zip(table_row_numbers(rows), [r for r in rows or [] if rows_to_vectors([r], 0)], strict=True):
+        (vector,) = rows_to_vectors([row], default_layer)
+        if not vector.get("enabled", True):
+            continue
+        coeff = _finite(vector.get("coeff", LIMITS["coeff"].default))
+        if coeff is None:
+            continue
+        where = (vector.get("layer"), vector.get("positions") or DEFAULT_POSITIONS)
+        identity = (*[str(list(row)[i]).strip() if i < len(row) else "" for i in range(3)], *where)
+        seen.setdefault(identity, []).append(number)
+        totals[where] = totals.get(where, 0.0) + abs(coeff)
+    parts = []
+    for (text, positive, negative, layer, _), numbers in seen.items():
+        if len(numbers) > 1:
+            name = text or f"{positive} − {negative}"
+            rows_said = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+            parts.append(
+                f"rows {rows_said} are the same vector (“{name[:40]}”, layer {layer}; a file imported "
+                "twice?): their coefficients add up"
+            )
+    for (layer, positions), total in totals.items():
+        usual = USUAL_COEFF.get(positions, 1.0)
+        if total > 2 * usual:
+            parts.append(
+                f"layer {layer} gets strength {total:g} in all, far above the usual {usual:g} with positions "
+                f"{positions}: try {usual:g}, or Auto-tune or a Sweep"
+            )
+    if not parts:
+        return ""
+    return "The steered text is not fluent: " + "; ".join(parts) + "."
+
+
+def _finite(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def similarity_items(vectors: Sequence[dict]) -> list:
     """The distinct items of the enabled vectors for the heatmap, in order: a text, or a pair as
     {"positive", "negative"} (its difference vector steers, so that is what is compared)."""
@@ -500,17 +555,17 @@ def status_line(status: dict) -> str:
         str(status.get("device")),
         f"{status.get('n_layers')} layers (default {status.get('default_layer')})",
         f"{where} {format_bytes(in_use)}",
-        f"process RSS {format_bytes(memory.get('process_rss_bytes'))}",
     ]
+    if status.get("locked"):
+        parts.append("model switching locked")
+    more = [f"process RSS {format_bytes(memory.get('process_rss_bytes'))}"]  # a phone's bar leaves these out
     fit = status.get("fit")
     if fit:
-        parts.append(
+        more.append(
             f"fits {fit['compare_max_tokens']} tokens per row in a compare, {fit['sweep_max_tokens']} in a sweep "
             f"({fit['basis']})"
         )
-    if status.get("locked"):
-        parts.append("model switching locked")
-    return " · ".join(parts)
+    return " · ".join(parts) + f'<span class="status-more"> · {" · ".join(more)}</span>'
 
 
 def fallback_notice(event: dict | None) -> str:
