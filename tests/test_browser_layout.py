@@ -151,3 +151,19 @@ def test_on_a_phone_the_model_bar_shows_the_model_and_no_load_label_is_cut(page)
         page.screenshot(path=str(ASSETS / "screenshot-phone.png"), full_page=False)
     finally:
         page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_the_example_question_sits_beside_its_replace_button(page):
+    page.locator("#new-text textarea").fill("dogs")
+    page.locator("#add-vector").click()
+    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    page.get_by_role("tab", name="Recipes").click()
+    page.locator("#use-example").click()
+    page.locator("#example-replace").wait_for()
+    page.wait_for_function("() => document.querySelector('#example-message').innerText.includes('replaces')")
+    question, replace = _box(page, "#example-message"), _box(page, "#example-replace")
+    use = _box(page, "#use-example")
+    assert use["y"] < question["y"] < replace["y"] and replace["y"] - (question["y"] + question["height"]) < 60
+    page.locator("#example-replace").click()
+    page.wait_for_function("() => document.querySelector('#example-message').innerText.includes('Opened the example')")
+    assert not page.locator("#example-replace").is_visible()

@@ -138,6 +138,8 @@ def recipes_tab() -> SimpleNamespace:
         with gr.Row():
             example = gr.Dropdown(list(views.EXAMPLES), value=next(iter(views.EXAMPLES)), label="Built-in example")
             use_example_btn = gr.Button("Use example", elem_id="use-example")
+        # The example's question and answer right under its button, above Replace / Cancel.
+        example_message = gr.Markdown("", elem_id="example-message", elem_classes=["field-message"])
         with gr.Row(visible=False, elem_id="example-confirm") as confirm_row:
             confirm_btn = gr.Button("Replace", variant="stop", elem_id="example-replace")
             cancel_btn = gr.Button("Cancel", elem_id="example-cancel")
@@ -149,6 +151,7 @@ def recipes_tab() -> SimpleNamespace:
     return SimpleNamespace(
         example=example,
         use_example_btn=use_example_btn,
+        example_message=example_message,
         confirm_row=confirm_row,
         confirm_btn=confirm_btn,
         cancel_btn=cancel_btn,
@@ -173,7 +176,7 @@ def wire_recipes(prompt: gr.Textbox, steer, recipes) -> None:
     recipes.upload_btn.upload(
         load_recipe, [recipes.upload_btn, form.layer], [*recipe_fields, recipes.message], **UI_ONLY
     )
-    example_outputs = [*recipe_fields, recipes.confirm_row, recipes.message]
+    example_outputs = [*recipe_fields, recipes.confirm_row, recipes.example_message]
     recipes.use_example_btn.click(use_example, [recipes.example, form.table], example_outputs, **PRIVATE, **INFO)
     recipes.confirm_btn.click(confirm_example, recipes.example, example_outputs, **PRIVATE, **INFO)
-    recipes.cancel_btn.click(cancel_example, None, [recipes.confirm_row, recipes.message], **UI_ONLY)
+    recipes.cancel_btn.click(cancel_example, None, [recipes.confirm_row, recipes.example_message], **UI_ONLY)
