@@ -322,10 +322,8 @@ def vector_table() -> SimpleNamespace:
         elem_classes=["scroll-table"],
     )
     gr.Markdown(
-        "`positions`: **prompt** (the default) adds a vector to the prompt's positions only, as ActAdd "
-        "does, and the reply is written by unsteered layers reading the steered prompt; **all** also adds "
-        "it at every generated token, as llm-steer does, and needs about half the coefficient (0.45 "
-        "where prompt takes 1).",
+        "`positions`: **prompt** (the default) steers the prompt only, as ActAdd does; **all** also every "
+        "generated token, as llm-steer does (about half the strength: 0.45 for 1).",
         elem_id="positions-help",
     )
     with gr.Row():
