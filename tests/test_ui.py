@@ -248,8 +248,10 @@ def test_heatmap_and_sweep_views():
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
     ensure_embedded_loaded()
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
-        card, bars, processes, plan, events = ui_memory.refresh_memory(2048)
+        card, bars, shown, plan, events = ui_memory.refresh_memory(2048)
     assert "mode `simulated`" in card and "desktop overhead 716.80 MiB" in card
+    assert shown["visible"] is True and "No NVIDIA GPU" not in card  # a card: its processes are listed
+    processes = shown["value"]
     assert [p[1].rsplit("/", 1)[-1] for p in processes] == ["Xorg", "gnome-shell", "firefox"]
     assert all(p[4] == "desktop" for p in processes)
     by_model = {(row[0], row[1]): dict(zip(views.PLAN_COLUMNS, row)) for row in plan}
@@ -593,3 +595,16 @@ def test_score_badges_show_bins_and_the_best_row_line():
     assert "score 0.00/2" in baseline and "score 2.00/2" in prompted
     assert line.startswith("prompted scored highest: 2.00 of 2")
     assert views.steer_scores({"scores": None}) == ("", "", "", "")
+
+
+def test_a_rerun_shows_texts_for_every_kind_of_entry():
+    steer = {"steered": "waves", "baseline": "hello", "prompted": None}
+    assert views.rerun_texts(steer) == ("Steered", "waves", "hello", None)
+    assert views.rerun_texts({**steer, "prompted": "sea"})[3] == "sea"
+    rows = [{"coeff": 0.0, "text": "hi"}, {"coeff": 0.5, "text": "sea"}]
+    sweep = {"rows": rows, "recommended": 0.5, "prompted": {"text": "ocean"}}
+    assert views.rerun_texts(sweep) == ("Sweep rows", "coeff 0: hi\n\ncoeff 0.5: sea", "", "ocean")
+    tuned = {"layer": 15, "coeff": 1.0, "reason": "fluent on 5 of 5", "rows": [{"layer": 15, **rows[1]}]}
+    label, text, baseline, prompted = views.rerun_texts(tuned)
+    assert label == "Auto-tune candidates" and text.startswith("chosen: layer 15, coeff 1.0 (fluent on 5 of 5)")
+    assert text.endswith("layer 15, coeff 0.5: sea") and (baseline, prompted) == ("", None)
