@@ -663,13 +663,20 @@ def cpu_note(plan: dict, device: dict) -> str:
     """On a machine without an NVIDIA GPU, what *stable · cpu* means; "" on a GPU."""
     if device.get("mode") != "cpu":
         return ""
+    four_bit = [r for r in plan.get("models", []) if r["quant"] == "4bit" and (r.get("breakdown") or {}).get("weights")]
+    example = ""
+    if four_bit:
+        big = max(four_bit, key=lambda r: r["need_bytes"])
+        seconds = big["breakdown"]["weights"] / 1e9 * CPU_SECONDS_PER_WEIGHT_GB["4bit"]
+        name = big["id"].rsplit("/", 1)[-1]
+        example = f" ({name} 4bit needs {format_bytes(big['need_bytes'])}, about {seconds:.0f} s per token)"
     return (
         f"**No NVIDIA GPU: every model runs on the CPU, in system RAM** ({format_bytes(device.get('free_bytes'))} "
         f"free of {format_bytes(device.get('total_bytes'))}). A *stable* row fits in that RAM with the margin; "
         "it is not quick: each new token reads all the weights, so a 7B model decodes at well under one token "
-        "per second on a few cores. 4bit loads (bitsandbytes NF4 runs on the CPU) and needs the least RAM "
-        "(Mistral-7B: about 5 GB), but it is the slowest per byte, about 14 s per token on 2 cores. "
-        "*runs on* gives rough speeds measured on a 2-core CPU. Without a GPU there are no GPU processes to list."
+        "per second on a few cores. 4bit loads (bitsandbytes NF4 runs on the CPU) and needs the least RAM, "
+        f"but it is the slowest per byte{example}. *runs on* gives rough speeds measured on a 2-core CPU. "
+        "Without a GPU there are no GPU processes to list."
     )
 
 
