@@ -8,10 +8,13 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 import pytest
-from _server import ensure_embedded_loaded
+from _server import ROOT, ensure_embedded_loaded
 
 from steering import catalog, gpu, limits, ui
 from steering.errors import InputError
@@ -608,3 +611,33 @@ def test_a_rerun_shows_texts_for_every_kind_of_entry():
     label, text, baseline, prompted = views.rerun_texts(tuned)
     assert label == "Auto-tune candidates" and text.startswith("chosen: layer 15, coeff 1.0 (fluent on 5 of 5)")
     assert text.endswith("layer 15, coeff 0.5: sea") and (baseline, prompted) == ("", None)
+
+
+def _fake_cached_model(cache: Path, repo_id: str, files: tuple[str, ...]) -> None:
+    """The Hugging Face cache's layout for `repo_id` at one revision, holding `files` (empty)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+
+
+def test_offline_model_choices_mark_what_is_not_downloaded(tmp_path):
+    cache = tmp_path / "hub"
+    _fake_cached_model(cache, "Qwen/Qwen2.5-1.5B-Instruct", ("config.json", "model.safetensors"))
+    _fake_cached_model(cache, "Qwen/Qwen2.5-7B-Instruct", ("config.json",))  # no weights: not usable
+    script = (
+        "import json; from steering.ui import views; "
+        "print(json.dumps([views.model_choices(), views.model_choices(online=lambda: True)]))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    offline, online = (dict((i, label) for label, i in pairs) for pairs in json.loads(out.stdout.splitlines()[-1]))
+    assert offline["Qwen/Qwen2.5-1.5B-Instruct"] == "Qwen2.5-1.5B-Instruct"  # cached: plain
+    assert offline["SmolLM2-135M-Instruct"] == "SmolLM2-135M-Instruct (embedded)"
+    assert offline["Qwen/Qwen2.5-7B-Instruct"] == "Qwen2.5-7B-Instruct — not downloaded (offline)"
+    assert offline["mistralai/Mistral-7B-Instruct-v0.3"] == "Mistral-7B-Instruct-v0.3 — not downloaded (offline)"
+    assert list(offline) == [spec.id for spec in catalog.CATALOG]  # same ids, same order: values unchanged
+    assert all("not downloaded" not in label for label in online.values())  # the hub reachable: plain names

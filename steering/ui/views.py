@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from steering import engine, generate
+from steering import catalog, engine, generate, weights
 from steering.errors import InputError
 from steering.gpu import format_bytes
 from steering.limits import (
@@ -860,3 +860,21 @@ def rerun_texts(result: dict) -> tuple[str, str, str, str | None]:
     chosen = f"chosen: layer {result.get('layer')}, coeff {result.get('coeff')} ({result.get('reason', '')})"
     lines = [f"layer {row['layer']}, coeff {row['coeff']:g}: {row['text']}" for row in rows]
     return "Auto-tune candidates", "\n\n".join([chosen, *lines]), "", None
+
+
+# -- the model picker ------------------------------------------------------------------------------
+NOT_DOWNLOADED = "not downloaded (offline)"
+
+
+def model_choices(online=weights.hub_reachable) -> list[tuple[str, str]]:
+    """The model dropdown's (label, id) choices, catalog order. Offline (HF_HUB_OFFLINE set, or
+    the hub unreachable: `online()` false) a model that is not in the local Hugging Face cache is
+    labelled "Qwen2.5-1.5B-Instruct — not downloaded (offline)", since loading it would fail;
+    cached ones and the embedded model keep their plain names. Online every name is plain."""
+    specs = list(catalog.CATALOG)
+    if all(weights.is_cached(spec) for spec in specs) or online():
+        return [(spec.short_name, spec.id) for spec in specs]
+    return [
+        (spec.short_name if weights.is_cached(spec) else f"{spec.short_name} — {NOT_DOWNLOADED}", spec.id)
+        for spec in specs
+    ]
