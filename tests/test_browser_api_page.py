@@ -1,5 +1,6 @@
-"""The "Use via API" page in a real browser (Debian's Chromium, Playwright) against a launched app:
-a newcomer calls every endpoint from that page alone, so each parameter's whole description is
+"""The "Use via API" page in a real browser (Debian's Chromium, Playwright) against a launched app,
+opened by its address /?view=api (Gradio 6.31 alone drew it only after its footer button): a
+newcomer calls every endpoint from that page alone, so each parameter's whole description is
 there (the shape of `vectors`), each snippet holds a real value where Gradio writes "...", each
 endpoint says what its answer holds, and nothing meant for in-process callers shows. Gradio's
 untranslated "common.complete" (announced when an event finishes) reads "Complete". Skips like
@@ -29,13 +30,14 @@ new MutationObserver(() => {
 
 
 def _api_docs_text(page) -> str:
-    page.get_by_text("Use via API").first.click()
+    page.goto(page.url_under_test + "?view=api")  # the address alone opens it (no click)
     docs = page.locator(".api-docs")
     docs.get_by_text("API name: /plan").first.wait_for()
     return docs.inner_text()
 
 
-def test_api_page_describes_every_parameter_in_full_with_examples_and_answers(page):
+def test_api_page_describes_every_parameter_in_full_with_examples_and_answers(browser_page):
+    page = browser_page
     text = _api_docs_text(page)
     names = [name for _, name, _ in endpoints.ENDPOINTS]
     assert re.findall(r"API name: /(\w+)", text) == names

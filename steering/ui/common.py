@@ -346,9 +346,10 @@ def layer_slider(n_layers: int, label: str) -> gr.Slider:
 # row) is drawn only while the table is empty; the script puts the same button under the table
 # once rows exist, and a click adds a row below the last one through the last row's own cell menu
 # ("Add row below"), so the row gets the app's defaults as one added with "+" does. Served in the
-# page's <head> (`launch(head=...)`, steering/ui/serving.py `launch_kwargs`).
+# page's <head> (`launch(head=...)`, steering/ui/serving.py `launch_kwargs`), with the script that
+# makes the address /?view=api open the API page.
 VECTORS_TABLE_ID = "vectors-table"
-TABLE_HEAD = """
+PAGE_HEAD = """
 <style>
 #vectors-table [role="menuitem"][aria-label="Delete column"] { display: none !important; }
 #vectors-table .steering-add-row { display: flex; justify-content: center; align-items: center;
@@ -404,6 +405,20 @@ TABLE_HEAD = """
     if (ours.hidden === shown) ours.hidden = !shown;
   }
   new MutationObserver(ensure).observe(document.documentElement, { childList: true, subtree: true });
+})();
+(() => {
+  // /?view=api: Gradio 6.31 marks the API page open from the address but draws it only after its
+  // footer button has loaded it, so the link alone shows the app. Close and reopen it once.
+  if (new URLSearchParams(location.search).get("view") !== "api") return;
+  const watch = new MutationObserver(() => {
+    const button = document.querySelector("footer button.show-api");
+    if (!button) return;
+    watch.disconnect();
+    if (document.querySelector(".api-docs")) return;
+    button.click();  // closes what the address opened (nothing drawn)
+    setTimeout(() => button.click(), 50);  // opens it, loaded and drawn
+  });
+  watch.observe(document.documentElement, { childList: true, subtree: true });
 })();
 </script>
 """

@@ -39,7 +39,7 @@ from typing import Any
 from gradio import I18n, queueing, route_utils
 
 from steering import files, lifecycle, limits
-from steering.ui.common import INFO, MODEL, TABLE_HEAD
+from steering.ui.common import INFO, MODEL, PAGE_HEAD
 
 logger = logging.getLogger("steering.serving")
 
@@ -340,13 +340,13 @@ MISSING_TRANSLATIONS = {"en": {"common": {"complete": "Complete"}}}
 
 def launch_kwargs() -> dict:
     """What `demo.launch(...)` takes from here: the guard, the upload bound, the session bound
-    the translations Gradio lacks and the vectors table's style and script (steering/ui/common.py)."""
+    the translations Gradio lacks and the page's style and scripts (steering/ui/common.py)."""
     return {
         "app_kwargs": app_kwargs(),
         "max_file_size": MAX_UPLOAD_BYTES,
         "state_session_capacity": MAX_SESSIONS,
         "i18n": I18n(**MISSING_TRANSLATIONS),
-        "head": TABLE_HEAD,
+        "head": PAGE_HEAD,
     }
 
 

@@ -301,7 +301,7 @@ def vector_table() -> SimpleNamespace:
         headers=list(views.VECTOR_COLUMNS),
         datatype=["str", "str", "str", "number", "number", "bool", "str"],
         type="array",
-        column_count=(len(views.VECTOR_COLUMNS), "fixed"),  # rows may be added, columns not (common.TABLE_HEAD)
+        column_count=(len(views.VECTOR_COLUMNS), "fixed"),  # rows may be added, columns not (common.PAGE_HEAD)
         interactive=True,
         label="Vectors",
         elem_id="vectors-table",
