@@ -19,7 +19,9 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import logging
 import signal
 import sys
@@ -138,6 +140,44 @@ def _load_initial_model(args: argparse.Namespace) -> None:
     logger.info("serving %s (%s) on %s", status["model"], status["quant"], status["device"])
 
 
+# Gradio's own start-up lines, which app.py replaces with its own: "* Running on local URL", the
+# hint "To create a public link, set `share=True`" (wrong for an app whose flag is --share), and
+# its share-link messages (their first sentence becomes our reason).
+_GRADIO_LINES = ("* Running on", "* To create a public link", "This share link is temporary")
+_SHARE_FAILED = "Could not create share link."
+
+
+def _share_reason(gradio_message: str) -> str:
+    """Gradio's share-failure message (after "Could not create share link.") as a short reason."""
+    first = gradio_message.split(". ")[0].strip().rstrip(".")
+    if first.startswith("Missing file:"):
+        program = first.removeprefix("Missing file:").strip()
+        return f"Gradio's tunnel program {program} is missing and could not be downloaded"
+    if first.startswith("Please check your internet connection"):
+        return "the share server could not be reached"
+    return first or "Gradio gave no reason"
+
+
+def startup_lines(printed: str, local_url: str, share: bool, share_url: str | None) -> tuple[list[str], list[str]]:
+    """(our start-up lines, what else Gradio printed during launch). `printed`: Gradio's output."""
+    reason, in_failure, rest = "", False, []
+    for line in printed.splitlines():
+        text = line.strip()
+        if text.startswith(_SHARE_FAILED):
+            reason, in_failure = text.removeprefix(_SHARE_FAILED).strip(), True
+        elif text.startswith("🔨"):  # the MCP server's lines come after the share attempt
+            in_failure = False
+        if text and not in_failure and not text.startswith(_GRADIO_LINES):
+            rest.append(line)  # the failure's multi-line help is left out: its reason is in our line
+    lines = [f"Steering Lab is serving at {local_url}"]
+    if share and share_url:
+        lines.append(f"public link (temporary): {share_url}")
+    elif share:
+        why = _share_reason(reason)
+        lines.append(f"the share link could not be made: {why}, serving locally only (offline?)")
+    return lines, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
@@ -167,19 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
     try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            auth=args.auth,
-            prevent_thread_lock=True,
-            mcp_server=args.mcp and mcp_installed,
-            show_error=not args.share,  # exception texts only where no stranger can read them
-            # with --auth nothing about the API before login; uploads and sessions bounded
-            **serving.launch_kwargs(),
-        )
-        if args.share and demo.share_url is None:
-            logger.warning("share link could not be created (offline?); serving locally at %s", demo.local_url)
+        printed = io.StringIO()  # Gradio's start-up lines, replaced by ours below
+        with contextlib.redirect_stdout(printed):
+            demo.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                auth=args.auth,
+                prevent_thread_lock=True,
+                quiet=True,
+                mcp_server=args.mcp and mcp_installed,
+                show_error=not args.share,  # exception texts only where no stranger can read them
+                # with --auth nothing about the API before login; uploads and sessions bounded
+                **serving.launch_kwargs(),
+            )
+        lines, rest = startup_lines(printed.getvalue(), demo.local_url, args.share, demo.share_url)
+        for line in rest:
+            print(line)
+        for line in lines:
+            (logger.warning if line.startswith("the share link") else logger.info)("%s", line)
         # Wake up regularly: the signal handler runs in this (main) thread between waits.
         while not stop.wait(0.5):
             pass

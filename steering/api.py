@@ -660,7 +660,15 @@ def status() -> dict:
     """What is loaded and how memory stands (a reading: it never loads or waits for the model).
 
     Returns:
-        {"model", "quant", "device", "n_layers", "default_layer", "memory", "events", ...}.
+        {"model", "quant", "device" (None before a model is loaded), "n_layers", "default_layer"
+        (the middle layer), "fit" ({"compare_max_tokens", "sweep_max_tokens", "max_positions",
+        "basis"}: the token limits fitted to memory), "placement" (how layers are split across GPUs
+        and CPU RAM, or None), "memory" ({"device": the card's or the CPU's reading (mode, name,
+        total_bytes, used_bytes, free_bytes, processes, ...), "process_rss_bytes", "model_bytes", and
+        on CUDA "cuda_allocated_bytes", "cuda_reserved_bytes"}),
+        "locked" (true when the server was started with --lock-model: /load_model is refused),
+        "fallback_model", "events" (the recent downgrade events, newest last: what was asked, what
+        was loaded and why), "event_count"}.
     """
     return get_manager().status()
 

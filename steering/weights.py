@@ -65,6 +65,19 @@ class NetworkCheck:
         return self._last[1]
 
 
+def is_cached(spec: catalog.ModelSpec) -> bool:
+    """Whether `spec` loads without the network: the embedded model, or a config and weights in
+    the local Hugging Face cache (HF_HUB_CACHE)."""
+    if spec.embedded:
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(spec.id, name, cache_dir=hub_cache_dir()), str)
+
+    return cached("config.json") and any(cached(name) for name in _WEIGHT_FILES)
+
+
 def find_weights(spec: catalog.ModelSpec, model: str, online) -> str:
     """The `from_pretrained` source of `model`: a folder, or a hub id (cached or fetchable).
 
@@ -75,11 +88,7 @@ def find_weights(spec: catalog.ModelSpec, model: str, online) -> str:
         return str(embedded.ensure_converted())
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser())
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(spec.id, "config.json"), str) and any(
-        isinstance(try_to_load_from_cache(spec.id, name), str) for name in _WEIGHT_FILES
-    ):
+    if is_cached(spec):
         return spec.id
     gated = catalog.gated_message(spec)
     if gated:

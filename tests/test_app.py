@@ -18,7 +18,8 @@ from gradio_client.exceptions import AppError
 
 from steering import catalog
 
-SHARE_LINE = "share link could not be created (offline?); serving locally at"
+SHARE_LINE = "the share link could not be made: "
+GRADIO_HINT = "set `share=True`"  # Gradio's own start-up hint, which contradicts --share
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +101,22 @@ def test_sigterm_during_a_long_steer_exits_quickly_and_the_client_hears_why(embe
     assert error is not None and "server shutting down" in error, (value, error, app.log[-2000:])
 
 
+def test_plain_app_says_where_it_serves_in_its_own_words(plain_app):
+    line = plain_app.wait_for_line("Steering Lab is serving at ")
+    assert line.endswith(f"http://127.0.0.1:{plain_app.port}/")
+    assert GRADIO_HINT not in plain_app.log and "Running on local URL" not in plain_app.log
+    assert SHARE_LINE not in plain_app.log  # no --share: nothing about a link
+
+
 def test_offline_share_logs_one_clear_line_and_serves_locally(public_app):
     public_app.wait_for_line(SHARE_LINE)  # the share attempt comes after the local server is up
     lines = [line for line in public_app.lines if SHARE_LINE in line]
     assert len(lines) == 1, public_app.log
-    assert lines[0].endswith(f"127.0.0.1:{public_app.port}/")
+    assert lines[0].endswith(", serving locally only (offline?)"), lines[0]
+    reason = lines[0].split(SHARE_LINE, 1)[1].removesuffix(", serving locally only (offline?)")
+    assert reason and reason != "Gradio gave no reason", lines[0]
+    assert f"Steering Lab is serving at http://127.0.0.1:{public_app.port}/" in public_app.log
+    assert GRADIO_HINT not in public_app.log and "Could not create share link" not in public_app.log
     assert httpx.get(public_app.url + "gradio_api/info", timeout=10).status_code == 401  # serving, with a login
 
 

@@ -8,10 +8,13 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 import pytest
-from _server import ensure_embedded_loaded
+from _server import ROOT, ensure_embedded_loaded
 
 from steering import catalog, gpu, limits, ui
 from steering.errors import InputError
@@ -248,8 +251,10 @@ def test_heatmap_and_sweep_views():
 def test_memory_tab_on_a_simulated_reference_card(embedded_dir):
     ensure_embedded_loaded()
     with gpu.use_nvml(gpu.simulate_gpu(8 * gpu.GiB, int(0.7 * gpu.GiB))):
-        card, bars, processes, plan, events = ui_memory.refresh_memory(2048)
+        card, bars, shown, plan, events = ui_memory.refresh_memory(2048)
     assert "mode `simulated`" in card and "desktop overhead 716.80 MiB" in card
+    assert shown["visible"] is True and "No NVIDIA GPU" not in card  # a card: its processes are listed
+    processes = shown["value"]
     assert [p[1].rsplit("/", 1)[-1] for p in processes] == ["Xorg", "gnome-shell", "firefox"]
     assert all(p[4] == "desktop" for p in processes)
     by_model = {(row[0], row[1]): dict(zip(views.PLAN_COLUMNS, row)) for row in plan}
@@ -609,3 +614,46 @@ def test_strength_hint_names_a_repeated_vector_and_a_strength_far_above_the_usua
     assert views.strength_hint([["ocean", "", "", 1, 15, True, "prompt"]], 15, not_fluent) == ""
     assert views.strength_hint([twice[0], ["ocean", "", "", 1, 15, False, "prompt"]], 15, not_fluent) == ""
     assert views.strength_hint(strong, 15, {"steered": "x"}) == ""
+
+
+def test_a_rerun_shows_texts_for_every_kind_of_entry():
+    steer = {"steered": "waves", "baseline": "hello", "prompted": None}
+    assert views.rerun_texts(steer) == ("Steered", "waves", "hello", None)
+    assert views.rerun_texts({**steer, "prompted": "sea"})[3] == "sea"
+    rows = [{"coeff": 0.0, "text": "hi"}, {"coeff": 0.5, "text": "sea"}]
+    sweep = {"rows": rows, "recommended": 0.5, "prompted": {"text": "ocean"}}
+    assert views.rerun_texts(sweep) == ("Sweep rows", "coeff 0: hi\n\ncoeff 0.5: sea", "", "ocean")
+    tuned = {"layer": 15, "coeff": 1.0, "reason": "fluent on 5 of 5", "rows": [{"layer": 15, **rows[1]}]}
+    label, text, baseline, prompted = views.rerun_texts(tuned)
+    assert label == "Auto-tune candidates" and text.startswith("chosen: layer 15, coeff 1.0 (fluent on 5 of 5)")
+    assert text.endswith("layer 15, coeff 0.5: sea") and (baseline, prompted) == ("", None)
+
+
+def _fake_cached_model(cache: Path, repo_id: str, files: tuple[str, ...]) -> None:
+    """The Hugging Face cache's layout for `repo_id` at one revision, holding `files` (empty)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+
+
+def test_offline_model_choices_mark_what_is_not_downloaded(tmp_path):
+    cache = tmp_path / "hub"
+    _fake_cached_model(cache, "Qwen/Qwen2.5-1.5B-Instruct", ("config.json", "model.safetensors"))
+    _fake_cached_model(cache, "Qwen/Qwen2.5-7B-Instruct", ("config.json",))  # no weights: not usable
+    script = (
+        "import json; from steering.ui import views; "
+        "print(json.dumps([views.model_choices(), views.model_choices(online=lambda: True)]))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    offline, online = (dict((i, label) for label, i in pairs) for pairs in json.loads(out.stdout.splitlines()[-1]))
+    assert offline["Qwen/Qwen2.5-1.5B-Instruct"] == "Qwen2.5-1.5B-Instruct"  # cached: plain
+    assert offline["SmolLM2-135M-Instruct"] == "SmolLM2-135M-Instruct (embedded)"
+    assert offline["Qwen/Qwen2.5-7B-Instruct"] == "Qwen2.5-7B-Instruct — not downloaded (offline)"
+    assert offline["mistralai/Mistral-7B-Instruct-v0.3"] == "Mistral-7B-Instruct-v0.3 — not downloaded (offline)"
+    assert list(offline) == [spec.id for spec in catalog.CATALOG]  # same ids, same order: values unchanged
+    assert all("not downloaded" not in label for label in online.values())  # the hub reachable: plain names

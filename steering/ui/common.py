@@ -369,3 +369,88 @@ def slider(name: str, label: str, **kwargs) -> gr.Slider:
 
 def layer_slider(n_layers: int, label: str) -> gr.Slider:
     return gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, precision=0, label=label)
+
+
+# -- the vectors table's fixed columns and its add-row button -----------------------------------
+# Gradio 6.31's Dataframe ignores `column_limits` (and warns on every build). With
+# `column_count=(n, "fixed")` its cell menu no longer offers "Add column", but it still offers
+# "Delete column" (the click then does nothing): the style hides that item. Its dashed "+" (add a
+# row) is drawn only while the table is empty; the script puts the same button under the table
+# once rows exist, and a click adds a row below the last one through the last row's own cell menu
+# ("Add row below"), so the row gets the app's defaults as one added with "+" does. Served in the
+# page's <head> (`launch(head=...)`, steering/ui/serving.py `launch_kwargs`), with the script that
+# makes the address /?view=api open the API page.
+VECTORS_TABLE_ID = "vectors-table"
+PAGE_HEAD = """
+<style>
+#vectors-table [role="menuitem"][aria-label="Delete column"] { display: none !important; }
+#vectors-table .steering-add-row { display: flex; justify-content: center; align-items: center;
+  width: 100%; min-height: 2.2em; margin-top: 4px; border: 1px dashed var(--border-color-primary, #ccc);
+  border-radius: var(--radius-sm, 4px); background: transparent; color: var(--body-text-color-subdued, #666);
+  cursor: pointer; font-size: 1.1em; }
+#vectors-table .steering-add-row:hover { border-color: var(--color-accent, #f97316);
+  color: var(--color-accent, #f97316); }
+</style>
+<script>
+(() => {
+  const ID = "vectors-table";
+  const later = () => new Promise((done) => requestAnimationFrame(() => setTimeout(done, 0)));
+  const press = (element) => {  // the table selects a cell on mousedown, not on a bare click
+    for (const type of ["pointerdown", "mousedown", "pointerup", "mouseup", "click"]) {
+      element.dispatchEvent(new MouseEvent(type, { bubbles: true, cancelable: true, view: window }));
+    }
+  };
+  async function addRow(table) {
+    await later();  // after this click has reached the page (a click outside the table deselects)
+    const firsts = [...table.querySelectorAll('[role="gridcell"][data-col="0"]')];
+    const last = firsts.sort((a, b) => Number(a.dataset.row) - Number(b.dataset.row)).pop();
+    if (!last) return;
+    press(last);
+    await later();
+    const menu = last.querySelector(".cell-menu-button");
+    if (!menu) return;
+    menu.click();
+    await later();
+    const item = table.querySelector('[role="menuitem"][aria-label="Add row below"]');
+    if (item) item.click();
+  }
+  function ensure() {
+    const table = document.getElementById(ID);
+    if (!table) return;
+    let ours = table.querySelector(":scope > .steering-add-row");
+    if (!ours) {
+      ours = document.createElement("button");
+      ours.type = "button";
+      ours.className = "steering-add-row";
+      ours.textContent = "+";
+      ours.title = "Add a row below the last one";
+      ours.setAttribute("aria-label", "Add row below the last");
+      ours.addEventListener("click", (event) => {
+        event.stopPropagation();
+        addRow(table);
+      });
+      table.appendChild(ours);
+    }
+    const rows = table.querySelector('[role="gridcell"]') !== null;
+    const gradios = table.querySelector(".add-row-button") !== null;
+    const shown = rows && !gradios && table.querySelector(".table-container") !== null;
+    if (ours.hidden === shown) ours.hidden = !shown;
+  }
+  new MutationObserver(ensure).observe(document.documentElement, { childList: true, subtree: true });
+})();
+(() => {
+  // /?view=api: Gradio 6.31 marks the API page open from the address but draws it only after its
+  // footer button has loaded it, so the link alone shows the app. Close and reopen it once.
+  if (new URLSearchParams(location.search).get("view") !== "api") return;
+  const watch = new MutationObserver(() => {
+    const button = document.querySelector("footer button.show-api");
+    if (!button) return;
+    watch.disconnect();
+    if (document.querySelector(".api-docs")) return;
+    button.click();  // closes what the address opened (nothing drawn)
+    setTimeout(() => button.click(), 50);  // opens it, loaded and drawn
+  });
+  watch.observe(document.documentElement, { childList: true, subtree: true });
+})();
+</script>
+"""

@@ -88,6 +88,65 @@ ENDPOINTS = (
 )
 
 
+# A real value for each parameter without a default, shown in the API page's snippets in place of
+# Gradio's "..." (its gr.Api inputs have no example of their own). Layer 15: the embedded model's middle.
+_VECTOR = {"text": "the ocean", "coeff": 1.0, "layer": 15}
+_PROMPT = "Tell me about your weekend."
+_FILE = "steering-vectors.gguf"  # shown as handle_file('steering-vectors.gguf')
+EXAMPLES: dict[str, dict[str, object]] = {
+    "steer": {"prompt": _PROMPT, "vectors": [_VECTOR]},
+    "chat": {"message": _PROMPT, "history_steered": [], "history_baseline": [], "vectors": [_VECTOR]},
+    "sweep": {"prompt": _PROMPT, "text": "the ocean", "layer": 15, "coeffs": [0.0, 0.5, 1.0, 1.5]},
+    "similarity": {"texts": ["the ocean", "the sea", {"positive": "happy", "negative": "sad"}], "layer": 15},
+    "autotune": {"prompt": _PROMPT, "text": "the ocean"},
+    "train_vector": {"positive": "happy", "negative": "sad"},
+    "read": {
+        "texts": ["I love sunny days.", "This is awful."],
+        "vector": {"positive": "happy", "negative": "sad", "coeff": 1.0, "layer": 15},
+    },
+    "export_vectors": {"vectors": [_VECTOR]},
+    "import_vectors": {"file": {"path": _FILE, "url": _FILE, "meta": {"_type": "gradio.FileData"}}},
+    "load_model": {"model": "SmolLM2-135M-Instruct"},
+}
+_SECTIONS = ("Args:", "Parameters:", "Arguments:", "Returns:")
+
+
+def public_doc(fn) -> tuple[str, dict[str, str], str]:
+    """(description, {parameter: its whole description}, what it returns) of an endpoint's docstring,
+    as a client reads them. Gradio's own parser keeps only the first line of each parameter and
+    drops what follows "Returns:" from the API page; here a parameter's continuation lines join its
+    first, and a description paragraph that names a keyword-only parameter (`stop`: for in-process
+    callers, not offered to clients) is left out."""
+    signature = inspect.signature(fn)
+    hidden = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    lines = (inspect.getdoc(fn) or "").splitlines()
+    section, current = "description", None
+    paragraphs: list[list[str]] = [[]]
+    parameters: dict[str, str] = {}
+    returns: list[str] = []
+    for raw in lines:
+        line = raw.strip()
+        if line in _SECTIONS:
+            section, current = ("returns" if line == "Returns:" else "args"), None
+            continue
+        if section == "description":
+            if not line:
+                paragraphs.append([])
+            else:
+                paragraphs[-1].append(line)
+        elif section == "args":
+            name, _, text = line.partition(":")
+            if raw.startswith("    ") and not raw.startswith("        ") and name in signature.parameters:
+                current = name
+                parameters[name] = text.strip()
+            elif line and current is not None:
+                parameters[current] += " " + line
+        elif line:
+            returns.append(line)
+    kept = [" ".join(p) for p in paragraphs if p and not any(f"`{name}`" in " ".join(p) for name in hidden)]
+    return " ".join(kept), parameters, " ".join(returns)
+
+
 def _endpoint(fn, name: str):
     """An api function as a client endpoint: errors translated, a run stopped when its client
     goes away (steering/ui/serving.py), and its string annotations evaluated so `gr.api` sees
@@ -110,24 +169,47 @@ def _endpoint(fn, name: str):
             return call(**arguments)
 
     served.__signature__ = served_signature
+    served.__doc__ = _gradio_docstring(fn, [p.name for p in public])
     served.__annotations__ = {**{p.name: p.annotation for p in public}, "request": gr.Request}
     served.__annotations__["return"] = signature.return_annotation
     return served
 
 
-def _document_parameters(demo: gr.Blocks, name: str, fn) -> None:
-    """Give each parameter of a `gr.api` endpoint its name and its docstring line on the API page
-    ("Use via API"); Gradio labels them '1st', '2nd', ... and leaves the description empty."""
-    _, described, _ = get_function_description(fn)
+def _gradio_docstring(fn, parameters: list[str]) -> str:
+    """The endpoint's docstring as Gradio's parser reads it in full (MCP's tool descriptions, the
+    client's view_api): one line per parameter, the returns on one line, no internals."""
+    description, described, returns = public_doc(fn)
+    args = [f"    {p}: {described[p]}" for p in parameters if described.get(p)]
+    return "\n".join([description, "", "Args:", *args, "", "Returns:", f"    {returns}"])
+
+
+def _example(component, value) -> None:
+    """The snippet's value of a parameter (Gradio shows the default, else the example)."""
+    component.example_payload = component.example_value = lambda: value
+
+
+def _document(demo: gr.Blocks, name: str, fn) -> None:
+    """Name each parameter of a `gr.api` endpoint, describe it in full and give it a real example
+    on the API page ("Use via API": Gradio labels them '1st', '2nd', ..., cuts descriptions at
+    their first line and shows "..." as the value); the answer is labelled "answer" and what it
+    holds is said in the endpoint's description."""
+    _, described, _ = get_function_description(fn)  # the served function's docstring: whole lines
     block_fn = next(f for f in demo.fns.values() if f.api_name == name)
+    examples = EXAMPLES.get(name, {})
     for component, parameter in zip(block_fn.inputs, inspect.signature(fn).parameters):
         component.label = parameter
         if described.get(parameter):
             component._api_info = {**component._api_info, "additional_description": described[parameter]}
+        if parameter in examples:
+            _example(component, examples[parameter])
+    for component in block_fn.outputs:
+        component.label = "answer"
 
 
 def register(demo: gr.Blocks) -> None:
     """Every client endpoint, typed, with its docstring on the API page (call inside the Blocks)."""
     for fn, name, group in ENDPOINTS:
-        gr.api(_endpoint(fn, name), api_name=name, **group)
-        _document_parameters(demo, name, fn)
+        served = _endpoint(fn, name)
+        description, _, returns = public_doc(fn)
+        gr.api(served, api_name=name, api_description=f"{description} Returns: {returns}", **group)
+        _document(demo, name, served)

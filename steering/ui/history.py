@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from steering import api, chat, files, history
+from steering.ui import views
 from steering.ui.common import MODEL, PRIVATE, UI_ONLY, notices, session_of
 
 # What re-runs each kind of entry: the api function its `request` holds the arguments of.
@@ -51,6 +52,25 @@ def rerun_entry(number, request: gr.Request = None) -> tuple:
     return history.table_rows(session), result, note
 
 
+def rerun_shown(number, request: gr.Request = None) -> tuple:
+    """`rerun_entry` as the tab shows it: the texts in boxes (steered, baseline, prompted when
+    there is one; a sweep's rows; an auto-tune's choice), the whole answer folded away below.
+    Outputs (table, first box, baseline box, prompted box, answer, message); a refusal changes
+    nothing but the message."""
+    table, result, message = rerun_entry(number, request)
+    if not isinstance(result, dict):
+        return table, gr.skip(), gr.skip(), gr.skip(), gr.skip(), message
+    label, first, baseline, prompted = views.rerun_texts(result)
+    return (
+        table,
+        gr.update(value=first, label=label),
+        gr.update(value=baseline, visible="steered" in result),
+        gr.update(value=prompted or "", visible=prompted is not None),
+        result,
+        message,
+    )
+
+
 def _same_output(old: dict, new: dict) -> bool:
     keys = ("steered", "baseline", "prompted", "rows", "layer", "coeff")
     return all(old["result"].get(k) == new["result"].get(k) for k in keys)
@@ -78,14 +98,22 @@ def history_tab() -> SimpleNamespace:
             download_btn = gr.Button("Download JSONL", elem_id="history-download")
         message = gr.Markdown("", elem_id="history-message", elem_classes=["field-message"])
         file = gr.File(label="History (JSON Lines)", interactive=False)
-        result = gr.JSON(label="Re-run result")
+        with gr.Row():
+            steered = gr.Textbox(label="Steered", lines=6, interactive=False, elem_id="history-steered")
+            baseline = gr.Textbox(label="Baseline (unsteered)", lines=6, interactive=False, elem_id="history-baseline")
+            prompted = gr.Textbox(
+                label="Prompted", lines=6, interactive=False, visible=False, elem_id="history-prompted"
+            )
+        with gr.Accordion("The whole answer (JSON)", open=False, elem_id="history-answer"):
+            result = gr.JSON(label="Re-run result")
     return SimpleNamespace(
         tab=tab, table=table, number=number, rerun_btn=rerun_btn, download_btn=download_btn, message=message,
-        file=file, result=result,
+        file=file, steered=steered, baseline=baseline, prompted=prompted, result=result,
     )  # fmt: skip
 
 
 def wire_history(past) -> None:
     past.tab.select(show_history, None, past.table, **UI_ONLY)
     past.download_btn.click(download_history, None, [past.file, past.message], **UI_ONLY)
-    past.rerun_btn.click(rerun_entry, past.number, [past.table, past.result, past.message], **PRIVATE, **MODEL)
+    shown = [past.table, past.steered, past.baseline, past.prompted, past.result, past.message]
+    past.rerun_btn.click(rerun_shown, past.number, shown, **PRIVATE, **MODEL)

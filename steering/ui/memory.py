@@ -19,10 +19,9 @@ def refresh_memory(context) -> tuple:
     status, plan = api.status(), api.plan(context)
     device = status["memory"]["device"]
     choice = plan["choice"]
-    card = (
-        views.card_markdown(device)
-        + f"  \n**Choice for this machine:** `{choice['id']}` {choice['quant']} — {choice['reason']}"
-    )
+    card = views.card_markdown(device) + "  \n" + views.choice_text(choice, device)
+    note = views.cpu_note(plan, device)
+    card += f"\n\n{note}" if note else ""
     margin = plan["margin_bytes"]
     bars = [
         (f"loaded: {row['id']} {row['quant']}", row)
@@ -32,7 +31,7 @@ def refresh_memory(context) -> tuple:
     return (
         card,
         views.memory_bars_html(bars, plan["headroom_bytes"], margin),
-        views.process_rows(device),
+        gr.update(value=views.process_rows(device), visible=device.get("mode") != "cpu"),  # no card, no processes
         views.plan_rows(plan, margin),
         views.event_rows(status["events"]),
     )
@@ -58,6 +57,7 @@ def memory_tab() -> SimpleNamespace:
             type="array",
             interactive=False,
             label="Compatibility on this machine",
+            elem_id="memory-plan",
             max_height=1200,  # every row visible: the plan is read as a whole
         )
         events = gr.Dataframe(

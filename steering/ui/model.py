@@ -82,7 +82,7 @@ def model_advice(model: str, quant: str) -> str:
 def model_panel(loaded, locked: bool) -> SimpleNamespace:
     """A compact bar: the loaded model's status line (model, quantization, device, layers, memory)
     and a fallback notice, always in view; "Change model" below it opens the Load controls."""
-    model_choices = [(spec.short_name, spec.id) for spec in catalog.CATALOG]
+    model_choices = views.model_choices()  # offline, models not in the local cache say so
     with gr.Group(elem_id="model-bar"):
         status_md = gr.Markdown("Loading…", elem_id="status-line")
         fallback_md = gr.Markdown("", elem_id="fallback-notice")

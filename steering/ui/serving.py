@@ -36,10 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradio import queueing, route_utils
+from gradio import I18n, queueing, route_utils
 
 from steering import files, lifecycle, limits
-from steering.ui.common import INFO, MODEL
+from steering.ui.common import INFO, MODEL, PAGE_HEAD
 
 logger = logging.getLogger("steering.serving")
 
@@ -332,9 +332,22 @@ def app_kwargs() -> dict:
     return {"middleware": [Middleware(AnonymousGuard)]}
 
 
+# Words Gradio 6.31's frontend asks its i18n for but its English strings lack, so the page shows
+# the key itself: the status tracker announces every finished event as "common.complete" (a
+# live region read by screen readers, and in the page's text).
+MISSING_TRANSLATIONS = {"en": {"common": {"complete": "Complete"}}}
+
+
 def launch_kwargs() -> dict:
-    """What `demo.launch(...)` takes from here: the guard, the upload bound, the session bound."""
-    return {"app_kwargs": app_kwargs(), "max_file_size": MAX_UPLOAD_BYTES, "state_session_capacity": MAX_SESSIONS}
+    """What `demo.launch(...)` takes from here: the guard, the upload bound, the session bound
+    the translations Gradio lacks and the page's style and scripts (steering/ui/common.py)."""
+    return {
+        "app_kwargs": app_kwargs(),
+        "max_file_size": MAX_UPLOAD_BYTES,
+        "state_session_capacity": MAX_SESSIONS,
+        "i18n": I18n(**MISSING_TRANSLATIONS),
+        "head": PAGE_HEAD,
+    }
 
 
 # -- downloads: Gradio's cached copies go when the app's own file goes --------------------------

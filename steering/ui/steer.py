@@ -314,8 +314,7 @@ def vector_table() -> SimpleNamespace:
         headers=list(views.VECTOR_COLUMNS),
         datatype=["str", "str", "str", "number", "number", "bool", "str"],
         type="array",
-        column_count=len(views.VECTOR_COLUMNS),
-        column_limits=(len(views.VECTOR_COLUMNS), len(views.VECTOR_COLUMNS)),  # rows may be added, columns not
+        column_count=(len(views.VECTOR_COLUMNS), "fixed"),  # rows may be added, columns not (common.PAGE_HEAD)
         interactive=True,
         label="Vectors",
         elem_id="vectors-table",

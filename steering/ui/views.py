@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from steering import engine, generate
+from steering import catalog, engine, generate, weights
 from steering.errors import InputError
 from steering.gpu import format_bytes
 from steering.limits import (
@@ -695,8 +695,57 @@ def _row_spare(row: dict, plan: dict, margin: int) -> str:
     return _spare(row["need_bytes"], plan.get("headroom_bytes", 0), margin)
 
 
+# Seconds per generated token per GB of weights on the CPU, measured on this project's 2-core
+# machine (one decoding step reads every weight): fp32 SmolLM2-135M at ~28 tokens/s and
+# Mistral-7B's layer shapes timed as nn.Linear (fp32, bf16) and bitsandbytes 0.50 Linear4bit (NF4,
+# which runs on the CPU but dequantizes every weight each step). 8bit was not measured.
+CPU_SECONDS_PER_WEIGHT_GB = {"fp32": 0.08, "bf16": 0.21, "fp16": 0.21, "4bit": 3.4}
+
+
+def cpu_speed(row: dict) -> str:
+    """A CPU plan row's *runs on*: "cpu RAM · ~0.07 tokens/s (rough, 2 cores)"; "" when it does not run."""
+    if not row.get("devices"):
+        return ""
+    per_gb = CPU_SECONDS_PER_WEIGHT_GB.get(row["quant"])
+    weights = (row.get("breakdown") or {}).get("weights")
+    if per_gb is None or not weights:
+        return "cpu RAM · speed not measured"
+    tokens_per_s = 1 / (weights / 1e9 * per_gb)
+    return f"cpu RAM · ~{tokens_per_s:.2g} tokens/s (rough, 2 cores)"
+
+
+def cpu_note(plan: dict, device: dict) -> str:
+    """On a machine without an NVIDIA GPU, what *stable · cpu* means; "" on a GPU."""
+    if device.get("mode") != "cpu":
+        return ""
+    four_bit = [r for r in plan.get("models", []) if r["quant"] == "4bit" and (r.get("breakdown") or {}).get("weights")]
+    example = ""
+    if four_bit:
+        big = max(four_bit, key=lambda r: r["need_bytes"])
+        seconds = big["breakdown"]["weights"] / 1e9 * CPU_SECONDS_PER_WEIGHT_GB["4bit"]
+        name = big["id"].rsplit("/", 1)[-1]
+        example = f" ({name} 4bit needs {format_bytes(big['need_bytes'])}, about {seconds:.0f} s per token)"
+    return (
+        f"**No NVIDIA GPU: every model runs on the CPU, in system RAM** ({format_bytes(device.get('free_bytes'))} "
+        f"free of {format_bytes(device.get('total_bytes'))}). A *stable* row fits in that RAM with the margin; "
+        "it is not quick: each new token reads all the weights, so a 7B model decodes at well under one token "
+        "per second on a few cores. 4bit loads (bitsandbytes NF4 runs on the CPU) and needs the least RAM, "
+        f"but it is the slowest per byte{example}. *runs on* gives rough speeds measured on a 2-core CPU. "
+        "Without a GPU there are no GPU processes to list."
+    )
+
+
+def choice_text(choice: dict, device: dict) -> str:
+    """The plan's choice and its reason, without repeating the card's own reason (NVML's error)."""
+    reason = choice["reason"]
+    if device.get("reason"):
+        reason = reason.replace(f" ({device['reason']})", "")
+    return f"**Choice for this machine:** `{choice['id']}` {choice['quant']} — {reason}"
+
+
 def plan_rows(plan: dict, margin_bytes: int) -> list[list]:
-    """The compatibility matrix in `PLAN_COLUMNS` order."""
+    """The compatibility matrix in `PLAN_COLUMNS` order (on a CPU, *runs on* with a rough speed)."""
+    on_cpu = (plan.get("device") or {}).get("mode") == "cpu"
     rows = []
     for row in plan.get("models", []):
         fit = row.get("fit") or {}
@@ -708,7 +757,7 @@ def plan_rows(plan: dict, margin_bytes: int) -> list[list]:
                 row["verdict"],
                 _row_spare(row, plan, margin_bytes),
                 f"{fit.get('compare_max_tokens', '-')} / {fit.get('sweep_max_tokens', '-')}",
-                split_text(row),
+                cpu_speed(row) if on_cpu else split_text(row),
             ]
         )
     return rows
@@ -848,3 +897,39 @@ def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer:
         + colour_scale([(_cosine_colour(v), f"{v:g}") for v in (-1, -0.5, 0, 0.5, 1)], "cosine similarity")
         + "</div>"
     )
+
+
+# -- the History tab's re-run ----------------------------------------------------------------------
+def rerun_texts(result: dict) -> tuple[str, str, str, str | None]:
+    """What a re-run shows instead of its JSON: (label of the first box, its text, the baseline's
+    text, the prompted row's text or None). A steer or chat entry gives its steered and baseline
+    texts (and prompted when it has one); a sweep its rows, one "coeff: text" paragraph each (its
+    unsteered row is its coefficient 0, when asked for); an auto-tune its choice and candidates."""
+    if "steered" in result:  # steer and chat
+        return "Steered", result.get("steered") or "", result.get("baseline") or "", result.get("prompted")
+    rows = result.get("rows") or []
+    if "recommended" in result:  # a sweep
+        text = "\n\n".join(f"coeff {row['coeff']:g}: {row['text']}" for row in rows)
+        prompted = result.get("prompted")
+        return "Sweep rows", text, "", (prompted or {}).get("text")
+    chosen = f"chosen: layer {result.get('layer')}, coeff {result.get('coeff')} ({result.get('reason', '')})"
+    lines = [f"layer {row['layer']}, coeff {row['coeff']:g}: {row['text']}" for row in rows]
+    return "Auto-tune candidates", "\n\n".join([chosen, *lines]), "", None
+
+
+# -- the model picker ------------------------------------------------------------------------------
+NOT_DOWNLOADED = "not downloaded (offline)"
+
+
+def model_choices(online=weights.hub_reachable) -> list[tuple[str, str]]:
+    """The model dropdown's (label, id) choices, catalog order. Offline (HF_HUB_OFFLINE set, or
+    the hub unreachable: `online()` false) a model that is not in the local Hugging Face cache is
+    labelled "Qwen2.5-1.5B-Instruct — not downloaded (offline)", since loading it would fail;
+    cached ones and the embedded model keep their plain names. Online every name is plain."""
+    specs = list(catalog.CATALOG)
+    if all(weights.is_cached(spec) for spec in specs) or online():
+        return [(spec.short_name, spec.id) for spec in specs]
+    return [
+        (spec.short_name if weights.is_cached(spec) else f"{spec.short_name} — {NOT_DOWNLOADED}", spec.id)
+        for spec in specs
+    ]
