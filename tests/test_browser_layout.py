@@ -167,3 +167,16 @@ def test_the_example_question_sits_beside_its_replace_button(page):
     page.locator("#example-replace").click()
     page.wait_for_function("() => document.querySelector('#example-message').innerText.includes('Opened the example')")
     assert not page.locator("#example-replace").is_visible()
+
+
+def test_offline_the_model_list_says_which_models_are_not_downloaded(page):
+    from steering import catalog, weights
+
+    page.locator("#model-panel").get_by_text("Change model").first.click()
+    page.locator("#model-panel input[role=listbox], #model-panel input").first.click()
+    options = page.locator("ul[role=listbox] li").all_inner_texts()
+    assert len(options) == len(catalog.CATALOG), options
+    for spec, label in zip(catalog.CATALOG, options, strict=True):
+        plain = weights.is_cached(spec)
+        assert ("not downloaded" in label) == (not plain), (spec.id, label)  # HF_HUB_OFFLINE=1 in tests
+    page.keyboard.press("Escape")
