@@ -404,12 +404,15 @@ def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
 def test_sweep_plot_and_table_read_at_a_glance(page):
     """The plot fills its column, the fluency boundary lies on the perplexity panel (not where
     relevance is drawn), perplexity ticks are plain round values, the ★ is clear of the legend;
-    the table shows each output beside its coefficient, wrapped, with whole-word headers."""
+    the table shows each output beside its coefficient, wrapped, with whole-word headers. Run with
+    Prompted, the prompted reference row is a dashed line on each panel, in the legend, and the
+    table's last row."""
     page.set_viewport_size({"width": 1366, "height": 900})
     try:
         page.reload()
         page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
         page.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-prompted input").check()
         page.locator("#sweep-coeffs textarea").fill("0, 0.5, 1")
         _fill_slider(page, "sweep-tokens", 40)
         page.locator("#run-sweep").click()
@@ -425,6 +428,10 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
             plot.locator(f"rect.panel-{n}").evaluate(box) for n in ("rel", "ppl")
         )
         assert ppl_top <= boundary <= ppl_bottom and not rel_top <= boundary <= rel_bottom
+        prompted_rel = plot.locator("line.prompted-rel").evaluate(box)[0]
+        assert rel_top <= prompted_rel <= rel_bottom  # the prompted reference, on the relevance panel
+        assert plot.locator("line.prompted-ppl").count() == 1 and plot.locator("line.legend-prompted").count() == 1
+        assert "prompted (dashed): relevance" in page.locator("#sweep-info").inner_text()
         ticks = [float(t) for t in plot.locator("text.ppl-tick").all_text_contents()]
         assert ticks and all(t / 10 ** math.floor(math.log10(t)) in (1, 2, 5) for t in ticks), ticks
         if plot.locator("text.recommended").count():
@@ -445,7 +452,9 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
         page.wait_for_timeout(500)
         text_left = table.locator("[data-testid=header-2]").evaluate(header)[0]
         assert text_left < 200  # on a phone the outputs start on screen
+        assert "prompted" in table.inner_text()  # the reference row, last
     finally:
+        page.locator("#sweep-prompted input").uncheck()
         page.set_viewport_size({"width": 1400, "height": 1000})
 
 

@@ -407,6 +407,38 @@ def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
     assert "The plot appears" in plots.sweep_svg({"rows": [{"coeff": 0.5, "text": "partial"}]})  # streaming rows
 
 
+def test_sweep_plot_draws_the_prompted_reference_as_labelled_dashed_lines_in_the_legend():
+    from steering.ui import plots, views
+
+    rows = [
+        {"coeff": c, "text": "t", "relevance": r, "perplexity": p, "fluent": p <= 30}
+        for c, r, p in ((0.0, 0.0, 2.0), (0.5, 0.4, 5.0), (1.0, 1.5, 12.0))
+    ]
+    plain = plots.sweep_svg({"rows": rows, "recommended": 1.0})
+    assert "prompted" not in plain  # no reference row, no line and no legend entry
+    reference = {"text": "Dogs are loyal.", "instruction": "In your answer, talk about dogs.", "relevance": 3.2,
+                 "perplexity": 200.0, "repetition": 0.0, "fluent": False}  # fmt: skip
+    svg = plots.sweep_svg({"rows": rows, "recommended": 1.0, "prompted": reference})
+    line = re.search(r'<line class="prompted-rel"[^>]*y1="([\d.]+)"[^>]*stroke-dasharray', svg)
+    ppl = re.search(r'<line class="prompted-ppl"[^>]*y1="([\d.]+)"', svg)
+    assert line and ppl and 'class="legend-prompted"' in svg and "prompted (unsteered, asked)" in svg
+    assert re.search(r'class="prompted-rel-label"[^>]*>prompted 3.2<', svg)
+    assert re.search(r'class="prompted-ppl-label"[^>]*>prompted 200<', svg)
+    # each line lies inside its own panel, with the axes stretched to hold it (3.2 > every row, 200 > 30)
+    assert plots.REL_TOP <= float(line.group(1)) <= plots.REL_TOP + plots.PANEL
+    assert plots.PPL_TOP <= float(ppl.group(1)) <= plots.PPL_TOP + plots.PANEL
+    assert max(float(t) for t in re.findall(r'class="rel-tick"[^>]*>([^<]*)<', svg)) >= 3.2
+    assert max(float(t) for t in re.findall(r'class="ppl-tick"[^>]*>([^<]*)<', svg)) >= 200
+    # the table ends with the reference row; the info line says no fluent coefficient beat asking
+    result = {"rows": rows, "recommended": 1.0, "prompted": reference}
+    assert views.sweep_table(result)[-1][:3] == ["prompted", "", "Dogs are loyal."]
+    assert "no fluent coefficient was more relevant than asking" in views.sweep_prompted_line(result)
+    reference["relevance"] = 0.3
+    assert "more relevant at coefficients 0.5, 1" in views.sweep_prompted_line(result)
+    unscored = plots.sweep_svg({"rows": rows, "prompted": {"text": "partial", "instruction": "x"}})
+    assert "prompted-rel" not in unscored  # still generating: no line yet
+
+
 def test_autotune_picture_and_cosine_scale():
     from steering.ui import plots
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from steering.vocab import MAX_PERPLEXITY
 
 SERIES = {"relevance": "#1f77b4", "perplexity": "#d62728"}
+PROMPTED = "#2ca02c"  # the prompted reference lines (the sweep run with prompted=True)
 WIDTH, HEIGHT = 1000, 424  # the sweep plot's viewBox; it is drawn at the column's full width
 LEFT, RIGHT = 64, 16  # margins, px
 REL_TOP, PPL_TOP, PANEL = 30, 214, 160  # the relevance panel, the perplexity panel below it, their height
@@ -105,7 +106,10 @@ def sweep_svg(result: dict) -> str:
     """The sweep as two panels over one coefficient axis, full width: relevance (nats/token) on
     top, perplexity below on a log scale with plain perplexity ticks and the fluency boundary
     (perplexity 30) dashed on it. Markers are hollow on rows that are not fluent; the recommended
-    coefficient is starred and marked across both panels. Rows without scores yet (still
+    coefficient is starred and marked across both panels. With a scored prompted reference row
+    (`result["prompted"]`, the sweep run with prompted=True) its relevance and perplexity are
+    dashed horizontal lines across their panels, labelled with their values and in the legend:
+    what asking achieved, to read each coefficient against. Rows without scores yet (still
     generating) are left out; with none, a one-line placeholder."""
     rows = [r for r in result.get("rows") or [] if r.get("perplexity") is not None]
     if not rows:
@@ -117,14 +121,19 @@ def sweep_svg(result: dict) -> str:
         (r["coeff"], r["perplexity"], bool(r.get("fluent")))
         for r in rows if r["perplexity"] > 0 and math.isfinite(r["perplexity"])
     )  # fmt: skip
+    reference = result.get("prompted") or {}
+    ref_rel = reference.get("relevance")
+    ref_rel = ref_rel if isinstance(ref_rel, (int, float)) and math.isfinite(ref_rel) else None
+    ref_ppl = reference.get("perplexity")
+    ref_ppl = ref_ppl if isinstance(ref_ppl, (int, float)) and 0 < ref_ppl and math.isfinite(ref_ppl) else None
     xs = [r["coeff"] for r in rows]
     x_ticks = nice_ticks(min(xs), max(xs))
     x_low, x_high = min(x_ticks + xs), max(x_ticks + xs)
     x_high = x_high if x_high > x_low else x_low + 1
-    rel_values = [y for _, y, _ in relevance] + [0.0]
+    rel_values = [y for _, y, _ in relevance] + [0.0] + ([ref_rel] if ref_rel is not None else [])
     rel_ticks = _covering(nice_ticks(min(rel_values), max(rel_values), 4), rel_values)
     rel_low, rel_high = min(rel_ticks + rel_values), max(rel_ticks + rel_values)
-    ppl_values = [y for _, y, _ in perplexity] + [MAX_PERPLEXITY]
+    ppl_values = [y for _, y, _ in perplexity] + [MAX_PERPLEXITY] + ([ref_ppl] if ref_ppl is not None else [])
     ppl_ticks = log_ticks(min(ppl_values), max(ppl_values))
     log_low, log_high = math.log(ppl_ticks[0]), math.log(ppl_ticks[-1])
 
@@ -159,6 +168,17 @@ def sweep_svg(result: dict) -> str:
         f'<text x="{LEFT + 6}" y="{line - 5:.1f}" font-size="12" fill="#555">'
         f"fluency boundary (perplexity {MAX_PERPLEXITY:g}): above it, not fluent</text>"
     )
+    for cls, value, py, unit in (("rel", ref_rel, py_rel, " nats/token"), ("ppl", ref_ppl, py_ppl, "")):
+        if value is None:
+            continue
+        y = py(value)
+        parts.append(
+            f'<line class="prompted-{cls}" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" '
+            f'stroke="{PROMPTED}" stroke-width="2" stroke-dasharray="8 5"><title>prompted (unsteered, asked): '
+            f"{value:.3g}{unit}</title></line>"
+            f'<text class="prompted-{cls}-label" x="{WIDTH - RIGHT - 6}" y="{y - 5:.1f}" text-anchor="end" '
+            f'font-size="12" fill="{PROMPTED}">prompted {value:.3g}</text>'
+        )
     best = result.get("recommended")
     star = [(x, y) for x, y, _ in relevance if x == best]
     if star:
@@ -177,7 +197,14 @@ def sweep_svg(result: dict) -> str:
         f'<text x="{LEFT + 117}" y="16">perplexity</text>'
         f'<circle cx="{LEFT + 212}" cy="12" r="5" fill="#fff" stroke="#555" stroke-width="2"/>'
         f'<text x="{LEFT + 222}" y="16">not fluent</text>'
-        f'<text x="{LEFT + 310}" y="16" fill="#e6a700">★ recommended</text></g>'
+        f'<text x="{LEFT + 310}" y="16" fill="#e6a700">★ recommended</text>'
+        + (
+            f'<line class="legend-prompted" x1="{LEFT + 430}" x2="{LEFT + 458}" y1="12" y2="12" stroke="{PROMPTED}" '
+            f'stroke-width="2" stroke-dasharray="8 5"/><text x="{LEFT + 464}" y="16">prompted (unsteered, asked)</text>'
+            if ref_rel is not None or ref_ppl is not None
+            else ""
+        )
+        + "</g>"
     )
     return (
         f'<div class="sweep-plot" style="overflow-x:auto"><svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" '

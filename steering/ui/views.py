@@ -751,8 +751,43 @@ def _rounded(value, digits: int):
     return None if value is None else round(value, digits)
 
 
+def sweep_prompted_line(result: dict) -> str:
+    """The info line's part about the prompted reference row ("" without one): its relevance and
+    fluency, and which fluent coefficients beat its relevance."""
+    reference = result.get("prompted")
+    if not reference or reference.get("relevance") is None:
+        return ""
+    rel = reference["relevance"]
+    beat = [r["coeff"] for r in result.get("rows", []) if r.get("fluent") and (r.get("relevance") or 0) > rel]
+    fluent = "fluent" if reference.get("fluent") else "not fluent"
+    if beat:
+        verdict = (
+            f"fluent and more relevant at coefficient{'s' if len(beat) > 1 else ''} {', '.join(f'{c:g}' for c in beat)}"
+        )
+    else:
+        verdict = "no fluent coefficient was more relevant than asking"
+    return f" · prompted (dashed): relevance {rel:.3g}, {fluent}; {verdict}"
+
+
 def sweep_table(result: dict) -> list[list]:
-    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row."""
+    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row. A
+    sweep run with prompted=True ends with its reference row, "prompted" in the coefficient column
+    (unsteered, never recommended, no effect)."""
+    reference = result.get("prompted")
+    tail = []
+    if reference:
+        tail = [
+            [
+                "prompted",
+                "",
+                reference.get("text") or "",
+                _rounded(reference.get("relevance"), 3),
+                "…" if "fluent" not in reference else "yes" if reference["fluent"] else "no",
+                _rounded(reference.get("perplexity"), 2),
+                _rounded(reference.get("repetition"), 2),
+                None,
+            ]
+        ]
     return [
         [
             r["coeff"],
@@ -765,7 +800,7 @@ def sweep_table(result: dict) -> list[list]:
             _rounded(r.get("effect"), 3),
         ]
         for r in result.get("rows", [])
-    ]
+    ] + tail
 
 
 def _cosine_colour(value: float) -> str:
