@@ -102,7 +102,8 @@ def _token_fits(
     kind: str, *, prompt: str | None = None, raw_prompt: bool = False, new_tokens: int = 0, texts=()
 ) -> Callable[[LoadedModel], None]:
     """A `fits` check: prompt (after the chat template) + new tokens per row, and each steering
-    text, against the model's positions and its fitted limit for a `kind` ("compare"/"sweep")."""
+    text, against the model's positions and its fitted limit for a `kind` ("compare", "prompted": a
+    compare with the prompted row, 3 rows, or "sweep")."""
 
     def check(loaded: LoadedModel) -> None:
         limit, why = _token_limit(loaded, kind)
@@ -112,7 +113,8 @@ def _token_fits(
                 raise InputError(
                     "prompt",
                     f"is {count} tokens (after the chat template); with {new_tokens} new tokens that is "
-                    f"{count + new_tokens} per row, over the limit of {limit} for a {kind} on {loaded.model_id} "
+                    f"{count + new_tokens} per row, over the limit of {limit} for a {estimate.KIND_WORDS[kind]} on "
+                    f"{loaded.model_id} "
                     f"({why}). Shorten the prompt or ask for fewer new tokens{_MORE}",
                 )
         _check_text_tokens(loaded, texts, limit, why)
@@ -150,7 +152,7 @@ def _token_limit(loaded: LoadedModel, kind: str) -> tuple[int, str]:
     if fitted is None or fitted >= positions:
         return positions, f"the model has {positions} positions"
     basis = (loaded.fit or {}).get("basis", "?")
-    rows = estimate.COMPARE_ROWS if kind == "compare" else estimate.SWEEP_ROWS
+    rows = estimate.ROWS_BY_KIND[kind]
     return fitted, f"fitted to the memory left beside the model, {rows} rows, basis: {basis}"
 
 
@@ -254,8 +256,9 @@ def steer_stream(
 
     layers, sizes = _vector_checks(specs)
     longest = prompt if instruction is None else generate.prompted_prompt(prompt, instruction)
+    kind = "compare" if instruction is None else "prompted"  # a prompted compare is 3 rows
     fits = _token_fits(
-        "compare", prompt=longest, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
+        kind, prompt=longest, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
     )
     yield from _stream("generation", layers, work, sizes, fits)
 

@@ -505,8 +505,9 @@ def status_line(status: dict) -> str:
     fit = status.get("fit")
     if fit:
         parts.append(
-            f"fits {fit['compare_max_tokens']} tokens per row in a compare, {fit['sweep_max_tokens']} in a sweep "
-            f"({fit['basis']})"
+            f"fits {fit['compare_max_tokens']} tokens per row in a compare"
+            + (f" ({fit['prompted_max_tokens']} with the prompted row)" if "prompted_max_tokens" in fit else "")
+            + f", {fit['sweep_max_tokens']} in a sweep ({fit['basis']})"
         )
     if status.get("locked"):
         parts.append("model switching locked")
