@@ -353,7 +353,8 @@ def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
     page.locator("#autotune-result").get_by_text("Auto-tune: the search").first.click()  # open the accordion
     grid = page.locator("#autotune-picture")
     assert "Score per coefficient at layer 15" in grid.text_content()
-    chosen = grid.locator("td.chosen").text_content().strip()
+    chosen = grid.locator("g.chosen text.cell-value").text_content().strip()
+    assert grid.locator("svg .colour-scale text.scale-tick").count() >= 2  # the scale has its numbers
     assert f"(score {chosen} on your prompt" in message or f"({chosen} on your prompt" in message, (chosen, message)
     # A refusal (no text) gives the button back too.
     page.locator("#new-text textarea").fill("")
@@ -557,12 +558,25 @@ def test_heatmap_numbers_are_readable_on_dark_cells(page):
         page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
     page.get_by_role("tab", name="Vectors").click()
     page.locator("#show-similarity").click()
-    page.locator("#heatmap td").first.wait_for()
-    colours = page.locator("#heatmap td").evaluate_all(
-        "cells => cells.map(c => [c.innerText.trim(), getComputedStyle(c).color])"
+    page.locator("#heatmap svg text.cell-value").first.wait_for()
+    colours = page.locator("#heatmap svg text.cell-value").evaluate_all(
+        "cells => cells.map(c => [c.textContent.trim(), getComputedStyle(c).fill])"
     )
     diagonal = [colour for value, colour in colours if value == "1.00"]
     assert diagonal and all(colour == "rgb(255, 255, 255)" for colour in diagonal), colours  # white on pure blue
+    assert page.locator("#heatmap svg .colour-scale text.scale-tick").all_text_contents() == [
+        "-1",
+        "-0.5",
+        "0",
+        "0.5",
+        "1",
+    ]
+    labels = page.locator("#heatmap svg text.row-label").evaluate_all(  # the drawn text, not the tooltip
+        "ls => ls.map(l => [...l.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join(''))"
+    )
+    assert labels == ["dogs", "cats"], labels
+    width = page.locator("#heatmap svg").evaluate("e => e.getBoundingClientRect().width")
+    assert width > 200, width  # drawn at a readable size, not squeezed
 
 
 def test_history_rows_show_the_prompt_under_whole_headers(page):

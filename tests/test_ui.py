@@ -460,6 +460,68 @@ def test_autotune_picture_and_cosine_scale():
     assert "colour-scale" in views.heatmap_html(["a", "b"], [[1.0, 0.2], [0.2, 1.0]], 3)
 
 
+def _cells(svg: str) -> list[tuple[str, str, str]]:
+    """(class, fill, number) of every cell of a grid SVG."""
+    return re.findall(
+        r'<g class="(cell|chosen)">.*?<rect [^>]*fill="([^"]+)"[^>]*/><text class="cell-value"[^>]*>([^<]*)</text>', svg
+    )
+
+
+def test_heatmap_and_autotune_grid_are_svg_plots_with_a_numbered_scale_and_readable_numbers():
+    from steering.ui import plots
+
+    texts = ["dogs", "cats", "the Golden Gate Bridge at sunset"]
+    matrix = [[1.0, 0.62, -0.9], [0.62, 1.0, 0.05], [-0.9, 0.05, 1.0]]
+    svg = views.heatmap_html(texts, matrix, 15)
+    assert "<svg" in svg and "<table" not in svg and "<td" not in svg  # a plot, not an HTML table
+    cells = _cells(svg)
+    assert [n for _, _, n in cells] == [f"{v:.2f}" for row in matrix for v in row]  # every cosine, in order
+
+    def contrast(a: str, b: str) -> float:  # the WCAG contrast ratio of two colours
+        high, low = sorted((plots._luminance(a), plots._luminance(b)), reverse=True)
+        return (high + 0.05) / (low + 0.05)
+
+    drawn = {}
+    for _, fill, number in cells:  # black on light cells, white on dark ones: the better contrast, >= 4.5:1
+        text = re.search(rf'fill="{re.escape(fill)}"[^>]*/><text class="cell-value"[^>]*fill="([^"]+)"', svg).group(1)
+        other = "#000" if text == "#fff" else "#fff"
+        assert contrast(text, fill) >= max(4.5, contrast(other, fill)), (number, fill, text)
+        drawn[number] = text
+    assert drawn["1.00"] == "#fff" and drawn["0.05"] == "#000" and drawn["-0.90"] == "#000"  # pure blue, white, red
+    # the scale: a gradient bar from red (-1) through white to blue (+1), with its numbers
+    assert 'class="scale-bar"' in svg and "linearGradient" in svg
+    assert re.findall(r'class="scale-tick"[^>]*>([^<]*)<', svg) == ["-1", "-0.5", "0", "0.5", "1"]
+    assert 'stop-color="rgb(255,0,0)"' in svg and 'stop-color="rgb(0,0,255)"' in svg
+    # readable axis labels: every text on both axes (long ones shortened, the whole text as a tooltip)
+    rows = re.findall(r'class="row-label"[^>]*><title>([^<]*)</title>([^<]*)<', svg)
+    assert [full for full, _ in rows] == texts and rows[2][1] == "the Golden Gate Bridg…"
+    assert len(re.findall(r'class="col-label"', svg)) == 3 and "steering vector" in svg
+
+    result = {
+        "layer": 15,
+        "coeff": 1.0,
+        "reason": "fluent on 4 of 5",
+        "rows": [
+            {"layer": layer, "coeff": c, "score": score, "text": "x"}
+            for layer, c, score in ((12, 0.75, 0.4), (12, 1.0, None), (15, 0.75, 2.2), (15, 1.0, 2.9))
+        ],
+    }
+    grid = plots.autotune_html(result)
+    assert "<svg" in grid and "<table" not in grid
+    cells = _cells(grid)
+    assert [(k, n) for k, _, n in cells] == [
+        ("cell", "0.400"), ("cell", "not fluent"), ("cell", "2.200"), ("chosen", "2.900")
+    ]  # fmt: skip
+    assert dict((n, f) for _, f, n in cells)["not fluent"] == plots.NOT_FLUENT
+    darkest = re.search(r'<g class="chosen">.*?<text class="cell-value"[^>]*fill="([^"]+)"', grid).group(1)
+    assert darkest == plots.text_colour(plots._score_colour(2.9, 2.9)) == "#000"  # 5.2:1 on the best green (white: 4.0)
+    assert re.findall(r'class="scale-tick"[^>]*>([^<]*)<', grid) == ["0", "1", "2"]  # 0 .. the best score, 2.9
+    assert 'class="scale-extra"' in grid and "not fluent" in grid  # the grey swatch beside the bar
+    assert re.findall(r'class="row-label"[^>]*><title>[^<]*</title>([^<]*)<', grid) == ["layer 12", "layer 15"]
+    assert re.findall(r'class="col-label"[^>]*>([^<]*)<', grid) == ["0.75", "1"] and "coefficient" in grid
+    assert plots.text_colour("rgb(0,0,255)") == "#fff" and plots.text_colour("#ffffff") == "#000"
+
+
 def test_history_is_bounded_per_session_and_downloads_as_jsonl(monkeypatch):
     from steering import history
 

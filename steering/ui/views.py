@@ -29,7 +29,7 @@ from steering.limits import (
     shorten,
 )
 from steering.quality import best_row
-from steering.ui.plots import colour_scale
+from steering.ui import plots
 from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
@@ -804,28 +804,9 @@ def sweep_table(result: dict) -> list[list]:
     ] + tail
 
 
-def _cosine_colour(value: float) -> str:
-    """White at 0, blue towards +1, red towards -1."""
-    v = max(-1.0, min(1.0, float(value)))
-    fade = int(255 * (1 - abs(v)))
-    return f"rgb({fade},{fade},255)" if v >= 0 else f"rgb(255,{fade},{fade})"
+_cosine_colour = plots.cosine_colour  # white at 0, blue towards +1, red towards -1
 
 
 def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer: int) -> str:
-    """The cosine-similarity matrix as a coloured HTML table (no plotting library needed)."""
-    head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
-    body = []
-    for text, row in zip(texts, matrix, strict=True):
-        cells = "".join(
-            f'<td style="background:{_cosine_colour(v)};color:{"#fff" if abs(v) > 0.6 else "#000"};'
-            f'text-align:center;padding:4px 8px">{v:.2f}</td>'
-            for v in row
-        )
-        body.append(f"<tr><th style='text-align:right'>{html.escape(text)}</th>{cells}</tr>")
-    return (
-        f'<div class="heatmap"><p>Cosine similarity of the steering vectors at layer {layer} '
-        "(blue: similar, white: unrelated, red: opposite).</p>"
-        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
-        + colour_scale([(_cosine_colour(v), f"{v:g}") for v in (-1, -0.5, 0, 0.5, 1)], "cosine similarity")
-        + "</div>"
-    )
+    """The cosine-similarity matrix as an SVG heatmap with its colour scale (`plots.heatmap_svg`)."""
+    return plots.heatmap_svg(texts, matrix, layer)
