@@ -350,6 +350,7 @@ def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
     # every sentence starts with a capital.
     message = _text(page, "vector-message")
     assert not re.search(r"[.;] [a-z]", message.replace("e.g.", "")), message
+    assert re.search(r"(beat|tied)[^.]* on your prompt and the 4 probes: mean aggregate score", message), message
     page.locator("#autotune-result").get_by_text("Auto-tune: the search").first.click()  # open the accordion
     grid = page.locator("#autotune-picture")
     assert "Score per coefficient at layer 15" in grid.text_content()

@@ -687,3 +687,19 @@ def test_score_badges_show_bins_and_the_best_row_line():
     assert "score 0.00/2" in baseline and "score 2.00/2" in prompted
     assert line.startswith("prompted scored highest: 2.00 of 2")
     assert views.steer_scores({"scores": None}) == ("", "", "", "")
+
+
+def test_the_autotune_message_says_whether_the_chosen_setting_beat_prompting():
+    verdict = (
+        "Prompting beat the chosen setting on your prompt and the 4 probes: mean aggregate score 0.4 steered vs 1.2."
+    )
+    result = {
+        "layer": 15,
+        "coeff": 1.0,
+        "reason": "fluent on 4 of 5",
+        "rows": [{"layer": 15, "coeff": 1.0, "score": 2.5, "text": "x"}],
+        "versus_prompted": {"verdict": verdict, "steered": 0.4, "prompted": 1.2},
+    }
+    message = ui_autotune._message(result, 15)
+    assert verdict in message and message.index(verdict) < message.index("Add vector")
+    assert "Prompting beat" not in ui_autotune._message({**result, "versus_prompted": None}, 15)
