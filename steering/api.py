@@ -564,7 +564,7 @@ def autotune(
         sentence: which did better, by how much)}. aggregate: concept, instruction and fluency
         each binned 0/1/2, their harmonic mean, 0 when any is 0 (/steer's "scores").
         On the embedded model at the defaults it took 17-22 s on 2 idle CPU cores without the
-        prompted comparison, which adds about a fifth to a quarter (6-8 s on 24-34 s searches).
+        prompted comparison, which adds a fifth to a third (6-12 s on 19-44 s searches).
     """
     prompt = generate.check_prompt(prompt)
     prompted = limits.check_bool(prompted, "prompted")
