@@ -585,7 +585,10 @@ def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir
     else:
         assert layer.value == result["layer"] and coeff == result["coeff"]
         assert f"layer {result['layer']} and coefficient {result['coeff']:g}" in message
-    assert "autotune-grid" in picture and picture.count("<td") == len(result["rows"])
+    cells = picture.count('<g class="cell">') + picture.count('<g class="chosen">')
+    assert "autotune-grid" in picture and "<svg" in picture and cells == len(result["rows"])
+    if result["layer"] is not None:  # the message says whether the chosen setting beat asking in words
+        assert result["versus_prompted"]["verdict"] in message
 
 
 def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_buttons_alone(embedded_dir):
