@@ -4,6 +4,8 @@
     python research/prompting.py --sample 72        # print a seeded sample to label by eye
     python research/prompting.py --stage report     # agreement with the eye labels + the table
     python research/prompting.py --stage away       # steering away vs asking not to, where the prompt asks
+    python research/prompting.py --stage more       # auto-tune (per topic) and trained-vector rows, all sets
+    python research/prompting.py --stage report-more  # the five columns: research/results/prompting_more.json
 
 Stage generate: for every prompt of `research/data/quality_set.json`, `quality_fresh.json` and
 `quality_fresh2.json` (16 topics x 6 prompts), the app's own `/steer(prompted=True)` rows as one
@@ -87,6 +89,159 @@ def generate_all(coeff: float = limits.DEFAULT_COEFF) -> dict:
             OUTPUTS.write_text(json.dumps(out, indent=1) + "\n")
             print(f"  {set_name} {topic['name']}: {time.time() - started:.0f} s", flush=True)
     return out
+
+
+MORE_OUTPUTS = RESULTS / "prompting_more_outputs.json"  # research/out/: every output and its raw scores
+MORE = Path(__file__).resolve().parent / "results" / "prompting_more.json"  # the compact, committed file
+TRAIN_TOPICS = Path(__file__).resolve().parent.parent / "bench" / "train_topics.json"
+MORE_ROWS = ("autotuned", "baseline", "trained")
+TUNE_PROMPT = 0  # the prompt of each topic auto-tune is tuned on; the setting is applied to all six
+
+
+def generate_more() -> dict:
+    """Two more columns for the table, on the same prompts as stage generate: per topic, the real
+    auto-tune (`steering.quality.autotune`, the app's defaults: middle layer, its coefficients,
+    positions "prompt", the prompt and four probes) tuned on prompt TUNE_PROMPT, and a `mean_diff`
+    vector trained from the topic's 8 example sentences of bench/train_topics.json (built-in
+    neutral negatives; a pair topic against its negatives) at the middle layer and
+    `training.TRAINED_COEFF`, the setting bench/steer_trained.py measured. Then on every prompt of
+    the topic, one greedy 40-token batch: the auto-tuned setting's row, the baseline, the trained
+    vector's row; every row scored by `compare_scores` against the topic's text (so the concept
+    score reads the same text for both). Resumable per topic; writes MORE_OUTPUTS."""
+    from steering import generate as G
+    from steering import quality as Q
+    from steering import training
+    from steering.engine import parse_vector
+
+    engine = load_engine()
+    examples = json.loads(TRAIN_TOPICS.read_text())["topics"]
+    out: dict = {"layer": LAYER, "max_new_tokens": TOKENS, "tune_prompt": TUNE_PROMPT, "topics": {}, "outputs": []}
+    if MORE_OUTPUTS.exists():
+        out = json.loads(MORE_OUTPUTS.read_text())
+    sampling = G.Sampling(max_new_tokens=TOKENS)
+    started = time.time()
+    for set_name, file in SETS.items():
+        for topic in json.loads((DATA / file).read_text())["topics"]:
+            if f"{set_name}|{topic['name']}" in out["topics"]:
+                continue
+            t0 = time.time()
+            texts = {k: topic[k] for k in ("text", "positive", "negative") if k in topic}
+            tuned = Q.autotune(engine, topic["prompts"][TUNE_PROMPT], **texts)
+            t_tune = time.time() - t0
+            data = examples[topic["name"]]
+            trained = training.train(engine, data["positives"], data.get("negatives", ()), "mean_diff", LAYER)
+            t_train = time.time() - t0 - t_tune
+            reference = parse_vector(_vector(topic, limits.DEFAULT_COEFF), 0, engine.n_layers)
+            tuned_spec = parse_vector(
+                {**texts, "coeff": tuned["coeff"], "layer": tuned["layer"], "positions": tuned["positions"]},
+                0,
+                engine.n_layers,
+            )
+            trained_spec = parse_vector(trained["vector"], 0, engine.n_layers)
+            rows = [[(tuned_spec, tuned_spec.coeff)], [], [(trained_spec, trained_spec.coeff)]]
+            for p, prompt in enumerate(topic["prompts"]):
+                final = G.run_rows(engine, prompt, rows, sampling)
+                context = G.prompt_ids(engine.tokenizer, prompt)
+                scores = Q.compare_scores(engine, context, final.token_ids, [reference], TOKENS)
+                for name, text, ids, score in zip(MORE_ROWS, final.texts, final.token_ids, scores):
+                    out["outputs"].append({
+                        "id": f"{set_name}|{topic['name']}|{p}|{name}", "set": set_name, "topic": topic["name"],
+                        "prompt": prompt, "row": name, "tuned_on": p == TUNE_PROMPT, "text": text, "n": len(ids),
+                        "on_topic": on_topic(text, topic["words"]), **score,
+                    })  # fmt: skip
+            out["topics"][f"{set_name}|{topic['name']}"] = {
+                "autotune": {k: tuned[k] for k in ("layer", "coeff", "decay", "positions", "score", "reason")},
+                "trained": {"layer": trained["layer"], "coeff": trained["coeff"], "auroc": trained["auroc"]},
+                "seconds": {"autotune": round(t_tune, 1), "train": round(t_train, 1),
+                            "generate": round(time.time() - t0 - t_tune - t_train, 1)},
+            }  # fmt: skip
+            RESULTS.mkdir(exist_ok=True)
+            OUTPUTS_TMP = MORE_OUTPUTS.with_suffix(".tmp")
+            OUTPUTS_TMP.write_text(json.dumps(out, indent=1) + "\n")
+            OUTPUTS_TMP.replace(MORE_OUTPUTS)
+            print(f"  {set_name} {topic['name']}: coeff {tuned['coeff']} ({time.time() - started:.0f} s)", flush=True)
+    return out
+
+
+def _committed_outputs() -> dict:
+    """Stage generate's outputs: research/out/ when a run wrote them there, else the committed copy."""
+    path = OUTPUTS if OUTPUTS.exists() else REPORT.parent / OUTPUTS.name
+    return {o["id"]: o for o in json.loads(path.read_text())["outputs"]}
+
+
+def _rates(rows: list[dict]) -> dict:
+    from steering import quality as Q
+
+    good = [o["on_topic"] and Q.is_fluent(o["perplexity"], o["repetition"], o["n"]) for o in rows]
+    aggs = [Q.aggregate(list(_bins(o).values())) for o in rows]
+    return {
+        "n": len(rows),
+        "on_topic_and_fluent": round(sum(good) / len(rows), 3),
+        "mean_aggregate": round(sum(aggs) / len(aggs), 3),
+    }
+
+
+def report_more() -> dict:
+    """The five columns per set: steered (defaults), steered (auto-tune), trained vector,
+    prompted, baseline: on-topic-and-fluent rate and mean aggregate, the bins of stage report.
+    "autotuned_held_out" leaves out each topic's tuning prompt. Writes MORE (compact: no raw
+    log-probs), with each topic's chosen setting and the time each part took."""
+    base = _committed_outputs()
+    more = json.loads(MORE_OUTPUTS.read_text())
+    outputs = list(base.values()) + more["outputs"]
+    table: dict = {}
+    for set_name in list(SETS) + ["all"]:
+        for row in ("steered", "autotuned", "autotuned_held_out", "trained", "prompted", "baseline"):
+            name = "autotuned" if row == "autotuned_held_out" else row
+            pool = base.values() if row == "baseline" else outputs  # stage generate's baseline (the same rows)
+            rows = [o for o in pool if o["row"] == name and set_name in ("all", o["set"])]
+            if row == "autotuned_held_out":
+                rows = [o for o in rows if not o["tuned_on"]]
+            if rows:
+                table.setdefault(set_name, {})[row] = _rates(rows)
+    same_baseline = sum(
+        o["text"] == base[o["id"]]["text"] for o in more["outputs"] if o["row"] == "baseline" and o["id"] in base
+    )
+    coeffs = [t["autotune"]["coeff"] for t in more["topics"].values()]
+    seconds = {
+        k: round(sum(t["seconds"][k] for t in more["topics"].values()), 1) for k in ("autotune", "train", "generate")
+    }
+    result = {
+        "settings": {
+            "steered": {"layer": LAYER, "coeff": limits.DEFAULT_COEFF, "positions": "prompt"},
+            "autotuned": f"autotune's defaults, tuned on prompt {TUNE_PROMPT} of each topic, applied to all six",
+            "trained": {
+                "method": "mean_diff",
+                "layer": LAYER,
+                "coeff": more["topics"] and next(iter(more["topics"].values()))["trained"]["coeff"],
+                "examples": "bench/train_topics.json (8 per topic; neutral negatives, a pair its 8 negatives)",
+            },
+            "max_new_tokens": TOKENS,
+            "decoding": "greedy",
+        },  # fmt: skip
+        "table": table,
+        "autotune_coeffs": {c: coeffs.count(c) for c in sorted(set(coeffs))},
+        "baseline_rows_identical_to_stage_generate": f"{same_baseline} of {len(more['outputs']) // len(MORE_ROWS)}",
+        "seconds": seconds,
+        "topics": more["topics"],
+        "outputs": [
+            {k: o[k] for k in ("id", "row", "on_topic", "fluent", "bins", "aggregate", "text")}
+            | {"tuned_on": o["tuned_on"]}
+            for o in more["outputs"]
+            if o["row"] != "baseline"
+        ],  # fmt: skip
+    }
+    MORE.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("table", "autotune_coeffs", "baseline_rows_identical_to_stage_generate", "seconds")
+            },
+            indent=1,
+        )
+    )  # noqa: E501
+    return result
 
 
 AWAY = Path(__file__).resolve().parent / "results" / "prompting_away.json"
@@ -215,7 +370,7 @@ def fit_bins(outputs: dict, labels: dict, what: str) -> dict:
 def report() -> dict:
     from steering import quality as Q
 
-    outputs = {o["id"]: o for o in json.loads(OUTPUTS.read_text())["outputs"]}
+    outputs = _committed_outputs()
     labels = json.loads(LABELS.read_text())["labels"]
     agree: dict = {}
     for what in ("concept", "instruction", "fluency"):
@@ -287,7 +442,7 @@ def _eye_mean(labels, row, set_name, outputs):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("generate", "report", "away"), default=None)
+    parser.add_argument("--stage", choices=("generate", "more", "report-more", "report", "away"), default=None)
     parser.add_argument("--sample", type=int, default=0, help="print N outputs (N/3 prompts x 3 rows) and stop")
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--coeff", type=float, default=limits.DEFAULT_COEFF)
@@ -296,6 +451,12 @@ def main() -> None:
         return print_sample(args.sample, args.seed)
     if args.stage == "away":
         steer_away()
+        return
+    if args.stage == "more":
+        generate_more()
+        return
+    if args.stage == "report-more":
+        report_more()
         return
     if args.stage in (None, "generate"):
         generate_all(args.coeff)

@@ -102,7 +102,8 @@ def _token_fits(
     kind: str, *, prompt: str | None = None, raw_prompt: bool = False, new_tokens: int = 0, texts=()
 ) -> Callable[[LoadedModel], None]:
     """A `fits` check: prompt (after the chat template) + new tokens per row, and each steering
-    text, against the model's positions and its fitted limit for a `kind` ("compare"/"sweep")."""
+    text, against the model's positions and its fitted limit for a `kind` ("compare", "prompted": a
+    compare with the prompted row, 3 rows, or "sweep")."""
 
     def check(loaded: LoadedModel) -> None:
         limit, why = _token_limit(loaded, kind)
@@ -112,7 +113,8 @@ def _token_fits(
                 raise InputError(
                     "prompt",
                     f"is {count} tokens (after the chat template); with {new_tokens} new tokens that is "
-                    f"{count + new_tokens} per row, over the limit of {limit} for a {kind} on {loaded.model_id} "
+                    f"{count + new_tokens} per row, over the limit of {limit} for a {estimate.KIND_WORDS[kind]} on "
+                    f"{loaded.model_id} "
                     f"({why}). Shorten the prompt or ask for fewer new tokens{_MORE}",
                 )
         _check_text_tokens(loaded, texts, limit, why)
@@ -150,7 +152,7 @@ def _token_limit(loaded: LoadedModel, kind: str) -> tuple[int, str]:
     if fitted is None or fitted >= positions:
         return positions, f"the model has {positions} positions"
     basis = (loaded.fit or {}).get("basis", "?")
-    rows = estimate.COMPARE_ROWS if kind == "compare" else estimate.SWEEP_ROWS
+    rows = estimate.ROWS_BY_KIND[kind]
     return fitted, f"fitted to the memory left beside the model, {rows} rows, basis: {basis}"
 
 
@@ -254,8 +256,9 @@ def steer_stream(
 
     layers, sizes = _vector_checks(specs)
     longest = prompt if instruction is None else generate.prompted_prompt(prompt, instruction)
+    kind = "compare" if instruction is None else "prompted"  # a prompted compare is 3 rows
     fits = _token_fits(
-        "compare", prompt=longest, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
+        kind, prompt=longest, raw_prompt=raw_prompt, new_tokens=sampling.max_new_tokens, texts=_texts(specs)
     )
     yield from _stream("generation", layers, work, sizes, fits)
 
@@ -513,11 +516,12 @@ def autotune(
     max_new_tokens: int = 40,
     seed: int = _D["seed"],
     positions: str = eng.DEFAULT_POSITIONS,
+    prompted: bool = True,
     *,
     stop: Event | None = None,
 ) -> dict:
     """Search layers x coefficients for the setting that steers the output toward the text while
-    it stays fluent (candidates as rows of batches of up to 8).
+    it stays fluent (candidates as rows of batches of up to 8), then say whether it beat asking.
 
     Candidates: the middle layer x coefficients 0.75, 1.0, 1.25 with positions "prompt" (0.45,
     0.5, 0.55 with "all"), each a row of one greedy batch with the unsteered baseline, on the
@@ -538,6 +542,10 @@ def autotune(
         positions: where the candidate vectors are added: "prompt" (the default; the prompt's
             positions only, ActAdd-style) or "all" (the prompt and every generated token, as
             llm-steer does). Give the chosen setting's vector the same positions.
+        prompted: also score the chosen setting against prompting (the default): the prompt and
+            each probe followed by /steer's prompted instruction ("In your answer, talk about
+            {text}."; a pair: toward the positive, not the negative), unsteered, as one more
+            batch; every row scored as /steer scores its rows. False skips that batch.
 
     Returns:
         {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "text",
@@ -548,9 +556,18 @@ def autotune(
         unsteered model finds the steering text after this output than after the baseline's
         (nats per token). fluent: repetition (1 - distinct-2) <= 0.2, perplexity <= 30 and at
         least 8 tokens. "reason" says why the chosen setting won (on how many of the five outputs).
-        On the embedded model at the defaults it took 17-22 s on 2 idle CPU cores.
+        "versus_prompted" (None with prompted=False, when stopped or when nothing was chosen):
+        {"instruction", "text" (the prompted row's output on the prompt), "steered", "prompted"
+        (the mean aggregate score, 0-2, of the chosen setting's rows and of the prompted rows over
+        the prompt and the four probes), "steered_wins", "prompted_wins", "ties" (per output, by
+        aggregate), "outputs", "per_prompt": [{"prompt", "steered", "prompted"}], "verdict" (one
+        sentence: which did better, by how much)}. aggregate: concept, instruction and fluency
+        each binned 0/1/2, their harmonic mean, 0 when any is 0 (/steer's "scores").
+        On the embedded model at the defaults it took 17-22 s on 2 idle CPU cores without the
+        prompted comparison, which adds a fifth to a third (6-12 s on 19-44 s searches).
     """
     prompt = generate.check_prompt(prompt)
+    prompted = limits.check_bool(prompted, "prompted")
     tokens = limits.check("max_new_tokens", max_new_tokens)
     seed = limits.check("seed", seed)
     pair = bool(positive or negative)
@@ -569,6 +586,7 @@ def autotune(
         result = quality.autotune(
             engine, prompt, text=text, positive=positive, negative=negative, layers=mapped,
             max_new_tokens=tokens, seed=seed, stop=lifecycle.stop_flag(stop), positions=positions,
+            prompted=prompted,
         )  # fmt: skip
         # The API's rows keep the issue's fields: every candidate ran with the result's decay.
         rows = [{k: v for k, v in row.items() if k != "decay"} for row in result["rows"]]
@@ -576,7 +594,12 @@ def autotune(
 
     checks = [(f"layers[{i}]", v) for i, v in enumerate(layers or [])]
     read = [(field, value, layer) for field, value in named for layer in (layers or [None])]  # per searched layer
-    return _run("autotune", checks, work, fits=_token_fits("sweep", prompt=prompt, new_tokens=tokens, texts=read))
+    longest = prompt
+    if prompted:  # the prompted row's prompt is the longest the search runs
+        words = eng.VectorSpec(layer=0, coeff=1.0, text=text, positive=positive, negative=negative)
+        longest = generate.prompted_prompt(prompt, generate.prompt_instruction([words]))
+    fits = _token_fits("sweep", prompt=longest, new_tokens=tokens, texts=read)
+    return _run("autotune", checks, work, fits=fits)
 
 
 def export_vectors(vectors: list[dict], format: str = "gguf", capture_mode: str = eng.DEFAULT_CAPTURE_MODE) -> dict:

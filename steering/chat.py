@@ -17,7 +17,7 @@ import collections
 from collections.abc import Iterator, Sequence
 from threading import Event
 
-from steering import api, generate, limits
+from steering import api, estimate, generate, limits
 from steering import engine as eng
 from steering.errors import InputError
 from steering.loaded import LoadedModel
@@ -102,11 +102,13 @@ def _with_instruction(conversation: Sequence[dict], instruction: str) -> list[di
 
 def _conversation_fits(conversations: Sequence[list[dict]], new_tokens: int, texts) -> api.Fits:
     """Each conversation (after the chat template) + new tokens against the model's limit for a
-    2-row compare, and each steering text, as /steer checks its prompt."""
-    text_fits = api._token_fits("compare", texts=texts)
+    2-row compare (3 rows with the prompted conversation: a prompted compare's limit), and each
+    steering text, as /steer checks its prompt."""
+    kind = "prompted" if len(conversations) > 2 else "compare"
+    text_fits = api._token_fits(kind, texts=texts)
 
     def check(loaded: LoadedModel) -> None:
-        limit, why = api._token_limit(loaded, "compare")
+        limit, why = api._token_limit(loaded, kind)
         for field, conversation in zip(HISTORIES, conversations):
             count = len(generate.conversation_ids(loaded.tokenizer, conversation))
             if count + new_tokens > limit:
@@ -114,7 +116,8 @@ def _conversation_fits(conversations: Sequence[list[dict]], new_tokens: int, tex
                     field if len(conversation) > 1 else "message",
                     f"with the new message this conversation is {count} tokens (after the chat template); with "
                     f"{new_tokens} new tokens that is {count + new_tokens} per row, over the limit of {limit} for "
-                    f"a compare on {loaded.model_id} ({why}). Clear the chat, shorten the message or ask for "
+                    f"a {estimate.KIND_WORDS[kind]} on {loaded.model_id} ({why}). Clear the chat, shorten the "
+                    "message or ask for "
                     f"fewer new tokens{api._MORE}",
                 )
         text_fits(loaded)

@@ -348,13 +348,13 @@ def split_fit(
     margin_bytes: int,
     loaded: bool,
 ) -> dict:
-    """`{"compare_max_tokens", "sweep_max_tokens"}` of a split model: the longest prompt + new
+    """`{"compare_max_tokens", "prompted_max_tokens", "sweep_max_tokens"}` of a split model: the longest prompt + new
     tokens per row with which every GPU keeps its margin. `loaded`: the readings are live and
     already hold the model's weights (and CUDA contexts)."""
     headroom = {f"cuda:{reading.cuda_index}": reading.headroom_bytes for reading in gpus}
     first_gpu = f"cuda:{gpus[0].cuda_index}"
     out = {}
-    for key, rows in (("compare_max_tokens", estimate.COMPARE_ROWS), ("sweep_max_tokens", estimate.SWEEP_ROWS)):
+    for key, rows in ((f"{kind}_max_tokens", rows) for kind, rows in estimate.ROWS_BY_KIND.items()):
 
         def fits(tokens: int, rows: int = rows) -> bool:
             request = estimate.request_estimate(

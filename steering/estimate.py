@@ -306,11 +306,15 @@ def estimate(
 
 
 # -- pricing a request ----------------------------------------------------------------------------
-# Rows per batch of each request kind: a compare is the steered and the baseline row, a sweep (and
-# an auto-tune batch) up to 8 coefficient rows. The plan's standard workload: a compare at the
-# planned context and a sweep of SWEEP_PLAN_TOKENS tokens per row.
+# Rows per batch of each request kind: a compare is the steered and the baseline row (and the
+# prompted row with prompted=True: 3), a sweep (and an auto-tune batch) up to 8 coefficient rows.
+# The plan's standard workload: a compare at the planned context and a sweep of SWEEP_PLAN_TOKENS
+# tokens per row.
 COMPARE_ROWS = 2
+PROMPTED_ROWS = 3  # a compare with the prompted row (/steer or /chat with prompted=True)
 SWEEP_ROWS = 8
+ROWS_BY_KIND = {"compare": COMPARE_ROWS, "prompted": PROMPTED_ROWS, "sweep": SWEEP_ROWS}
+KIND_WORDS = {"compare": "compare", "prompted": "prompted compare (3 rows)", "sweep": "sweep"}
 SWEEP_PLAN_TOKENS = 256
 # Lean scoring (steering/generate.py) turns at most this many logits into log-probs at once.
 SCORE_CHUNK_ELEMENTS = 2**22
@@ -380,7 +384,7 @@ def largest_fitting(fits, high: int) -> int:
 
 
 def fit_limits(spec: ModelSpec, quant: str, reading: DeviceReading, *, margin_bytes: int, loaded: bool) -> dict:
-    """`{"compare_max_tokens", "sweep_max_tokens"}` of `spec` in `quant` on `reading`, keeping
+    """`{"compare_max_tokens", "prompted_max_tokens", "sweep_max_tokens"}` of `spec` in `quant` on `reading`, keeping
     `margin_bytes` free. `loaded`: the reading is live and already holds this model (its weights,
     and on CUDA the context), so only what a request adds must fit."""
     resident = 0
@@ -388,9 +392,8 @@ def fit_limits(spec: ModelSpec, quant: str, reading: DeviceReading, *, margin_by
         resident = weights_bytes(spec, quant) + (CUDA_CONTEXT_BYTES if reading.mode == "cuda" else 0)
     budget = reading.headroom_bytes - margin_bytes
     common = dict(resident_bytes=resident, on_gpu=reading.is_gpu, compute_capability=reading.compute_capability)
-    return {
-        "compare_max_tokens": fitted_tokens(spec, quant, COMPARE_ROWS, budget, **common),
-        "sweep_max_tokens": fitted_tokens(spec, quant, SWEEP_ROWS, budget, **common),
+    return {  # every request kind's limit: compare_max_tokens, prompted_max_tokens, sweep_max_tokens
+        f"{kind}_max_tokens": fitted_tokens(spec, quant, rows, budget, **common) for kind, rows in ROWS_BY_KIND.items()
     }
 
 

@@ -216,26 +216,28 @@ def compare_scores(
     if ppl is None:
         ppl = generate.context_perplexities(engine, context, rows)
     follows = instruction_scores(engine, context, rows, ppl)
-    out = []
-    for c, f, p, ids in zip(concept, follows, ppl, rows):
-        rep = repetition(ids)
-        bins = {
-            "concept": None if c is None else _bin(c, CONCEPT_BINS),
-            "instruction": _bin(f, INSTRUCTION_BINS),
-            "fluency": fluency_bin(p, rep, len(ids), max_new_tokens),
-        }
-        out.append(
-            {
-                "concept": None if c is None else round(c, 4),
-                "instruction": None if f is None else round(f, 4),
-                "perplexity": None if p is None else round(p, 2),
-                "repetition": round(rep, 3),
-                "fluent": is_fluent(p, rep, len(ids), max_new_tokens),
-                "bins": bins,
-                "aggregate": aggregate(list(bins.values())),
-            }
-        )
-    return out
+    return [row_score(c, f, p, ids, max_new_tokens) for c, f, p, ids in zip(concept, follows, ppl, rows)]
+
+
+def row_score(
+    concept: float | None, follows: float | None, ppl: float | None, ids: Sequence[int], max_new_tokens: int | None
+) -> dict:
+    """One row's score dict of `compare_scores` from its concept, instruction and perplexity."""
+    rep = repetition(ids)
+    bins = {
+        "concept": None if concept is None else _bin(concept, CONCEPT_BINS),
+        "instruction": _bin(follows, INSTRUCTION_BINS),
+        "fluency": fluency_bin(ppl, rep, len(ids), max_new_tokens),
+    }
+    return {
+        "concept": None if concept is None else round(concept, 4),
+        "instruction": None if follows is None else round(follows, 4),
+        "perplexity": None if ppl is None else round(ppl, 2),
+        "repetition": round(rep, 3),
+        "fluent": is_fluent(ppl, rep, len(ids), max_new_tokens),
+        "bins": bins,
+        "aggregate": aggregate(list(bins.values())),
+    }
 
 
 def best_row(scores: dict) -> tuple[str | None, str]:
@@ -465,6 +467,83 @@ def choose_across(
     )
 
 
+def versus_prompted(
+    engine: SteeringEngine,
+    runs: Sequence[tuple[str, list[int], list[tuple]]],
+    best: dict,
+    spec: VectorSpec,
+    sampling,
+    *,
+    stop: threading.Event | None = None,
+) -> dict | None:
+    """The chosen setting against asking in words, on each greedy run of the search (the user's
+    prompt first, then the probes): `runs` is [(prompt, baseline ids, candidates)] as
+    `generate_candidates` returned them. The prompted rows (each prompt followed by /steer's
+    instruction, `generate.prompt_instruction`, unsteered) run as one batch of their own; then
+    the chosen setting's row, the baseline and the prompted row of each prompt get the scores
+    /steer gives (`compare_scores`). Returns {"instruction", "text" (the prompted row on the
+    user's prompt), "steered", "prompted" (mean aggregate, 0-2), "steered_wins",
+    "prompted_wins", "ties", "outputs", "per_prompt": [{"prompt", "steered", "prompted"}],
+    "verdict"}, or None when `stop` ended the prompted batch."""
+    from steering import generate as G
+
+    instruction = G.prompt_instruction([spec])
+    key = setting(best)
+    chosen = [(each, base, next(c for c in cands if c[:3] == key)) for each, base, cands in runs]
+    row_ids = [G.prompt_ids(engine.tokenizer, G.prompted_prompt(each, instruction)) for each, _, _ in chosen]
+    final = G.run_rows(engine, chosen[0][0], [[] for _ in chosen], sampling, stop=stop, row_ids=row_ids)
+    if stop is not None and stop.is_set():
+        return None
+    # compare_scores' numbers, without what the comparison does not need (the baseline's own score)
+    # and with every row's neutral-prompt reading in one batch: per prompt one pass over the
+    # baseline, the chosen row and the prompted row (concept and perplexity), then one for all.
+    texts = dict(positive=spec.positive, negative=spec.negative) if spec.contrastive else dict(text=spec.text)
+    pairs, read = [], []
+    for (each, base, row), asked in zip(chosen, final.token_ids):
+        context = G.prompt_ids(engine.tokenizer, each)
+        pair = [list(row[-1]), list(asked)]
+        concept, ppl = logprob_scores(engine, context, pair, base, **texts)
+        pairs.append((each, pair, concept, ppl))
+        read += pair
+    neutral = G.context_perplexities(engine, G.prompt_ids(engine.tokenizer, G.NEUTRAL_PROMPT), read)
+    per = []
+    for index, (each, pair, concept, ppl) in enumerate(pairs):
+        follows = [
+            None if p is None or n is None else math.log(n) - math.log(p) for p, n in zip(ppl, neutral[2 * index :])
+        ]
+        scored = [row_score(c, f, p, ids, sampling.max_new_tokens) for c, f, p, ids in zip(concept, follows, ppl, pair)]
+        per.append({"prompt": each, "steered": scored[0]["aggregate"], "prompted": scored[1]["aggregate"]})
+    n = len(per)
+    steered_mean = round(sum(r["steered"] for r in per) / n, 3)
+    prompted_mean = round(sum(r["prompted"] for r in per) / n, 3)
+    wins = sum(r["steered"] > r["prompted"] for r in per), sum(r["steered"] < r["prompted"] for r in per)
+    ties = n - sum(wins)
+    outputs = f"your prompt{' and the ' + str(n - 1) + ' probes' if n > 1 else ''}"
+    if steered_mean > prompted_mean:
+        head = "The chosen setting beat prompting"
+    elif steered_mean < prompted_mean:
+        head = "Prompting beat the chosen setting"
+    else:
+        head = "The chosen setting and prompting tied"
+    verdict = (
+        f"{head} on {outputs}: mean aggregate score {steered_mean:g} steered vs {prompted_mean:g} prompted, "
+        f"out of 2 (steering higher on {wins[0]}, prompting higher on {wins[1]}, {ties} tied, "
+        f"asked with “{instruction}”)."
+    )
+    return {
+        "instruction": instruction,
+        "text": final.texts[0],
+        "steered": steered_mean,
+        "prompted": prompted_mean,
+        "steered_wins": wins[0],
+        "prompted_wins": wins[1],
+        "ties": ties,
+        "outputs": n,
+        "per_prompt": per,
+        "verdict": verdict,
+    }
+
+
 def autotune(
     engine: SteeringEngine,
     prompt: str,
@@ -483,6 +562,7 @@ def autotune(
     probes: Sequence[str] = PROBE_PROMPTS,
     samples: int = SAMPLES,
     positions: str = DEFAULT_POSITIONS,
+    prompted: bool = False,
 ) -> dict:
     """Search layers x coefficients (x decays) for the setting that moves the output most toward
     the steering text (or positive minus negative) among rows that stay fluent (greedy decoding).
@@ -495,7 +575,10 @@ def autotune(
     runs on those prompts, and with `samples` N it is also sampled N times on the user's prompt
     (temperature SAMPLE_TEMPERATURE, seeds seed+1 .. seed+N); the chosen setting is then the one
     fluent and relevant on the most outputs, ties going to the coefficient nearest the default
-    (`choose_across`); `rows` are always the user's prompt's greedy rows.
+    (`choose_across`); `rows` are always the user's prompt's greedy rows. With `prompted` the
+    chosen setting is then scored against asking in words on the prompt and the probes
+    (`versus_prompted`, one more batch); the answer gains "versus_prompted" (None without
+    `prompted`, when stopped or when no setting was chosen).
 
     Returns {"layer", "coeff", "decay", "positions", "score", "rows": [{"layer", "coeff", "decay",
     "text", "relevance", "perplexity", "repetition", "fluent", "score"}], "reason"}. `score` is the
@@ -521,7 +604,7 @@ def autotune(
         (prompt, G.Sampling(tokens, SAMPLE_TEMPERATURE, 1.0, (seed + i) % limits.MAX_SEED))
         for i in range(1, 1 + samples)
     ]
-    rows_per_prompt, stopped = [], False
+    rows_per_prompt, stopped, greedy_runs = [], False, []
     for index, (each, sampling) in enumerate(runs):
         share = lambda f, m, i=index: progress and progress((i + f) / len(runs) * 0.95, m)  # noqa: E731
         baseline, candidates, stopped = generate_candidates(
@@ -531,6 +614,8 @@ def autotune(
             rows_per_prompt.append(
                 score_rows(engine, each, specs, candidates, baseline, tokens, capture_mode=capture_mode)
             )
+            if index <= len(probes) and not stopped:  # the user's prompt and the probes (greedy)
+                greedy_runs.append((each, baseline, candidates))
         if stopped:
             break
     rows = rows_per_prompt[0] if rows_per_prompt else []
@@ -540,6 +625,12 @@ def autotune(
         if rows
         else (None, None, "no candidate row was generated")
     )
+    versus = None
+    if prompted and best is not None and not stopped and greedy_runs:
+        if progress is not None:
+            progress(0.95, "asking in words: the prompted rows")
+        spec = replace(_decayed(specs[best["layer"]], best.get("decay", 1.0)), coeff=best["coeff"])
+        versus = versus_prompted(engine, greedy_runs, best, spec, greedy, stop=stop)
     n_all = len(specs) * len(strengths)
     if stopped:
         more = max(len(rows_per_prompt) - 1, 0)
@@ -561,4 +652,5 @@ def autotune(
         "score": None if score is None else round(score, 4),
         "rows": rows,
         "reason": reason,
+        "versus_prompted": versus,
     }

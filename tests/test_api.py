@@ -367,6 +367,26 @@ def test_autotune_returns_the_documented_setting(api):
     assert isinstance(result["reason"], str) and result["reason"]
     chosen = [r for r in result["rows"] if (r["layer"], r["coeff"]) == (result["layer"], result["coeff"])]
     assert chosen, "the chosen setting is one of the rows"
+    versus = result["versus_prompted"]  # on by default: the chosen setting against asking in words
+    assert versus["instruction"] == "In your answer, talk about the ocean."
+    assert versus["outputs"] == 5 and [r["prompt"] for r in versus["per_prompt"]][0] == PROMPT
+    assert versus["steered_wins"] + versus["prompted_wins"] + versus["ties"] == 5
+    for side in ("steered", "prompted"):
+        assert versus[side] == pytest.approx(sum(r[side] for r in versus["per_prompt"]) / 5, abs=1e-3)
+    wins = sum(r["steered"] > r["prompted"] for r in versus["per_prompt"])
+    assert versus["steered_wins"] == wins and f"steering higher on {wins}," in versus["verdict"]
+    head = {1: "The chosen setting beat prompting", -1: "Prompting beat the chosen setting"}
+    sign = (versus["steered"] > versus["prompted"]) - (versus["steered"] < versus["prompted"])
+    assert versus["verdict"].startswith(head.get(sign, "The chosen setting and prompting tied"))
+    # The same rows and the same scores /steer gives: the chosen setting and its prompted row on the prompt.
+    vector = {"text": "the ocean", "coeff": result["coeff"], "layer": result["layer"], "positions": "prompt"}
+    same = api.predict(PROMPT, [vector], 12, 0.0, 1.0, 0, api_name="/steer", prompted=True)
+    assert same["steered"] == chosen[0]["text"] and same["prompted"] == versus["text"]
+    assert same["scores"]["steered"]["aggregate"] == versus["per_prompt"][0]["steered"]
+    assert same["scores"]["prompted"]["aggregate"] == versus["per_prompt"][0]["prompted"]
+    # Without it: no prompted batch, and the search's rows and choice are the same.
+    plain = api.predict(PROMPT, "the ocean", "", "", [LAYER], 12, 0, "prompt", False, api_name="/autotune")
+    assert plain["versus_prompted"] is None and plain["rows"] == result["rows"] and plain["coeff"] == result["coeff"]
 
 
 @pytest.mark.parametrize(
@@ -394,7 +414,9 @@ def test_autotune_stops_at_once_and_its_stop_flag_is_not_an_endpoint_parameter(a
     assert result["rows"] == [] and result["reason"].startswith("stopped after 0 of 3 candidates on your prompt;")
     info = api.view_api(print_info=False, return_format="dict")
     params = [p["parameter_name"] for p in info["named_endpoints"]["/autotune"]["parameters"]]
-    assert params == ["prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed", "positions"]
+    assert params == [
+        "prompt", "text", "positive", "negative", "layers", "max_new_tokens", "seed", "positions", "prompted"
+    ]  # fmt: skip
 
 
 def test_steer_prompted_through_the_client_adds_a_row_and_scores(api, baseline):

@@ -353,10 +353,12 @@ def test_autotune_gives_its_button_back_and_its_result_reaches_history(page):
     # every sentence starts with a capital.
     message = _text(page, "vector-message")
     assert not re.search(r"[.;] [a-z]", message.replace("e.g.", "")), message
+    assert re.search(r"(beat|tied)[^.]* on your prompt and the 4 probes: mean aggregate score", message), message
     page.locator("#autotune-result").get_by_text("Auto-tune: the search").first.click()  # open the accordion
     grid = page.locator("#autotune-picture")
     assert "Score per coefficient at layer 15" in grid.text_content()
-    chosen = grid.locator("td.chosen").text_content().strip()
+    chosen = grid.locator("g.chosen text.cell-value").text_content().strip()
+    assert grid.locator("svg .colour-scale text.scale-tick").count() >= 2  # the scale has its numbers
     assert f"(score {chosen} on your prompt" in message or f"({chosen} on your prompt" in message, (chosen, message)
     # A refusal (no text) gives the button back too.
     page.locator("#new-text textarea").fill("")
@@ -407,12 +409,15 @@ def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
 def test_sweep_plot_and_table_read_at_a_glance(page):
     """The plot fills its column, the fluency boundary lies on the perplexity panel (not where
     relevance is drawn), perplexity ticks are plain round values, the ★ is clear of the legend;
-    the table shows each output beside its coefficient, wrapped, with whole-word headers."""
+    the table shows each output beside its coefficient, wrapped, with whole-word headers. Run with
+    Prompted, the prompted reference row is a dashed line on each panel, in the legend, and the
+    table's last row."""
     page.set_viewport_size({"width": 1366, "height": 900})
     try:
         page.reload()
         page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
         page.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-prompted input").check()
         page.locator("#sweep-coeffs textarea").fill("0, 0.5, 1")
         _fill_slider(page, "sweep-tokens", 40)
         page.locator("#run-sweep").click()
@@ -428,6 +433,10 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
             plot.locator(f"rect.panel-{n}").evaluate(box) for n in ("rel", "ppl")
         )
         assert ppl_top <= boundary <= ppl_bottom and not rel_top <= boundary <= rel_bottom
+        prompted_rel = plot.locator("line.prompted-rel").evaluate(box)[0]
+        assert rel_top <= prompted_rel <= rel_bottom  # the prompted reference, on the relevance panel
+        assert plot.locator("line.prompted-ppl").count() == 1 and plot.locator("line.legend-prompted").count() == 1
+        assert "prompted (dashed): relevance" in page.locator("#sweep-info").inner_text()
         ticks = [float(t) for t in plot.locator("text.ppl-tick").all_text_contents()]
         assert ticks and all(t / 10 ** math.floor(math.log10(t)) in (1, 2, 5) for t in ticks), ticks
         if plot.locator("text.recommended").count():
@@ -448,7 +457,9 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
         page.wait_for_timeout(500)
         text_left = table.locator("[data-testid=header-2]").evaluate(header)[0]
         assert text_left < 200  # on a phone the outputs start on screen
+        assert "prompted" in table.inner_text()  # the reference row, last
     finally:
+        page.locator("#sweep-prompted input").uncheck()
         page.set_viewport_size({"width": 1400, "height": 1000})
 
 
@@ -552,12 +563,25 @@ def test_heatmap_numbers_are_readable_on_dark_cells(page):
         page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
     page.get_by_role("tab", name="Vectors").click()
     page.locator("#show-similarity").click()
-    page.locator("#heatmap td").first.wait_for()
-    colours = page.locator("#heatmap td").evaluate_all(
-        "cells => cells.map(c => [c.innerText.trim(), getComputedStyle(c).color])"
+    page.locator("#heatmap svg text.cell-value").first.wait_for()
+    colours = page.locator("#heatmap svg text.cell-value").evaluate_all(
+        "cells => cells.map(c => [c.textContent.trim(), getComputedStyle(c).fill])"
     )
     diagonal = [colour for value, colour in colours if value == "1.00"]
     assert diagonal and all(colour == "rgb(255, 255, 255)" for colour in diagonal), colours  # white on pure blue
+    assert page.locator("#heatmap svg .colour-scale text.scale-tick").all_text_contents() == [
+        "-1",
+        "-0.5",
+        "0",
+        "0.5",
+        "1",
+    ]
+    labels = page.locator("#heatmap svg text.row-label").evaluate_all(  # the drawn text, not the tooltip
+        "ls => ls.map(l => [...l.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join(''))"
+    )
+    assert labels == ["dogs", "cats"], labels
+    width = page.locator("#heatmap svg").evaluate("e => e.getBoundingClientRect().width")
+    assert width > 200, width  # drawn at a readable size, not squeezed
 
 
 def test_history_rows_show_the_prompt_under_whole_headers(page):

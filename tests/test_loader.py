@@ -531,6 +531,36 @@ def test_fitted_limits_on_a_simulated_card_refuse_oversized_requests_up_front(fr
         assert len(small["rows"]) == 2 and small["fallback"] is None
 
 
+def test_a_prompted_compare_is_priced_as_three_rows(fresh_manager):
+    """/steer and /chat with prompted=True run 3 rows: their prompt is held to the 3-row limit,
+    which lies between the 2-row compare's and the 8-row sweep's on a simulated card."""
+    from steering import chat, estimate
+    from steering.ui import views
+
+    with gpu.use_nvml(gpu.simulate_gpu(3 * gpu.GiB, int(0.2 * gpu.GiB))):
+        fresh_manager.configure(margin_bytes=256 * 2**20)
+        fit = fresh_manager.load(catalog.EMBEDDED_ID, "fp32")["fit"]
+        spec, reading = catalog.get_spec(catalog.EMBEDDED_ID), gpu.probe()
+        budget = reading.headroom_bytes - 256 * 2**20
+        assert fit["prompted_max_tokens"] == estimate.fitted_tokens(spec, "fp32", 3, budget, on_gpu=True)
+        assert 0 < fit["sweep_max_tokens"] < fit["prompted_max_tokens"] < fit["compare_max_tokens"]
+        assert f"({fit['prompted_max_tokens']} with the prompted row)" in views.status_line(api.status())
+        before = (fresh_manager.current.identity, fresh_manager.events.count)
+        long_prompt = EMOJI * (fit["prompted_max_tokens"] // 3 + 10)  # over the 3-row limit, under the 2-row one
+        vectors = [{"text": "dogs", "coeff": 1.0, "layer": 15}]
+        api._token_fits("compare", prompt=long_prompt, new_tokens=4)(fresh_manager.current)  # a compare fits
+        started = time.monotonic()
+        with pytest.raises(InputError) as caught:
+            api.steer(long_prompt, vectors, max_new_tokens=4, prompted=True)
+        assert time.monotonic() - started < 5
+        limit = f"over the limit of {fit['prompted_max_tokens']} for a prompted compare (3 rows)"
+        assert str(caught.value).startswith("prompt: is ") and limit in str(caught.value), str(caught.value)
+        assert "3 rows, basis: simulated" in str(caught.value)
+        with pytest.raises(InputError, match=re.escape(limit)):
+            chat.chat(long_prompt, [], [], vectors, max_new_tokens=4, prompted=True)
+        assert (fresh_manager.current.identity, fresh_manager.events.count) == before  # nothing changed
+
+
 def test_a_prompt_longer_than_the_models_positions_is_refused_at_once(fresh_manager):
     fresh_manager.load(catalog.EMBEDDED_ID, "fp32")
     started = time.monotonic()

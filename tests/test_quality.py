@@ -95,7 +95,8 @@ def test_autotune_shape_and_choice(smol_engine):
         probes=(),
         progress=lambda f, m: progress.append(f),
     )
-    assert set(result) == {"layer", "coeff", "decay", "positions", "score", "rows", "reason"}
+    assert set(result) == {"layer", "coeff", "decay", "positions", "score", "rows", "reason", "versus_prompted"}
+    assert result["versus_prompted"] is None  # the core's default: no prompted comparison
     assert result["positions"] == "prompt"  # the default: candidates steer the prompt only
     default = Q.DECAYS[0]  # the default search's decay
     assert [(r["layer"], r["coeff"], r["decay"]) for r in result["rows"]] == [(15, 0.2, default), (15, 0.4, default)]

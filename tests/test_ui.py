@@ -412,6 +412,38 @@ def test_sweep_plot_has_markers_round_ticks_one_scale_and_the_recommended_row():
     assert "The plot appears" in plots.sweep_svg({"rows": [{"coeff": 0.5, "text": "partial"}]})  # streaming rows
 
 
+def test_sweep_plot_draws_the_prompted_reference_as_labelled_dashed_lines_in_the_legend():
+    from steering.ui import plots, views
+
+    rows = [
+        {"coeff": c, "text": "t", "relevance": r, "perplexity": p, "fluent": p <= 30}
+        for c, r, p in ((0.0, 0.0, 2.0), (0.5, 0.4, 5.0), (1.0, 1.5, 12.0))
+    ]
+    plain = plots.sweep_svg({"rows": rows, "recommended": 1.0})
+    assert "prompted" not in plain  # no reference row, no line and no legend entry
+    reference = {"text": "Dogs are loyal.", "instruction": "In your answer, talk about dogs.", "relevance": 3.2,
+                 "perplexity": 200.0, "repetition": 0.0, "fluent": False}  # fmt: skip
+    svg = plots.sweep_svg({"rows": rows, "recommended": 1.0, "prompted": reference})
+    line = re.search(r'<line class="prompted-rel"[^>]*y1="([\d.]+)"[^>]*stroke-dasharray', svg)
+    ppl = re.search(r'<line class="prompted-ppl"[^>]*y1="([\d.]+)"', svg)
+    assert line and ppl and 'class="legend-prompted"' in svg and "prompted (unsteered, asked)" in svg
+    assert re.search(r'class="prompted-rel-label"[^>]*>prompted 3.2<', svg)
+    assert re.search(r'class="prompted-ppl-label"[^>]*>prompted 200<', svg)
+    # each line lies inside its own panel, with the axes stretched to hold it (3.2 > every row, 200 > 30)
+    assert plots.REL_TOP <= float(line.group(1)) <= plots.REL_TOP + plots.PANEL
+    assert plots.PPL_TOP <= float(ppl.group(1)) <= plots.PPL_TOP + plots.PANEL
+    assert max(float(t) for t in re.findall(r'class="rel-tick"[^>]*>([^<]*)<', svg)) >= 3.2
+    assert max(float(t) for t in re.findall(r'class="ppl-tick"[^>]*>([^<]*)<', svg)) >= 200
+    # the table ends with the reference row; the info line says no fluent coefficient beat asking
+    result = {"rows": rows, "recommended": 1.0, "prompted": reference}
+    assert views.sweep_table(result)[-1][:3] == ["prompted", "", "Dogs are loyal."]
+    assert "no fluent coefficient was more relevant than asking" in views.sweep_prompted_line(result)
+    reference["relevance"] = 0.3
+    assert "more relevant at coefficients 0.5, 1" in views.sweep_prompted_line(result)
+    unscored = plots.sweep_svg({"rows": rows, "prompted": {"text": "partial", "instruction": "x"}})
+    assert "prompted-rel" not in unscored  # still generating: no line yet
+
+
 def test_autotune_picture_and_cosine_scale():
     from steering.ui import plots
 
@@ -431,6 +463,68 @@ def test_autotune_picture_and_cosine_scale():
     one_layer = plots.autotune_html({**result, "rows": result["rows"][:2]})
     assert "Score per coefficient at layer 15" in one_layer and "layer \\ coeff" not in one_layer
     assert "colour-scale" in views.heatmap_html(["a", "b"], [[1.0, 0.2], [0.2, 1.0]], 3)
+
+
+def _cells(svg: str) -> list[tuple[str, str, str]]:
+    """(class, fill, number) of every cell of a grid SVG."""
+    return re.findall(
+        r'<g class="(cell|chosen)">.*?<rect [^>]*fill="([^"]+)"[^>]*/><text class="cell-value"[^>]*>([^<]*)</text>', svg
+    )
+
+
+def test_heatmap_and_autotune_grid_are_svg_plots_with_a_numbered_scale_and_readable_numbers():
+    from steering.ui import plots
+
+    texts = ["dogs", "cats", "the Golden Gate Bridge at sunset"]
+    matrix = [[1.0, 0.62, -0.9], [0.62, 1.0, 0.05], [-0.9, 0.05, 1.0]]
+    svg = views.heatmap_html(texts, matrix, 15)
+    assert "<svg" in svg and "<table" not in svg and "<td" not in svg  # a plot, not an HTML table
+    cells = _cells(svg)
+    assert [n for _, _, n in cells] == [f"{v:.2f}" for row in matrix for v in row]  # every cosine, in order
+
+    def contrast(a: str, b: str) -> float:  # the WCAG contrast ratio of two colours
+        high, low = sorted((plots._luminance(a), plots._luminance(b)), reverse=True)
+        return (high + 0.05) / (low + 0.05)
+
+    drawn = {}
+    for _, fill, number in cells:  # black on light cells, white on dark ones: the better contrast, >= 4.5:1
+        text = re.search(rf'fill="{re.escape(fill)}"[^>]*/><text class="cell-value"[^>]*fill="([^"]+)"', svg).group(1)
+        other = "#000" if text == "#fff" else "#fff"
+        assert contrast(text, fill) >= max(4.5, contrast(other, fill)), (number, fill, text)
+        drawn[number] = text
+    assert drawn["1.00"] == "#fff" and drawn["0.05"] == "#000" and drawn["-0.90"] == "#000"  # pure blue, white, red
+    # the scale: a gradient bar from red (-1) through white to blue (+1), with its numbers
+    assert 'class="scale-bar"' in svg and "linearGradient" in svg
+    assert re.findall(r'class="scale-tick"[^>]*>([^<]*)<', svg) == ["-1", "-0.5", "0", "0.5", "1"]
+    assert 'stop-color="rgb(255,0,0)"' in svg and 'stop-color="rgb(0,0,255)"' in svg
+    # readable axis labels: every text on both axes (long ones shortened, the whole text as a tooltip)
+    rows = re.findall(r'class="row-label"[^>]*><title>([^<]*)</title>([^<]*)<', svg)
+    assert [full for full, _ in rows] == texts and rows[2][1] == "the Golden Gate Bridg…"
+    assert len(re.findall(r'class="col-label"', svg)) == 3 and "steering vector" in svg
+
+    result = {
+        "layer": 15,
+        "coeff": 1.0,
+        "reason": "fluent on 4 of 5",
+        "rows": [
+            {"layer": layer, "coeff": c, "score": score, "text": "x"}
+            for layer, c, score in ((12, 0.75, 0.4), (12, 1.0, None), (15, 0.75, 2.2), (15, 1.0, 2.9))
+        ],
+    }
+    grid = plots.autotune_html(result)
+    assert "<svg" in grid and "<table" not in grid
+    cells = _cells(grid)
+    assert [(k, n) for k, _, n in cells] == [
+        ("cell", "0.400"), ("cell", "not fluent"), ("cell", "2.200"), ("chosen", "2.900")
+    ]  # fmt: skip
+    assert dict((n, f) for _, f, n in cells)["not fluent"] == plots.NOT_FLUENT
+    darkest = re.search(r'<g class="chosen">.*?<text class="cell-value"[^>]*fill="([^"]+)"', grid).group(1)
+    assert darkest == plots.text_colour(plots._score_colour(2.9, 2.9)) == "#000"  # 5.2:1 on the best green (white: 4.0)
+    assert re.findall(r'class="scale-tick"[^>]*>([^<]*)<', grid) == ["0", "1", "2"]  # 0 .. the best score, 2.9
+    assert 'class="scale-extra"' in grid and "not fluent" in grid  # the grey swatch beside the bar
+    assert re.findall(r'class="row-label"[^>]*><title>[^<]*</title>([^<]*)<', grid) == ["layer 12", "layer 15"]
+    assert re.findall(r'class="col-label"[^>]*>([^<]*)<', grid) == ["0.75", "1"] and "coefficient" in grid
+    assert plots.text_colour("rgb(0,0,255)") == "#fff" and plots.text_colour("#ffffff") == "#000"
 
 
 def test_history_is_bounded_per_session_and_downloads_as_jsonl(monkeypatch):
@@ -496,7 +590,10 @@ def test_autotune_fills_the_forms_layer_and_coefficient_and_is_kept(embedded_dir
     else:
         assert layer.value == result["layer"] and coeff == result["coeff"]
         assert f"layer {result['layer']} and coefficient {result['coeff']:g}" in message
-    assert "autotune-grid" in picture and picture.count("<td") == len(result["rows"])
+    cells = picture.count('<g class="cell">') + picture.count('<g class="chosen">')
+    assert "autotune-grid" in picture and "<svg" in picture and cells == len(result["rows"])
+    if result["layer"] is not None:  # the message says whether the chosen setting beat asking in words
+        assert result["versus_prompted"]["verdict"] in message
 
 
 def test_stop_reaches_a_queued_run_and_a_stopped_run_leaves_the_next_runs_buttons_alone(embedded_dir):
@@ -657,3 +754,19 @@ def test_offline_model_choices_mark_what_is_not_downloaded(tmp_path):
     assert offline["mistralai/Mistral-7B-Instruct-v0.3"] == "Mistral-7B-Instruct-v0.3 — not downloaded (offline)"
     assert list(offline) == [spec.id for spec in catalog.CATALOG]  # same ids, same order: values unchanged
     assert all("not downloaded" not in label for label in online.values())  # the hub reachable: plain names
+
+
+def test_the_autotune_message_says_whether_the_chosen_setting_beat_prompting():
+    verdict = (
+        "Prompting beat the chosen setting on your prompt and the 4 probes: mean aggregate score 0.4 steered vs 1.2."
+    )
+    result = {
+        "layer": 15,
+        "coeff": 1.0,
+        "reason": "fluent on 4 of 5",
+        "rows": [{"layer": 15, "coeff": 1.0, "score": 2.5, "text": "x"}],
+        "versus_prompted": {"verdict": verdict, "steered": 0.4, "prompted": 1.2},
+    }
+    message = ui_autotune._message(result, 15)
+    assert verdict in message and message.index(verdict) < message.index("Add vector")
+    assert "Prompting beat" not in ui_autotune._message({**result, "versus_prompted": None}, 15)

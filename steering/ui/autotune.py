@@ -33,7 +33,10 @@ def begin_search(request: gr.Request = None) -> tuple:
     """Before an auto-tune: its button disabled, its Stop shown, the message saying it searches; outputs
     (buttons, message, run id)."""
     run_id = tunes.begin(session_of(request))
-    searching = "Auto-tune is searching: three coefficients on your prompt and four probe prompts (Stop ends it)…"
+    searching = (
+        "Auto-tune is searching: three coefficients on your prompt and four probe prompts, then asking in words "
+        "to compare (Stop ends it)…"
+    )
     return gr.Button(interactive=False), gr.Button(visible=True, interactive=True), searching, run_id
 
 
@@ -50,7 +53,7 @@ def sentence(text: str) -> str:
 
 def _message(result: dict, layer: int) -> str:
     """What the search set, with the number the grid's outlined cell shows (the score of the
-    chosen setting on the prompt), then why it won."""
+    chosen setting on the prompt), then why it won, then whether it beat prompting."""
     chosen = next(
         (r for r in result.get("rows") or [] if (r.get("layer"), r.get("coeff")) == (result["layer"], result["coeff"])),
         {},
@@ -62,6 +65,9 @@ def _message(result: dict, layer: int) -> str:
         message += ": the outlined cell)"
     reason = sentence(result.get("reason") or "")
     message += "." + (f" {reason}." if reason and not reason.endswith(".") else f" {reason}" if reason else "")
+    versus = result.get("versus_prompted") or {}
+    if versus.get("verdict"):  # did the chosen setting beat simply asking (the prompt and the probes)?
+        message += " " + versus["verdict"]
     message += " Click **Add vector** to add it."
     decay = result.get("decay")
     if isinstance(decay, (int, float)) and decay != 1:  # the table has no decay column

@@ -48,10 +48,21 @@ def begin_sweep(request: gr.Request = None) -> tuple:
 
 @notices(3, at=2)
 def run_sweep(
-    prompt, text, layer, coeffs_text, max_new_tokens, seed, positions="prompt", run_id=None, request: gr.Request = None
+    prompt,
+    text,
+    layer,
+    coeffs_text,
+    max_new_tokens,
+    seed,
+    positions="prompt",
+    prompted=False,
+    run_id=None,
+    request: gr.Request = None,
 ):
     """One row per coefficient, streamed as the tokens arrive, then scored: outputs (table, plot,
-    info). The table keeps the previous sweep until this one has its first text."""
+    info). The table keeps the previous sweep until this one has its first text. With `prompted`
+    the sweep also runs the prompted reference row (unsteered, asked in words): the table's last
+    row, a dashed line on the plot, and the info line says which coefficients beat it."""
     session = session_of(request)
     run = sweeps.start(run_id, session)
     if run is None:  # stopped while it waited in the queue
@@ -60,7 +71,7 @@ def run_sweep(
     stop = run.stop
     arguments = dict(
         prompt=prompt, text=text, layer=layer, coeffs=views.parse_coeffs(coeffs_text),
-        max_new_tokens=max_new_tokens, seed=seed, positions=positions,
+        max_new_tokens=max_new_tokens, seed=seed, positions=positions, prompted=bool(prompted),
     )  # fmt: skip
     result, started = None, time.perf_counter()
     stream = api.sweep_stream(stop=stop, **arguments)
@@ -76,6 +87,7 @@ def run_sweep(
             else:
                 best = result.get("recommended")
                 info += f" · recommended coefficient {best:g} (★)" if best is not None else " · no fluent row"
+                info += views.sweep_prompted_line(result)
             notice = views.fallback_notice(result.get("fallback"))
             yield views.sweep_table(result), plots.sweep_svg(result), info + (f"  \n{notice}" if notice else "")
     finally:
@@ -127,6 +139,11 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
                 label="Positions (see the Vectors table)",
                 elem_id="sweep-positions",
             )
+            prompted = gr.Checkbox(
+                False,
+                label="Prompted: also ask in words (an unsteered reference row, a dashed line on the plot)",
+                elem_id="sweep-prompted",
+            )
         with gr.Row():
             run_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
             stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-sweep")
@@ -148,6 +165,7 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
         coeffs=coeffs,
         tokens=tokens,
         positions=positions,
+        prompted=prompted,
         run_btn=run_btn,
         stop_btn=stop_btn,
         info=info,
@@ -171,7 +189,8 @@ def wire_sweep(sweep, decoding) -> None:
     begun = sweep.run_btn.click(begin_sweep, None, [*buttons, sweep.info, run_id], show_progress="hidden", **UI_ONLY)
     begun.then(gate, run_id, None, show_progress="hidden", **UI_ONLY).success(
         sweep_run,
-        [sweep.prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions, run_id],
+        [sweep.prompt, sweep.text, sweep.layer, sweep.coeffs, sweep.tokens, decoding.seed, sweep.positions]
+        + [sweep.prompted, run_id],
         [sweep.table, sweep.plot, sweep.info, *buttons],
         show_progress="minimal",
         trigger_mode="multiple",  # see steer.wire_steer

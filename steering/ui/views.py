@@ -29,7 +29,7 @@ from steering.limits import (
     shorten,
 )
 from steering.quality import best_row
-from steering.ui.plots import colour_scale
+from steering.ui import plots
 from steering.vocab import CAPTURE_MODES, DEFAULT_CAPTURE_MODE, DEFAULT_POSITIONS, POSITIONS
 
 # The vectors table: one row per steering vector. A row with `positive`/`negative` is a
@@ -562,8 +562,9 @@ def status_line(status: dict) -> str:
     fit = status.get("fit")
     if fit:
         more.append(
-            f"fits {fit['compare_max_tokens']} tokens per row in a compare, {fit['sweep_max_tokens']} in a sweep "
-            f"({fit['basis']})"
+            f"fits {fit['compare_max_tokens']} tokens per row in a compare"
+            + (f" ({fit['prompted_max_tokens']} with the prompted row)" if "prompted_max_tokens" in fit else "")
+            + f", {fit['sweep_max_tokens']} in a sweep ({fit['basis']})"
         )
     return " · ".join(parts) + f'<span class="status-more"> · {" · ".join(more)}</span>'
 
@@ -855,8 +856,43 @@ def _rounded(value, digits: int):
     return None if value is None else round(value, digits)
 
 
+def sweep_prompted_line(result: dict) -> str:
+    """The info line's part about the prompted reference row ("" without one): its relevance and
+    fluency, and which fluent coefficients beat its relevance."""
+    reference = result.get("prompted")
+    if not reference or reference.get("relevance") is None:
+        return ""
+    rel = reference["relevance"]
+    beat = [r["coeff"] for r in result.get("rows", []) if r.get("fluent") and (r.get("relevance") or 0) > rel]
+    fluent = "fluent" if reference.get("fluent") else "not fluent"
+    if beat:
+        verdict = (
+            f"fluent and more relevant at coefficient{'s' if len(beat) > 1 else ''} {', '.join(f'{c:g}' for c in beat)}"
+        )
+    else:
+        verdict = "no fluent coefficient was more relevant than asking"
+    return f" · prompted (dashed): relevance {rel:.3g}, {fluent}; {verdict}"
+
+
 def sweep_table(result: dict) -> list[list]:
-    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row."""
+    """The sweep table in `SWEEP_COLUMNS` order, numbers rounded; ★ marks the recommended row. A
+    sweep run with prompted=True ends with its reference row, "prompted" in the coefficient column
+    (unsteered, never recommended, no effect)."""
+    reference = result.get("prompted")
+    tail = []
+    if reference:
+        tail = [
+            [
+                "prompted",
+                "",
+                reference.get("text") or "",
+                _rounded(reference.get("relevance"), 3),
+                "…" if "fluent" not in reference else "yes" if reference["fluent"] else "no",
+                _rounded(reference.get("perplexity"), 2),
+                _rounded(reference.get("repetition"), 2),
+                None,
+            ]
+        ]
     return [
         [
             r["coeff"],
@@ -869,34 +905,15 @@ def sweep_table(result: dict) -> list[list]:
             _rounded(r.get("effect"), 3),
         ]
         for r in result.get("rows", [])
-    ]
+    ] + tail
 
 
-def _cosine_colour(value: float) -> str:
-    """White at 0, blue towards +1, red towards -1."""
-    v = max(-1.0, min(1.0, float(value)))
-    fade = int(255 * (1 - abs(v)))
-    return f"rgb({fade},{fade},255)" if v >= 0 else f"rgb(255,{fade},{fade})"
+_cosine_colour = plots.cosine_colour  # white at 0, blue towards +1, red towards -1
 
 
 def heatmap_html(texts: Sequence[str], matrix: Sequence[Sequence[float]], layer: int) -> str:
-    """The cosine-similarity matrix as a coloured HTML table (no plotting library needed)."""
-    head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
-    body = []
-    for text, row in zip(texts, matrix, strict=True):
-        cells = "".join(
-            f'<td style="background:{_cosine_colour(v)};color:{"#fff" if abs(v) > 0.6 else "#000"};'
-            f'text-align:center;padding:4px 8px">{v:.2f}</td>'
-            for v in row
-        )
-        body.append(f"<tr><th style='text-align:right'>{html.escape(text)}</th>{cells}</tr>")
-    return (
-        f'<div class="heatmap"><p>Cosine similarity of the steering vectors at layer {layer} '
-        "(blue: similar, white: unrelated, red: opposite).</p>"
-        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
-        + colour_scale([(_cosine_colour(v), f"{v:g}") for v in (-1, -0.5, 0, 0.5, 1)], "cosine similarity")
-        + "</div>"
-    )
+    """The cosine-similarity matrix as an SVG heatmap with its colour scale (`plots.heatmap_svg`)."""
+    return plots.heatmap_svg(texts, matrix, layer)
 
 
 # -- the History tab's re-run ----------------------------------------------------------------------
