@@ -362,9 +362,10 @@ def sweep_stream(
     *,
     stop: Event | None = None,
 ) -> Iterator[dict]:
-    """Streaming form of `sweep` (the UI's): yields {"rows": [{"coeff", "text"}], "done": False,
-    ...} as the rows' tokens arrive, then the scored result with "done": True. When `stop` is set
-    the generation ends and the last update carries the texts so far, unscored, with "stopped"."""
+    """Streaming form of `sweep` (the UI's): yields {"rows": [{"coeff", "text"}], "tokens": the
+    longest row's new tokens so far, "done": False, ...} as the rows' tokens arrive, then the
+    scored result with "done": True. When `stop` is set the generation ends and the last update
+    carries the texts so far, unscored, with "stopped"."""
     prompt = generate.check_prompt(prompt)
     sampling = generate.check_sampling(max_new_tokens, 0.0, 1.0, seed, tokens_limit="sweep_max_new_tokens")
     layer = limits.check_layer(layer, "layer", _known_layers())
@@ -390,7 +391,8 @@ def sweep_stream(
             texts = [{"coeff": float(row[0][1]), "text": out} for row, out in zip(rows, final.texts)]
             reference = {"text": final.texts[n], "instruction": instruction} if prompted else None
             if not final.done:
-                yield {**base, "rows": texts, "prompted": reference, "done": False}
+                tokens = max((len(ids) for ids in final.token_ids), default=0)
+                yield {**base, "rows": texts, "prompted": reference, "tokens": tokens, "done": False}
         if stop.is_set():
             yield {**base, "rows": texts, "prompted": reference, "done": True, "stopped": True}
             return

@@ -558,6 +558,8 @@ def test_sweep_streams_rows_records_history_and_reruns_the_same(embedded_dir):
     history.clear(None)
     updates = list(ui_sweep.run_sweep("Tell me about your weekend.", "dogs", 15, "0, 0.45", 4, 0))
     assert any("generating" in info for _, _, info in updates[:-1])  # rows streamed before the scores
+    progress = [int(m.group(1)) for *_, info in updates[:-1] if (m := re.search(r"\((\d+) of 4 tokens\)", info))]
+    assert progress and progress == sorted(progress) and 1 <= progress[-1] <= 4  # in tokens, not characters
     table, plot, info = updates[-1]
     assert [row[0] for row in table] == [0.0, 0.45] and all(row[4] in ("yes", "no") for row in table)
     assert plot.count('class="marker"') >= 3 and "layer 15" in info

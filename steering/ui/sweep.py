@@ -79,8 +79,8 @@ def run_sweep(
         for result in stream:
             info = f"{result['model']} · layer {result['layer']} · positions {result['positions']}"
             if not result["done"]:
-                tokens = max((len(r["text"]) for r in result["rows"]), default=0)
-                yield views.sweep_table(result), gr.skip(), f"{info} · generating… ({tokens} characters so far)"
+                tokens = f"{result.get('tokens', 0)} of {int(max_new_tokens)} tokens"
+                yield views.sweep_table(result), gr.skip(), f"{info} · generating… ({tokens})"
                 continue
             if result.get("stopped"):
                 info += " · stopped: the texts so far, unscored"
