@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The browser tests with their screenshots written into assets/ (a plain `make test` keeps them in a temp folder).
 screenshots: $(STAMP)
-	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STEERING_SCREENSHOTS=1 STEERING_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:randomly tests/test_browser.py tests/test_browser_train.py tests/test_browser_prompted.py $(ARGS)
+	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STEERING_SCREENSHOTS=1 STEERING_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:randomly tests/test_browser.py tests/test_browser_layout.py tests/test_browser_train.py tests/test_browser_prompted.py $(ARGS)
 
 bench: $(STAMP)
 	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(ARGS)

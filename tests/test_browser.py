@@ -3,7 +3,7 @@
 One browser and one page for the module (a test reloads the page when it needs a clean form):
 a typed-but-unadded text steers, Stop before the first token ends the run and frees the model,
 an invalid Add keeps the table and says why beside the field, a recipe round trip restores the
-capture mode, the Memory tab fills itself when opened. They also take the README's screenshots:
+capture mode, the Memory tab fills itself when opened. They also take the docs' screenshots:
 into a temporary folder, or into `assets/` with STEERING_SCREENSHOTS=1 (`make screenshots`), so a
 plain `make test` leaves the work tree as it found it. Skips with the reason when Chromium or
 Playwright is missing, unless STEERING_REQUIRE_BROWSER=1 (CI sets it): then a missing browser is
@@ -141,10 +141,6 @@ def test_typed_but_unadded_text_steers_and_the_run_line_says_how_it_ended(page):
     assert steered and baseline and steered != baseline
     page.wait_for_function("() => !document.querySelector('#generate').disabled")
     assert not page.locator("#stop").is_enabled()
-    page.locator("#decoding").get_by_text("Decoding").first.click()  # closed again: a tidier screenshot
-    page.wait_for_function("() => !document.querySelector('.toast-body')")  # the notice has faded
-    ASSETS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ASSETS / "screenshot.png"), full_page=True)
 
 
 def test_stop_before_the_first_token_ends_the_run_and_frees_the_model(page):

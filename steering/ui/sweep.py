@@ -116,12 +116,8 @@ sweep_run = with_buttons(run_sweep, sweeps, 3)  # the Sweep chain's step: output
 def sweep_tab(n_layers: int) -> SimpleNamespace:
     with gr.Tab("Sweep"):
         gr.Markdown(
-            "One steering text at several coefficients, all rows of one batch. Pick by **relevance** among "
-            "**fluent** rows (★): relevance is how much more likely the unsteered model finds the steering "
-            "text after the output than after the baseline's (nats/token); fluent means perplexity ≤ "
-            f"{vocab.MAX_PERPLEXITY:g}, repetition (1 − distinct-2) ≤ {vocab.MAX_REPETITION:g} and at least "
-            f"{vocab.MIN_TOKENS} tokens. `effect` keeps rising where the text "
-            "has degenerated: do not pick by it."
+            "One steering text at several coefficients, all rows of one batch; ★ marks the most relevant "
+            "fluent row. *What the columns mean* (under the table) says how each number is measured."
         )
         prompt = gr.Textbox(
             PROMPT, label="Prompt", lines=2, info="the same prompt as the Steer tab's", elem_id="sweep-prompt"
@@ -158,6 +154,14 @@ def sweep_tab(n_layers: int) -> SimpleNamespace:
             elem_classes=["scroll-table"],
         )
         plot = gr.HTML("", elem_id="sweep-plot")
+        with gr.Accordion("What the columns mean", open=False, elem_id="sweep-help"):
+            gr.Markdown(
+                "**relevance**: how much more likely the unsteered model finds the steering text after the "
+                "output than after the baseline's (nats/token). **fluent**: perplexity ≤ "
+                f"{vocab.MAX_PERPLEXITY:g}, repetition (1 − distinct-2) ≤ {vocab.MAX_REPETITION:g} and at "
+                f"least {vocab.MIN_TOKENS} tokens. Pick by relevance among fluent rows: **effect** keeps "
+                "rising where the text has degenerated, so do not pick by it."
+            )
     return SimpleNamespace(
         prompt=prompt,
         text=text,
