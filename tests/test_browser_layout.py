@@ -73,6 +73,9 @@ def test_output_first_at_1366x900_prompt_generate_and_outputs_without_scrolling(
         for notice in page.locator(".toast-body").all():  # the "added the typed vector" line is no toast
             for output in (_box(page, "#steered-output"), _box(page, "#baseline-output")):
                 assert not _overlap(notice.bounding_box(), output)
+        for close in page.locator(".toast-close").all():  # a tidier screenshot: the refusal's toast closed
+            close.click()
+        page.wait_for_function("() => !document.querySelector('.toast-body')")
         ASSETS.mkdir(exist_ok=True)
         page.screenshot(path=str(ASSETS / "screenshot.png"))
     finally:
