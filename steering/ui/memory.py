@@ -59,6 +59,7 @@ def memory_tab() -> SimpleNamespace:
             label="Compatibility on this machine",
             elem_id="memory-plan",
             max_height=1200,  # every row visible: the plan is read as a whole
+            wrap=True,  # a long "runs on" wraps inside the page instead of running off its right edge
         )
         events = gr.Dataframe(
             headers=["time", "stage", "asked", "loaded", "reason", "free before", "free after"],

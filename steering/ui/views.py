@@ -704,7 +704,8 @@ CPU_SECONDS_PER_WEIGHT_GB = {"fp32": 0.08, "bf16": 0.21, "fp16": 0.21, "4bit": 3
 
 
 def cpu_speed(row: dict) -> str:
-    """A CPU plan row's *runs on*: "cpu RAM · ~0.07 tokens/s (rough, 2 cores)"; "" when it does not run."""
+    """A CPU plan row's *runs on*: "cpu RAM · ~0.07 tokens/s" (rough, measured on 2 cores: the CPU note
+    says so); "" when it does not run."""
     if not row.get("devices"):
         return ""
     per_gb = CPU_SECONDS_PER_WEIGHT_GB.get(row["quant"])
@@ -712,7 +713,7 @@ def cpu_speed(row: dict) -> str:
     if per_gb is None or not weights:
         return "cpu RAM · speed not measured"
     tokens_per_s = 1 / (weights / 1e9 * per_gb)
-    return f"cpu RAM · ~{tokens_per_s:.2g} tokens/s (rough, 2 cores)"
+    return f"cpu RAM · ~{tokens_per_s:.2g} tokens/s"
 
 
 def cpu_note(plan: dict, device: dict) -> str:
