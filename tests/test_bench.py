@@ -104,3 +104,16 @@ def test_bench_run_prints_one_json_object(tmp_path, embedded_dir):
     }  # fmt: skip
     assert result["targets"]["cold_start_s"]["met"] is None  # not measured in --smoke
     assert json.loads(out.read_text()) == result
+
+
+def test_cpu_speed_prints_each_quantizations_speed_and_4bit_is_the_slowest():
+    """bench/cpu_speed.py, where the Memory tab's CPU speeds come from: one JSON object with a row
+    per quantization; bitsandbytes' NF4 dequantizes every weight each step, so on a CPU it is the
+    slowest per token (measured 4.3x fp32's time; the check leaves room for a noisy machine)."""
+    done = _script(["bench/cpu_speed.py", "--threads", "1", "--repeats", "1"], timeout_s=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    rows = result["rows"]
+    assert set(rows) == {"fp32", "bf16", "4bit"} and rows["fp32"]["time_vs_fp32"] == 1.0
+    assert all(row["tokens_per_s"] > 0 and row["seconds_per_weight_gb"] > 0 for row in rows.values())
+    assert rows["4bit"]["time_vs_fp32"] > 1.5

@@ -699,7 +699,7 @@ def _row_spare(row: dict, plan: dict, margin: int) -> str:
 # Seconds per generated token per GB of weights on the CPU, measured on this project's 2-core
 # machine (one decoding step reads every weight): fp32 SmolLM2-135M at ~28 tokens/s and
 # Mistral-7B's layer shapes timed as nn.Linear (fp32, bf16) and bitsandbytes 0.50 Linear4bit (NF4,
-# which runs on the CPU but dequantizes every weight each step). 8bit was not measured.
+# which runs on the CPU but dequantizes every weight each step): bench/cpu_speed.py. 8bit was not measured.
 CPU_SECONDS_PER_WEIGHT_GB = {"fp32": 0.08, "bf16": 0.21, "fp16": 0.21, "4bit": 3.4}
 
 
