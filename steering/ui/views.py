@@ -370,10 +370,11 @@ def strength_hint(rows, default_layer: int, result: dict | None) -> str:
         return ""
     seen: dict[tuple, list[int]] = {}
     totals: dict[tuple, float] = {}
-    for number, row in zip(table_row_numbers(rows), [r for r in rows or [] if rows_to_vectors([r], 0)], strict=True):
-        (vector,) = rows_to_vectors([row], default_layer)
-        if not vector.get("enabled", True):
+    for number, row in enumerate(rows or [], start=1):  # the table's own row numbers
+        vectors = rows_to_vectors([row], default_layer)
+        if not vectors or not vectors[0].get("enabled", True):
             continue
+        (vector,) = vectors
         coeff = _finite(vector.get("coeff", LIMITS["coeff"].default))
         if coeff is None:
             continue
