@@ -115,6 +115,20 @@ def _fill_slider(page, elem_id: str, value: int) -> None:
                 raise
 
 
+def _add_vector(page, text: str) -> None:
+    """Type a steering text, Add vector, and wait until the table shows it."""
+    page.locator("#new-text textarea").fill(text)
+    page.locator("#add-vector").click()
+    page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
+
+
+def _upload(page, button: str, path) -> None:
+    """Choose `path` with the upload button `button` (a CSS selector)."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(button).click()
+    chooser.value.set_files(str(path))
+
+
 def _wait_run_ended(page) -> str:
     page.wait_for_function(
         """() => {
@@ -179,9 +193,7 @@ def _error_badges(page) -> int:
 
 
 def test_invalid_add_keeps_the_table_and_says_why_beside_the_field(page):
-    page.locator("#new-text textarea").fill("dogs")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    _add_vector(page, "dogs")
     for fill, expected in (
         ({"#new-positive textarea": "happy"}, "negative: a contrastive pair needs both"),
         (
@@ -213,9 +225,7 @@ def test_invalid_add_keeps_the_table_and_says_why_beside_the_field(page):
 
 
 def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
-    page.locator("#new-text textarea").fill("the ocean")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('the ocean')")
+    _add_vector(page, "the ocean")
     page.locator("#decoding").get_by_text("Decoding").first.click()
     page.locator("#capture-mode").get_by_label("stock").check()
     page.locator("#raw-prompt input").check()
@@ -232,9 +242,7 @@ def test_recipe_round_trip_restores_capture_mode_and_raw_prompt(page, tmp_path):
     page.reload()  # a fresh form: contexts capture, raw prompt off, empty table
     page.locator("#status-line").get_by_text("SmolLM2-135M-Instruct").first.wait_for()
     page.get_by_role("tab", name="Recipes").click()
-    with page.expect_file_chooser() as chooser:
-        page.locator("#load-recipe").click()
-    chooser.value.set_files(str(saved))
+    _upload(page, "#load-recipe", saved)
     page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
     assert "capture mode stock, raw prompt on" in _text(page, "recipe-message")
     page.get_by_role("tab", name="Steer").click()
@@ -291,9 +299,7 @@ def test_phone_width_puts_the_outputs_right_after_generate(page):
 
 
 def test_chat_stop_then_send_again_is_not_dropped_and_keeps_both_conversations(page):
-    page.locator("#new-text textarea").fill("dogs")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    _add_vector(page, "dogs")
     _set_tokens(page, 200)
     page.get_by_role("tab", name="Chat").click()
     box = page.locator("#chat-message textarea")
@@ -380,9 +386,7 @@ def _edit_cell(page, row: int, column: int, value: str) -> None:
 
 
 def test_a_bad_table_cell_is_reset_and_its_sentence_stays_with_one_notice(page):
-    page.locator("#new-text textarea").fill("dogs")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    _add_vector(page, "dogs")
     for column, value, expected, reset in (
         (3, "abc", "row 1, coeff: must be a number; got 'abc' (reset to 1)", "1"),
         (4, "99", "row 1, layer: must be an integer from 0 to 29; got 99 (set to 29)", "29"),
@@ -460,9 +464,7 @@ def test_sweep_plot_and_table_read_at_a_glance(page):
 
 
 def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_path):
-    page.locator("#new-text textarea").fill("the ocean")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('the ocean')")
+    _add_vector(page, "the ocean")
     page.locator("#vector-files").get_by_text("Export / import").first.click()
     page.locator("#export-vectors").click()
     with page.expect_download() as download:
@@ -470,19 +472,14 @@ def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_pa
     good = tmp_path / "good.gguf"
     download.value.save_as(good)
 
-    def upload(path) -> None:
-        with page.expect_file_chooser() as chooser:
-            page.locator("#import-vectors").click()
-        chooser.value.set_files(str(path))
-
-    upload(good)
+    _upload(page, "#import-vectors", good)
     page.wait_for_function("() => document.querySelector('#import-info').innerText.includes('Imported 1 vector')")
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"this is not a control vector" * 10)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     for bad in (garbage, text):
-        upload(bad)
+        _upload(page, "#import-vectors", bad)
         page.wait_for_function("name => document.querySelector('#import-info').innerText.includes(name)", arg=bad.name)
         line = _text(page, "import-info")
         assert "Imported" not in line and "⚠️" in line, line
@@ -495,17 +492,12 @@ def test_a_refused_import_says_so_on_the_import_line_and_in_recipes(page, tmp_pa
     recipe = tmp_path / "recipe.json"
     download.value.save_as(recipe)
 
-    def recipe_upload(path) -> None:
-        with page.expect_file_chooser() as chooser:
-            page.locator("#load-recipe").click()
-        chooser.value.set_files(str(path))
-
-    recipe_upload(recipe)
+    _upload(page, "#load-recipe", recipe)
     page.wait_for_function("() => document.querySelector('#recipe-message').innerText.includes('Loaded the recipe')")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     for bad in (broken, text):
-        recipe_upload(bad)
+        _upload(page, "#load-recipe", bad)
         page.wait_for_function(
             "name => document.querySelector('#recipe-message').innerText.includes(name)", arg=bad.name
         )
@@ -554,9 +546,7 @@ def test_polish_one_sweep_per_double_click_one_log_line_per_request_plain_toasts
 
 def test_heatmap_numbers_are_readable_on_dark_cells(page):
     for text in ("dogs", "cats"):
-        page.locator("#new-text textarea").fill(text)
-        page.locator("#add-vector").click()
-        page.wait_for_function("t => document.querySelector('#vectors-table').innerText.includes(t)", arg=text)
+        _add_vector(page, text)
     page.get_by_role("tab", name="Vectors").click()
     page.locator("#show-similarity").click()
     page.locator("#heatmap svg text.cell-value").first.wait_for()

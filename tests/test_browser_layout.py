@@ -9,7 +9,7 @@ typed number silently. Skips like tests/test_browser.py (a failure under STEERIN
 from __future__ import annotations
 
 import test_browser
-from test_browser import ASSETS, _set_tokens, _text, _value, _wait_run_ended
+from test_browser import ASSETS, _add_vector, _set_tokens, _text, _value, _wait_run_ended
 
 browser_page, page = test_browser.browser_page, test_browser.page  # the shared browser fixtures
 
@@ -127,9 +127,7 @@ def test_a_slider_says_when_a_typed_number_is_beyond_its_range(page):
     box.fill("2.5")
     page.wait_for_timeout(200)
     assert page.locator("#new-coeff .clamp-note").count() == 0  # a number in range clears it
-    page.locator("#new-text textarea").fill("cats")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('cats')")
+    _add_vector(page, "cats")
     assert "2.5" in _text(page, "vectors-table")
 
 
@@ -164,9 +162,7 @@ def test_on_a_phone_the_model_bar_shows_the_model_and_no_load_label_is_cut(page)
 
 
 def test_the_example_question_sits_beside_its_replace_button(page):
-    page.locator("#new-text textarea").fill("dogs")
-    page.locator("#add-vector").click()
-    page.wait_for_function("() => document.querySelector('#vectors-table').innerText.includes('dogs')")
+    _add_vector(page, "dogs")
     page.get_by_role("tab", name="Recipes").click()
     page.locator("#use-example").click()
     page.locator("#example-replace").wait_for()
